@@ -1,0 +1,73 @@
+# mixinfer — every workflow is one target. The README's quick start is `make serve` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+SERVE_VENV := .venv-serve
+PY := $(VENV)/bin/python
+MIXINFER_HOST ?= 127.0.0.1
+MIXINFER_PORT ?= 8000
+MIXINFER_MODEL_DIR ?= model_store
+export MIXINFER_HOST MIXINFER_PORT MIXINFER_MODEL_DIR
+PYTEST_ARGS ?=
+
+.PHONY: help install serve test lint format bench bundle bundle-iat evaluate system-deps schema clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[serve,cpu,train,eval,dev]'
+	# torchattacks' own requirements would swap the torch build: install it alone.
+	$(VENV)/bin/pip install -q --no-deps torchattacks==3.5.1
+	touch $@
+
+$(SERVE_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/pip install -q -e '.[serve,cpu]'
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv with .[serve,cpu,train,eval,dev]
+
+serve: $(SERVE_VENV)/.installed  ## serve the default bundle on $MIXINFER_HOST:$MIXINFER_PORT (lean env, no torch)
+	$(SERVE_VENV)/bin/mixinfer serve
+
+system-deps:  ## Debian's prometheus (promtool) and docker-compose, for the deploy tests
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null || ! command -v docker-compose >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus docker-compose >/dev/null; \
+	fi
+
+lint: install  ## ruff, import contracts
+	$(VENV)/bin/ruff check service tests bench
+	$(VENV)/bin/ruff format --check service tests bench
+	$(VENV)/bin/lint-imports
+
+format: install
+	$(VENV)/bin/ruff format service tests bench
+	$(VENV)/bin/ruff check --fix service tests bench
+
+test: install $(SERVE_VENV)/.installed system-deps lint  ## install what the tests need, then run the whole suite
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: install  ## benchmarks; writes bench/results.md
+	$(PY) bench/engine.py
+	$(PY) bench/http.py
+
+bundle: install  ## rebuild model_store/mnist-mixup/1 end to end on CPU
+	$(VENV)/bin/mixinfer bundle --dataset mnist5k --name mnist-mixup --version 1 --target-fpr 0.05 --force
+
+bundle-iat: install  ## an interpolated-adversarial-training MNIST bundle next to it
+	$(VENV)/bin/mixinfer bundle --dataset mnist5k --name mnist-iat --version 1 --training iat --target-fpr 0.05 --force
+
+evaluate: install  ## robustness report of the default bundle with the cpu budget
+	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/1 --budget cpu --out docs/robustness/mnist-mixup
+
+schema: install  ## regenerate model_store/manifest.schema.json
+	$(PY) -c 'from pathlib import Path; from service.manifest import write_json_schema; write_json_schema(Path("model_store/manifest.schema.json"))'
+
+clean:
+	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info

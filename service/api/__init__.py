@@ -1,0 +1,1 @@
+"""The HTTP layer: FastAPI app, routes, schemas. Imports the engine, never training or robustness code."""

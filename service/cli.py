@@ -1,0 +1,46 @@
+"""The ``mixinfer`` command: one entry point whose sub-commands live next to the code they drive.
+
+Each area registers its sub-commands through ``register(subparsers)``; registration imports nothing heavy
+(torch is imported inside the handlers), so ``mixinfer serve`` works in the lean serving environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from service import __version__
+
+#: modules exposing ``register(subparsers: argparse._SubParsersAction) -> None``
+COMMAND_MODULES = ("service.api.cli", "service.training.cli", "service.robustness.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mixinfer",
+        description="Mixup Inference model server: serve, build bundles, evaluate robustness.",
+    )
+    parser.add_argument("--version", action="version", version=f"mixinfer {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``mixinfer``; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""The bundle manifest: one pydantic model, its JSON Schema, and the bundle's file layout.
+
+A bundle is the directory ``model_store/<name>/<version>/`` holding exactly these files (any other file must be
+listed with its sha256 in ``files``, or loading fails):
+
+- ``model.onnx``: one self-contained ONNX file, input float32 (B,C,H,W) in [0,1] (normalisation inside the
+  graph), dynamic batch axis, output logits (B, n_classes).
+- ``pool.npz``: ``images`` uint8 (P,C,H,W) and ``labels`` int64 (P,), sorted by label (``allow_pickle=False``).
+- ``splits.npz``: int64 index arrays ``train``, ``pool``, ``calibration``, ``test`` into the dataset's canonical
+  order; test is disjoint from train, pool and calibration; calibration is disjoint from train and pool.
+- ``weights.safetensors``: the same network's weights, for gradient-based evaluation (not needed to serve).
+- ``manifest.json``: this model, written last.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.mi.params import MIParams
+
+SCHEMA_VERSION = 1
+MODEL_FILE = "model.onnx"
+POOL_FILE = "pool.npz"
+SPLITS_FILE = "splits.npz"
+WEIGHTS_FILE = "weights.safetensors"
+MANIFEST_FILE = "manifest.json"
+#: Files every bundle lists; all but the weights are needed to serve.
+BUNDLE_FILES = (MODEL_FILE, POOL_FILE, SPLITS_FILE, WEIGHTS_FILE)
+SERVING_FILES = (MODEL_FILE, POOL_FILE, SPLITS_FILE)
+SPLIT_NAMES = ("train", "pool", "calibration", "test")
+GAP_QUANTILE_KEYS = ("0.05", "0.5", "0.95")
+
+_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+_VERSION_PATTERN = r"^[1-9][0-9]{0,8}$"
+_SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class InputSpec(_Frozen):
+    """What the ONNX model takes: float32 pixels (B, C, H, W) in ``range``; normalisation is inside the graph."""
+
+    name: str = Field("images", description="ONNX input name")
+    shape: tuple[int, int, int] = Field(description="(C, H, W) of one image")
+    range: tuple[float, float] = Field((0.0, 1.0), description="pixel value range the model expects")
+    output_name: str = Field("logits", description="ONNX output name: logits (B, n_classes)")
+
+    @field_validator("shape")
+    @classmethod
+    def _positive(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if v[0] not in (1, 3) or v[1] < 1 or v[2] < 1:
+            raise ValueError(f"input shape must be (C in {{1,3}}, H >= 1, W >= 1), got {v}")
+        return v
+
+
+class DatasetInfo(_Frozen):
+    """Where the data came from, to reproduce the splits."""
+
+    name: str = Field(description="dataset id, e.g. 'mnist5k', 'cifar10', 'imagefolder'")
+    sha256: str = Field(pattern=_SHA256_PATTERN, description="hash of the canonical images and labels")
+    n_images: int = Field(ge=1, description="images in the canonical order the splits index")
+
+
+class SplitSizes(_Frozen):
+    """Sizes of the recorded splits (the indices themselves are in splits.npz)."""
+
+    train: int = Field(ge=0)
+    pool: int = Field(ge=1)
+    calibration: int = Field(ge=0)
+    test: int = Field(ge=0)
+
+
+class Calibration(_Frozen):
+    """Detection-gap statistics measured through the exported model and the real engine on clean images."""
+
+    split: str = Field("calibration", description="which split was used")
+    n_images: int = Field(ge=1)
+    seed: int = Field(description="MIXINFER_SEED of the engine that measured it")
+    gap_quantiles: dict[str, float] = Field(description="clean-gap quantiles, keys '0.05', '0.5', '0.95' at least")
+    false_flag_rate: float = Field(ge=0.0, le=1.0, description="clean flag rate at the chosen threshold")
+
+    @field_validator("gap_quantiles")
+    @classmethod
+    def _has_keys(cls, v: dict[str, float]) -> dict[str, float]:
+        missing = [k for k in GAP_QUANTILE_KEYS if k not in v]
+        if missing:
+            raise ValueError(f"gap_quantiles needs keys {list(GAP_QUANTILE_KEYS)}, missing {missing}")
+        return v
+
+
+class Accuracy(_Frozen):
+    """Accuracies on the test split, with the engine seed that produced them (reproducible exactly)."""
+
+    split: str = "test"
+    n_images: int = Field(ge=1)
+    seed: int
+    plain: float = Field(ge=0.0, le=1.0, description="undefended model")
+    mi_combined: float = Field(ge=0.0, le=1.0, description="MI-Combined with the manifest's parameters")
+    mi_pl: float | None = Field(None, ge=0.0, le=1.0)
+    mi_ol: float | None = Field(None, ge=0.0, le=1.0, description="stand-alone MI-OL")
+    flag_rate: float | None = Field(None, ge=0.0, le=1.0, description="MI-Combined clean flag rate")
+
+
+class Recipe(_Frozen):
+    """How the bundle was made."""
+
+    command: str
+    seed: int
+    mixinfer_version: str
+    training: dict[str, float | int | str | bool] = Field(default_factory=dict, description="hyper-parameters")
+
+
+class Manifest(_Frozen):
+    """``manifest.json`` of a bundle; see the module docstring for the layout."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(pattern=_NAME_PATTERN, description="equals the bundle's parent directory name")
+    version: str = Field(pattern=_VERSION_PATTERN, description="positive integer, equals the directory name")
+    description: str = ""
+    created: str = Field(description="ISO 8601 UTC time of export")
+    architecture: str = Field(description="registry name of the network, e.g. 'mnist_cnn', 'resnet50_3layer'")
+    class_names: tuple[str, ...] = Field(min_length=2)
+    input: InputSpec
+    dataset: DatasetInfo
+    mi: MIParams
+    splits: SplitSizes
+    calibration: Calibration
+    accuracy: Accuracy
+    recipe: Recipe
+    files: dict[str, str] = Field(description="sha256 of every file in the bundle but manifest.json")
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @field_validator("class_names")
+    @classmethod
+    def _unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"class_names must be unique, got {list(v)}")
+        return v
+
+    @field_validator("files")
+    @classmethod
+    def _hashes(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for fname, digest in v.items():
+            if "/" in fname or "\\" in fname or fname.startswith(".") or fname == MANIFEST_FILE:
+                raise ValueError(f"files: {fname!r} is not a plain file name of the bundle")
+            if not re.fullmatch(_SHA256_PATTERN, digest):
+                raise ValueError(f"files[{fname!r}]: expected a 64-hex sha256, got {digest!r}")
+        missing = [f for f in BUNDLE_FILES if f not in v]
+        if missing:
+            raise ValueError(f"files must list {list(BUNDLE_FILES)}, missing {missing}")
+        return v
+
+    @model_validator(mode="after")
+    def _split_sizes(self) -> Manifest:
+        total = self.splits.train + self.splits.calibration + self.splits.test
+        if total > self.dataset.n_images:
+            raise ValueError(
+                f"splits train+calibration+test = {total} exceed the dataset's {self.dataset.n_images} images"
+            )
+        return self
+
+
+def manifest_json_schema() -> dict[str, object]:
+    """The JSON Schema of ``manifest.json`` (committed as ``model_store/manifest.schema.json``)."""
+    schema = Manifest.model_json_schema()
+    schema["$id"] = "https://mixinfer.dev/schemas/manifest-v1.json"
+    return schema
+
+
+def write_json_schema(path: Path) -> None:
+    """Write the manifest JSON Schema to ``path`` (keeps the committed copy in step with the model)."""
+    path.write_text(json.dumps(manifest_json_schema(), indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,0 +1,1 @@
+"""Robustness evaluation (torch): differentiable MI over the served bundle, attacks, checks, reports."""

@@ -1,0 +1,1 @@
+"""Training pipeline (torch): datasets, models, mixup / interpolated AT, export, pool, calibration."""
