@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.mi.params import MIParams
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 MODEL_FILE = "model.onnx"
 POOL_FILE = "pool.npz"
 SPLITS_FILE = "splits.npz"

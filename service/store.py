@@ -1,0 +1,413 @@
+"""The model store: ``model_store/<name>/<version>/`` bundles, verified file by file before anything is served.
+
+``load_bundle`` refuses a bundle (``BundleError``, message: what, expected, got) when a file is missing, extra or
+does not match its sha256; when the manifest has an unknown schema version, a name or version that disagrees with
+its directory, or out-of-range MI parameters; when the ONNX model is corrupt or its input disagrees with the
+manifest and the pool; when a pool class is empty; and when the recorded splits break the disjointness rule
+(test ∩ (train ∪ pool ∪ calibration) = ∅, calibration ∩ (train ∪ pool) = ∅).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import ValidationError
+
+from service.errors import BundleError, BundleNotFoundError
+from service.manifest import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    POOL_FILE,
+    SCHEMA_VERSION,
+    SPLIT_NAMES,
+    SPLITS_FILE,
+    WEIGHTS_FILE,
+    Manifest,
+)
+
+LOGGER = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
+_CHUNK = 1 << 20
+
+#: uint8 (P, C, H, W)
+PoolImages = NDArray[np.uint8]
+#: int64 (P,), sorted ascending
+PoolLabels = NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle, ready to serve.
+
+    Attributes:
+        path: the bundle directory ``<store>/<name>/<version>``.
+        manifest: the parsed, validated ``manifest.json``.
+        model_path: ``model.onnx`` (hash-checked, parsed, input checked against manifest and pool).
+        pool_images: uint8 (P, C, H, W), the reference pool, sorted by label.
+        pool_labels: int64 (P,), ascending; every class 0..K-1 has at least one image.
+        splits: int64 index arrays ``train``, ``pool``, ``calibration``, ``test`` (disjointness checked).
+        weights_path: ``weights.safetensors`` when present (hash-checked), else None.
+    """
+
+    path: Path
+    manifest: Manifest
+    model_path: Path
+    pool_images: PoolImages
+    pool_labels: PoolLabels
+    splits: dict[str, NDArray[np.int64]]
+    weights_path: Path | None
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- store layout --------------------------------------------------------------------------------------------
+def list_versions(store_root: Path, name: str) -> list[str]:
+    """Versions of model ``name`` under ``store_root`` that have a manifest, in numeric order (oldest first)."""
+    if not _NAME_RE.fullmatch(name):
+        raise BundleNotFoundError(f"model name {name!r} is not valid, expected {_NAME_RE.pattern}")
+    model_dir = Path(store_root) / name
+    if not model_dir.is_dir():
+        return []
+    versions = [
+        d.name
+        for d in model_dir.iterdir()
+        if d.is_dir() and _VERSION_RE.fullmatch(d.name) and (d / MANIFEST_FILE).is_file()
+    ]
+    return sorted(versions, key=int)
+
+
+def resolve_bundle(store_root: Path, name: str, version: str | None = None) -> Path:
+    """Directory of ``name``/``version``; the highest version when ``version`` is None.
+
+    Raises:
+        BundleNotFoundError: invalid name or version, or no such bundle in the store.
+    """
+    versions = list_versions(store_root, name)
+    if version is None:
+        if not versions:
+            raise BundleNotFoundError(
+                f"model {name!r}: expected at least one <version>/{MANIFEST_FILE} under {Path(store_root) / name}, "
+                "got none"
+            )
+        version = versions[-1]
+    elif not _VERSION_RE.fullmatch(str(version)):
+        raise BundleNotFoundError(f"model version {version!r} is not valid, expected a positive integer")
+    elif str(version) not in versions:
+        raise BundleNotFoundError(f"model {name!r} version {version!r} not found, available versions: {versions}")
+    return Path(store_root) / name / str(version)
+
+
+# --- loading -------------------------------------------------------------------------------------------------
+def load_bundle(path: Path, require_weights: bool = False) -> Bundle:
+    """Verify and load a bundle directory.
+
+    Args:
+        path: ``<store>/<name>/<version>``.
+        require_weights: also require ``weights.safetensors`` (gradient-based evaluation); serving does not.
+
+    Returns:
+        The verified :class:`Bundle`.
+
+    Raises:
+        BundleNotFoundError: the directory or its manifest does not exist.
+        BundleError: anything else is wrong; the message says what, expected, got.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleNotFoundError(f"bundle directory {path} does not exist")
+    manifest = _read_manifest(path)
+    _check_identity(path, manifest)
+    weights_present = _check_files(path, manifest, require_weights)
+    pool_images, pool_labels = _load_pool(path, manifest)
+    splits = _load_splits(path, manifest, n_pool=int(pool_labels.shape[0]))
+    _check_model(path / MODEL_FILE, manifest, pool_images.shape[1:])
+    LOGGER.info(
+        "loaded bundle %s/%s: %d classes, pool %d images, input %s",
+        manifest.name,
+        manifest.version,
+        manifest.n_classes,
+        pool_labels.shape[0],
+        manifest.input.shape,
+    )
+    return Bundle(
+        path=path,
+        manifest=manifest,
+        model_path=path / MODEL_FILE,
+        pool_images=pool_images,
+        pool_labels=pool_labels,
+        splits=splits,
+        weights_path=(path / WEIGHTS_FILE) if weights_present else None,
+    )
+
+
+def _read_manifest(path: Path) -> Manifest:
+    mpath = path / MANIFEST_FILE
+    if not mpath.is_file():
+        raise BundleNotFoundError(f"bundle {path}: expected {MANIFEST_FILE}, got no such file")
+    try:
+        raw = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{mpath}: expected a JSON object, got unreadable content ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise BundleError(f"{mpath}: expected a JSON object, got {type(raw).__name__}")
+    got_version = raw.get("schema_version")
+    if got_version != SCHEMA_VERSION:
+        raise BundleError(
+            f"{mpath}: unknown schema_version, expected {SCHEMA_VERSION}, got {got_version!r} "
+            "(a newer mixinfer may be needed)"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise BundleError(f"{mpath}: invalid manifest: {_format_validation(exc)}") from exc
+
+
+def _format_validation(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        parts.append(f"{loc}: {err['msg']}, got {err.get('input')!r}")
+    return "; ".join(parts)
+
+
+def _check_identity(path: Path, manifest: Manifest) -> None:
+    if manifest.name != path.parent.name:
+        raise BundleError(
+            f"bundle {path}: manifest name must equal the directory name, expected {path.parent.name!r}, "
+            f"got {manifest.name!r}"
+        )
+    if manifest.version != path.name:
+        raise BundleError(
+            f"bundle {path}: manifest version must equal the directory name, expected {path.name!r}, "
+            f"got {manifest.version!r}"
+        )
+
+
+def _check_files(path: Path, manifest: Manifest, require_weights: bool) -> bool:
+    """Exactly the listed files, each with its hash. Returns whether the weights file is present."""
+    on_disk = {p.name for p in path.iterdir() if p.name != MANIFEST_FILE}
+    listed = set(manifest.files)
+    extra = sorted(on_disk - listed)
+    if extra:
+        raise BundleError(
+            f"bundle {path}: extra file(s) {extra} not listed in manifest files, expected only {sorted(listed)}"
+        )
+    missing = sorted(listed - on_disk)
+    weights_optional = not require_weights and missing == [WEIGHTS_FILE]
+    if missing and not weights_optional:
+        raise BundleError(f"bundle {path}: missing file(s) {missing}, expected all of {sorted(listed)}")
+    if weights_optional:
+        LOGGER.warning("bundle %s has no %s: serving is fine, gradient-based evaluation is not", path, WEIGHTS_FILE)
+    for fname in sorted(listed & on_disk):
+        fpath = path / fname
+        if not fpath.is_file() or fpath.is_symlink():
+            raise BundleError(f"bundle {path}: {fname} must be a regular file, got a directory or link")
+        digest = sha256_file(fpath)
+        if digest != manifest.files[fname]:
+            raise BundleError(
+                f"bundle {path}: sha256 mismatch for {fname}, expected {manifest.files[fname]}, got {digest}"
+            )
+    return WEIGHTS_FILE in on_disk
+
+
+def _npz(fpath: Path, keys: tuple[str, ...]) -> dict[str, NDArray[Any]]:
+    try:
+        with np.load(fpath, allow_pickle=False) as data:
+            found = set(data.files)
+            missing = [k for k in keys if k not in found]
+            if missing:
+                raise BundleError(f"{fpath}: expected arrays {list(keys)}, missing {missing} (got {sorted(found)})")
+            return {k: data[k] for k in keys}
+    except BundleError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:
+        raise BundleError(
+            f"{fpath}: expected a numpy .npz without pickled objects, got unreadable data ({exc})"
+        ) from exc
+
+
+def _load_pool(path: Path, manifest: Manifest) -> tuple[PoolImages, PoolLabels]:
+    fpath = path / POOL_FILE
+    arrays = _npz(fpath, ("images", "labels"))
+    images, labels = arrays["images"], arrays["labels"]
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise BundleError(f"{fpath}: images must be uint8 (P,C,H,W), got {images.dtype} {images.shape}")
+    if tuple(images.shape[1:]) != tuple(manifest.input.shape):
+        raise BundleError(
+            f"{fpath}: pool image shape must equal the manifest input shape, expected {tuple(manifest.input.shape)}, "
+            f"got {tuple(images.shape[1:])}"
+        )
+    if labels.dtype != np.int64 or labels.shape != (images.shape[0],):
+        raise BundleError(
+            f"{fpath}: labels must be int64 ({images.shape[0]},) like images, got {labels.dtype} {labels.shape}"
+        )
+    k = manifest.n_classes
+    if labels.size == 0:
+        raise BundleError(f"{fpath}: pool must hold >= 1 image per class ({k} classes), got 0 images")
+    if labels.min() < 0 or labels.max() >= k:
+        raise BundleError(f"{fpath}: labels must lie in [0, {k - 1}], got [{int(labels.min())}, {int(labels.max())}]")
+    if np.any(np.diff(labels) < 0):
+        raise BundleError(f"{fpath}: labels must be sorted ascending, got an unsorted array")
+    counts = np.bincount(labels, minlength=k)
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        raise BundleError(
+            f"{fpath}: pool class {int(empty[0])} ({manifest.class_names[int(empty[0])]!r}) has 0 images, "
+            f"every class needs >= 1 (empty classes: {empty.tolist()})"
+        )
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
+def _load_splits(path: Path, manifest: Manifest, n_pool: int) -> dict[str, NDArray[np.int64]]:
+    fpath = path / SPLITS_FILE
+    arrays = _npz(fpath, SPLIT_NAMES)
+    n_images = manifest.dataset.n_images
+    splits: dict[str, NDArray[np.int64]] = {}
+    for name in SPLIT_NAMES:
+        arr = arrays[name]
+        if arr.dtype != np.int64 or arr.ndim != 1:
+            raise BundleError(f"{fpath}: split {name!r} must be a 1-D int64 array, got {arr.dtype} {arr.shape}")
+        expected = getattr(manifest.splits, name)
+        if arr.size != expected:
+            raise BundleError(
+                f"{fpath}: split {name!r} size must match the manifest, expected {expected}, got {arr.size}"
+            )
+        if arr.size and (arr.min() < 0 or arr.max() >= n_images):
+            raise BundleError(
+                f"{fpath}: split {name!r} must index [0, {n_images - 1}], got [{int(arr.min())}, {int(arr.max())}]"
+            )
+        if np.unique(arr).size != arr.size:
+            raise BundleError(
+                f"{fpath}: split {name!r} must not repeat an index, got {arr.size - np.unique(arr).size} repeats"
+            )
+        arr.setflags(write=False)
+        splits[name] = arr
+    if splits["pool"].size != n_pool:
+        raise BundleError(
+            f"{fpath}: split 'pool' must index every pool image, expected {n_pool} indices, got {splits['pool'].size}"
+        )
+    forbidden = (
+        ("test", "train"),
+        ("test", "pool"),
+        ("test", "calibration"),
+        ("calibration", "train"),
+        ("calibration", "pool"),
+    )
+    for a, b in forbidden:
+        shared = np.intersect1d(splits[a], splits[b])
+        if shared.size:
+            raise BundleError(
+                f"{fpath}: splits {a!r} and {b!r} must be disjoint, got {shared.size} shared indices "
+                f"(first {shared[:5].tolist()})"
+            )
+    return splits
+
+
+def _check_model(fpath: Path, manifest: Manifest, pool_shape: tuple[int, ...]) -> None:
+    """Parse the ONNX file and check its input/output signature against the manifest and the pool."""
+    import onnx
+
+    try:
+        model = onnx.load(str(fpath), load_external_data=False)
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise BundleError(f"{fpath}: expected a valid self-contained ONNX model, got a corrupt file ({exc})") from exc
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            raise BundleError(f"{fpath}: expected a self-contained model, got external data for {init.name!r}")
+    init_names = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in init_names]
+    spec = manifest.input
+    if len(inputs) != 1 or inputs[0].name != spec.name:
+        raise BundleError(f"{fpath}: expected one input named {spec.name!r}, got {[i.name for i in inputs]}")
+    ttype = inputs[0].type.tensor_type
+    if ttype.elem_type != onnx.TensorProto.FLOAT:
+        raise BundleError(
+            f"{fpath}: input {spec.name!r} must be float32, got {onnx.TensorProto.DataType.Name(ttype.elem_type)}"
+        )
+    dims: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in ttype.shape.dim]
+    if len(dims) != 4:
+        raise BundleError(f"{fpath}: input {spec.name!r} must be 4-D (B,C,H,W), got {dims}")
+    if isinstance(dims[0], int):
+        raise BundleError(f"{fpath}: input {spec.name!r} must have a dynamic batch axis, got fixed size {dims[0]}")
+    model_shape = tuple(dims[1:])
+    if model_shape != tuple(spec.shape) or model_shape != tuple(pool_shape):
+        raise BundleError(
+            f"{fpath}: model input shape must agree with the manifest and the pool, expected "
+            f"{tuple(spec.shape)} (manifest) = {tuple(pool_shape)} (pool), got {model_shape}"
+        )
+    outputs = [o.name for o in model.graph.output]
+    if spec.output_name not in outputs:
+        raise BundleError(f"{fpath}: expected an output named {spec.output_name!r}, got {outputs}")
+    out = next(o for o in model.graph.output if o.name == spec.output_name)
+    odims = [d.dim_value if d.HasField("dim_value") else None for d in out.type.tensor_type.shape.dim]
+    if len(odims) != 2 or (odims[1] is not None and odims[1] != manifest.n_classes):
+        raise BundleError(f"{fpath}: output {spec.output_name!r} must be (B, {manifest.n_classes}) logits, got {odims}")
+
+
+# --- writing -------------------------------------------------------------------------------------------------
+def finalize_bundle(bundle_dir: Path, manifest_fields: dict[str, Any]) -> Manifest:
+    """Hash every file of a bundle, write ``manifest.json`` last, then verify the bundle with ``load_bundle``.
+
+    ``name`` and ``version`` default to the directory names, ``created`` to now (UTC); ``files`` is always
+    computed here. If verification fails, ``manifest.json`` is removed again so that no half-valid bundle is left
+    that looks finished.
+
+    Args:
+        bundle_dir: ``<store>/<name>/<version>`` holding model.onnx, pool.npz, splits.npz, weights.safetensors.
+        manifest_fields: every other manifest field (see :class:`service.manifest.Manifest`).
+
+    Returns:
+        The written manifest.
+
+    Raises:
+        BundleError: the fields do not validate or the finished bundle fails verification.
+    """
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise BundleError(f"bundle directory {bundle_dir} does not exist")
+    fields = dict(manifest_fields)
+    fields.setdefault("schema_version", SCHEMA_VERSION)
+    fields.setdefault("name", bundle_dir.parent.name)
+    fields.setdefault("version", bundle_dir.name)
+    fields.setdefault("created", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    mpath = bundle_dir / MANIFEST_FILE
+    if mpath.exists():
+        mpath.unlink()
+    fields["files"] = {
+        p.name: sha256_file(p) for p in sorted(bundle_dir.iterdir()) if p.is_file() and p.name != MANIFEST_FILE
+    }
+    try:
+        manifest = Manifest.model_validate(fields)
+    except ValidationError as exc:
+        raise BundleError(f"{mpath}: invalid manifest: {_format_validation(exc)}") from exc
+    tmp = bundle_dir.parent / f".{bundle_dir.name}.{MANIFEST_FILE}.tmp"
+    tmp.write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    tmp.replace(mpath)
+    try:
+        load_bundle(bundle_dir, require_weights=True)
+    except BundleError:
+        mpath.unlink(missing_ok=True)
+        raise
+    LOGGER.info("finalized bundle %s (%d files)", bundle_dir, len(manifest.files))
+    return manifest
