@@ -151,6 +151,22 @@ class MIEngine:
         return MIResult(label, probs, clean, gap, flagged, tuple(branch), n_mixes, used)
 
     # ---------------------------------------------------------------------------------------------------------
+    def warmup(self, batch_sizes: tuple[int, ...]) -> None:
+        """Run the backend's plain and mix paths at each batch size with every configured N.
+
+        Uses fixed partners (index 0), so the engine's random stream is not advanced: a seeded engine gives the
+        same draws with or without warm-up.
+        """
+        self.backend.warmup(batch_sizes)
+        p = self.params
+        branches = {(p.n_pl, p.lam_pl), (p.ol_combined.n, p.ol_combined.lam), (p.ol_standalone.n, p.ol_standalone.lam)}
+        for b in batch_sizes:
+            x = np.zeros((b, *self.backend.input_shape), dtype=np.float32)
+            for n, lam in sorted(branches):
+                self.backend.mean_mix_probs(x, np.zeros((b, n), dtype=np.int64), lam)
+        LOGGER.info("engine warmed up at batch sizes %s", batch_sizes)
+
+    # ---------------------------------------------------------------------------------------------------------
     def _check_images(self, images: Images) -> Images:
         expected = (-1, *self.backend.input_shape)
         if images.ndim != 4 or tuple(images.shape[1:]) != self.backend.input_shape:
