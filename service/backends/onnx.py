@@ -56,6 +56,53 @@ def parse_providers(providers: str | Sequence[str]) -> list[str]:
     return out
 
 
+def providers_for_build(asked: list[str], available: Sequence[str]) -> list[str]:
+    """The asked providers this ONNX Runtime build offers, in order; refuses when CUDA is required but absent.
+
+    CUDA counts as required when it is asked for without a CPU fallback. When the build lacks CUDA and CPU is
+    listed, CUDA is dropped with a warning (e.g. the default ``CUDA,CPU`` on a CPU-only install).
+
+    Raises:
+        BackendError: CUDA required but not in the build, or none of the asked providers available.
+    """
+    offered = set(available)
+    usable = [p for p in asked if p in offered]
+    dropped = [p for p in asked if p not in offered]
+    if CUDA in dropped and CPU not in asked:
+        raise BackendError(
+            f"providers {asked} require CUDA, but this ONNX Runtime build offers only {sorted(offered)} "
+            "(install onnxruntime-gpu, or add CPUExecutionProvider to MIXINFER_PROVIDERS)"
+        )
+    if not usable:
+        raise BackendError(f"none of the providers {asked} is available, this build offers {sorted(offered)}")
+    if dropped:
+        LOGGER.warning(
+            "providers %s are not in this ONNX Runtime build (%s); using %s", dropped, sorted(offered), usable
+        )
+    return usable
+
+
+def check_no_fallback(asked: list[str], passed: list[str], got: Sequence[str]) -> None:
+    """Refuse when CUDA was passed to ONNX Runtime (the build offers it) but the session silently fell back.
+
+    ONNX Runtime does that when the CUDA or cuDNN libraries are missing or incompatible.
+
+    Args:
+        asked: the providers from the configuration.
+        passed: what was given to the session (:func:`providers_for_build`).
+        got: ``session.get_providers()``.
+
+    Raises:
+        BackendError: the session does not run on CUDA although CUDA was asked for and offered.
+    """
+    if CUDA in passed and CUDA not in got:
+        raise BackendError(
+            f"CUDA was asked for (providers {asked}) and this ONNX Runtime build offers it, but the session fell "
+            f"back to {list(got)}: the CUDA/cuDNN libraries are missing or incompatible. Fix the CUDA installation, "
+            "or set MIXINFER_PROVIDERS=CPUExecutionProvider to run on CPU on purpose"
+        )
+
+
 class OrtBackend:
     """A :class:`~service.backends.base.MixingBackend` over ONNX Runtime.
 
@@ -116,7 +163,7 @@ class OrtBackend:
         self.input_name = input_name
         self.output_name = output_name
         self._options = self._session_options(ort, intra_op_threads, inter_op_threads)
-        self._ort_providers = self._providers_for_build(ort, self.asked_providers)
+        self._ort_providers = providers_for_build(self.asked_providers, ort.get_available_providers())
 
         try:
             model_bytes = self.model_path.read_bytes()
@@ -124,7 +171,7 @@ class OrtBackend:
             raise BackendError(f"cannot read model {self.model_path}: {exc}") from exc
         self._session = self._make_session(ort, model_bytes, "classifier")
         self.provider: str = self._session.get_providers()[0]
-        self._check_fallback(self._session)
+        check_no_fallback(self.asked_providers, self._ort_providers, self._session.get_providers())
         self.input_shape: tuple[int, int, int] = self._check_signature(self._session, pool, expected_input_shape)
         self.n_classes: int = self._find_n_classes(expected_n_classes)
 
@@ -275,37 +322,11 @@ class OrtBackend:
         opts.log_severity_level = 3
         return opts
 
-    @staticmethod
-    def _providers_for_build(ort: Any, asked: list[str]) -> list[str]:
-        available = set(ort.get_available_providers())
-        usable = [p for p in asked if p in available]
-        dropped = [p for p in asked if p not in available]
-        if CUDA in dropped and CPU not in asked:
-            raise BackendError(
-                f"providers {asked} require CUDA, but this ONNX Runtime build offers only {sorted(available)} "
-                "(install onnxruntime-gpu, or add CPUExecutionProvider to MIXINFER_PROVIDERS)"
-            )
-        if not usable:
-            raise BackendError(f"none of the providers {asked} is available, this build offers {sorted(available)}")
-        if dropped:
-            LOGGER.warning("providers %s are not in this ONNX Runtime build (%s); using %s", dropped, available, usable)
-        return usable
-
     def _make_session(self, ort: Any, model_bytes: bytes, what: str) -> ort.InferenceSession:
         try:
             return ort.InferenceSession(model_bytes, sess_options=self._options, providers=self._ort_providers)
         except Exception as exc:
             raise BackendError(f"ONNX Runtime cannot create the {what} session for {self.model_path}: {exc}") from exc
-
-    def _check_fallback(self, session: Any) -> None:
-        """Refuse when CUDA was required (offered by the build) but the session silently fell back to CPU."""
-        got = list(session.get_providers())
-        if CUDA in self._ort_providers and CUDA not in got:
-            raise BackendError(
-                f"CUDA was asked for (providers {self.asked_providers}) and this ONNX Runtime build offers it, "
-                f"but the session fell back to {got}: the CUDA/cuDNN libraries are missing or incompatible. "
-                "Fix the CUDA installation, or set MIXINFER_PROVIDERS=CPUExecutionProvider to run on CPU on purpose"
-            )
 
     def _check_signature(
         self, session: Any, pool: NDArray[np.uint8], expected: tuple[int, int, int] | None

@@ -1,0 +1,216 @@
+"""The ONNX Runtime backend on the tiny real model: numbers, chunking, host vs fused, providers, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from tinybundle import make_tiny_bundle, tiny_onnx_model, tiny_weights
+
+from service.backends.base import Classifier, MixingBackend
+from service.backends.fused import FUSED_OUTPUT, build_fused_model
+from service.backends.onnx import CPU, CUDA, OrtBackend, check_no_fallback, parse_providers, providers_for_build
+from service.errors import BackendError, ConfigError
+from service.store import Bundle, load_bundle
+
+
+@pytest.fixture
+def bundle(tiny_bundle: Path) -> Bundle:
+    return load_bundle(tiny_bundle)
+
+
+def _numpy_tiny_cnn(x: np.ndarray, w: dict[str, np.ndarray]) -> np.ndarray:
+    """The tiny CNN written out in float64 numpy, independently of ONNX: norm, conv3x3 pad 1, relu, linear."""
+    z = (x.astype(np.float64) - 0.5) / 0.5
+    b, _, h, wd = z.shape
+    padded = np.pad(z, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    kw = w["body.0.weight"].astype(np.float64)
+    conv = np.zeros((b, kw.shape[0], h, wd))
+    for dy in range(3):
+        for dx in range(3):
+            conv += np.einsum("bchw,oc->bohw", padded[:, :, dy : dy + h, dx : dx + wd], kw[:, :, dy, dx])
+    conv += w["body.0.bias"][None, :, None, None]
+    hidden = np.maximum(conv, 0).reshape(b, -1)
+    return hidden @ w["body.3.weight"].T.astype(np.float64) + w["body.3.bias"]
+
+
+def _softmax64(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _x(b: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((b, 1, 8, 8), dtype=np.float32)
+
+
+def test_backend_satisfies_both_protocols_and_reports_its_provider(bundle: Bundle) -> None:
+    be = OrtBackend.from_bundle(bundle)
+    assert isinstance(be, MixingBackend) and isinstance(be, Classifier)
+    assert be.provider == CPU and be.mixing == "host"  # auto picks host on the CPU provider
+    assert be.n_classes == 4 and be.input_shape == (1, 8, 8)
+
+
+def test_logits_and_probs_match_an_independent_numpy_network(bundle: Bundle) -> None:
+    be = OrtBackend.from_bundle(bundle)
+    x = _x(7)
+    expected = _numpy_tiny_cnn(x, tiny_weights(4, (1, 8, 8), 0))
+    np.testing.assert_allclose(be.logits(x), expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(be.probs(x), _softmax64(expected), atol=1e-5)
+
+
+@pytest.mark.parametrize("mixing", ["host", "fused"])
+def test_mean_mix_probs_is_the_mean_of_softmax_over_the_blends(bundle: Bundle, mixing: str) -> None:
+    be = OrtBackend.from_bundle(bundle, mixing=mixing)
+    x = _x(5, seed=1)
+    partners = np.random.default_rng(2).integers(0, 24, size=(5, 6))
+    lam = 0.3
+    pool = bundle.pool_images.astype(np.float64) / 255.0
+    blends = lam * x[:, None].astype(np.float64) + (1 - lam) * pool[partners]  # (5, 6, 1, 8, 8)
+    logits = _numpy_tiny_cnn(blends.reshape(30, 1, 8, 8), tiny_weights(4, (1, 8, 8), 0)).reshape(5, 6, 4)
+    expected = _softmax64(logits).mean(axis=1)  # softmax first, then the mean (never the other way round)
+    np.testing.assert_allclose(be.mean_mix_probs(x, partners, lam), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 5, 15, 40])
+@pytest.mark.parametrize("max_mixes", [1, 7, 1024])
+def test_fused_and_host_paths_agree_on_the_same_indices(bundle: Bundle, n: int, max_mixes: int) -> None:
+    host = OrtBackend.from_bundle(bundle, mixing="host", max_mixes_per_call=max_mixes)
+    fused = OrtBackend.from_bundle(bundle, mixing="fused", max_mixes_per_call=max_mixes)
+    assert fused.mixing == "fused" and fused.provider == CPU
+    x = _x(9, seed=n)
+    partners = np.random.default_rng(n).integers(0, 24, size=(9, n))
+    for lam in (0.4, 0.5, 1.0):
+        np.testing.assert_allclose(
+            host.mean_mix_probs(x, partners, lam), fused.mean_mix_probs(x, partners, lam), atol=1e-5
+        )
+    np.testing.assert_array_equal(host.probs(x), fused.probs(x))
+
+
+def test_no_backend_call_exceeds_the_configured_number_of_mixes(bundle: Bundle) -> None:
+    seen: list[int] = []
+
+    class Recording(OrtBackend):
+        def _run_classifier(self, x: np.ndarray) -> np.ndarray:
+            seen.append(x.shape[0])
+            return super()._run_classifier(x)
+
+    be = Recording.from_bundle(bundle, max_mixes_per_call=8)
+    big = OrtBackend.from_bundle(bundle)
+    x = _x(5)
+    partners = np.random.default_rng(0).integers(0, 24, size=(5, 7))  # 35 mixes
+    seen.clear()
+    out = be.mean_mix_probs(x, partners, 0.5)
+    assert max(seen) <= 8 and sum(seen) == 35
+    np.testing.assert_allclose(out, big.mean_mix_probs(x, partners, 0.5), atol=1e-6)
+    seen.clear()
+    be.probs(_x(20))
+    assert seen == [8, 8, 4]
+
+
+def test_the_fused_graph_keeps_the_pool_as_a_uint8_initializer(bundle: Bundle) -> None:
+    fused = build_fused_model(bundle.model_path.read_bytes(), bundle.pool_images)
+    pool = next(i for i in fused.graph.initializer if i.name == "mi/pool")
+    assert pool.data_type == onnx.TensorProto.UINT8 and list(pool.dims) == [24, 1, 8, 8]
+    assert [i.name for i in fused.graph.input] == ["images", "partners", "lam"]
+    assert [o.name for o in fused.graph.output] == [FUSED_OUTPUT]
+
+
+def test_warmup_runs_every_path_at_each_batch_size(bundle: Bundle) -> None:
+    be = OrtBackend.from_bundle(bundle, mixing="fused")
+    be.warmup((1, 3), mixes_per_image=(2, 5))
+    with pytest.raises(ConfigError, match="warm-up batch sizes must be >= 1, got 0"):
+        be.warmup((0,))
+
+
+def test_thread_counts_are_applied(bundle: Bundle) -> None:
+    be = OrtBackend.from_bundle(bundle, intra_op_threads=1, inter_op_threads=1)
+    assert be._options.intra_op_num_threads == 1 and be._options.inter_op_num_threads == 1
+    assert be.probs(_x(2)).shape == (2, 4)
+
+
+# --- refusals ----------------------------------------------------------------------------------------------------
+def test_refuses_a_model_whose_input_disagrees_with_the_pool(bundle: Bundle, tmp_path: Path) -> None:
+    other = make_tiny_bundle(tmp_path, shape=(1, 9, 9))
+    with pytest.raises(
+        BackendError, match=r"must equal the pool image shape, expected \(1, 8, 8\) \(pool\), got \(1, 9, 9\)"
+    ):
+        OrtBackend(other / "model.onnx", bundle.pool_images)
+
+
+def test_refuses_a_model_that_disagrees_with_the_manifest(bundle: Bundle) -> None:
+    with pytest.raises(BackendError, match=r"must equal the manifest input shape, expected \(3, 8, 8\)"):
+        OrtBackend(bundle.model_path, bundle.pool_images, expected_input_shape=(3, 8, 8))
+    with pytest.raises(BackendError, match=r"model output classes must equal the manifest's, expected 10, got 4"):
+        OrtBackend(bundle.model_path, bundle.pool_images, expected_n_classes=10)
+
+
+def test_refuses_an_unreadable_or_corrupt_model(bundle: Bundle, tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match="cannot read model"):
+        OrtBackend(tmp_path / "absent.onnx", bundle.pool_images)
+    (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage")
+    with pytest.raises(BackendError, match="ONNX Runtime cannot create the classifier session"):
+        OrtBackend(tmp_path / "bad.onnx", bundle.pool_images)
+
+
+def test_refuses_a_model_with_a_different_input_name(bundle: Bundle, tmp_path: Path) -> None:
+    model = tiny_onnx_model(tiny_weights(4, (1, 8, 8), 0), (1, 8, 8), 4)
+    onnx.save_model(model, str(tmp_path / "m.onnx"))
+    with pytest.raises(BackendError, match=r"expected one input named 'pixels', got \['images'\]"):
+        OrtBackend(tmp_path / "m.onnx", bundle.pool_images, input_name="pixels")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mixing": "gpu"}, "mixing must be one of 'auto', 'host', 'fused', got 'gpu'"),
+        ({"max_mixes_per_call": 0}, "max_mixes_per_call must be >= 1, got 0"),
+        ({"intra_op_threads": -1}, r"intra_op_threads must be >= 0 \(0: ONNX Runtime's default\), got -1"),
+        ({"providers": " , "}, "providers must name at least one"),
+    ],
+)
+def test_refuses_bad_settings(bundle: Bundle, kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        OrtBackend(bundle.model_path, bundle.pool_images, **kwargs)
+
+
+def test_refuses_bad_mix_calls(bundle: Bundle) -> None:
+    be = OrtBackend.from_bundle(bundle)
+    x = _x(2)
+    with pytest.raises(ValueError, match=r"partners must index \[0, 23\], got \[0, 24\]"):
+        be.mean_mix_probs(x, np.array([[0], [24]]), 0.5)
+    with pytest.raises(ValueError, match=r"partners must be shaped \(2, N >= 1\), got \(3, 1\)"):
+        be.mean_mix_probs(x, np.zeros((3, 1), dtype=np.int64), 0.5)
+    with pytest.raises(ValueError, match=r"lam must be in \(0, 1\], got 0.0"):
+        be.mean_mix_probs(x, np.zeros((2, 1), dtype=np.int64), 0.0)
+
+
+# --- providers (pure rules; the CUDA session itself is covered by tests/gpu) ---------------------------------------
+def test_parse_providers_accepts_the_settings_string() -> None:
+    assert parse_providers(f" {CUDA} ,{CPU},") == [CUDA, CPU]
+    assert parse_providers([CPU]) == [CPU]
+
+
+def test_cuda_then_cpu_on_a_cpu_only_build_runs_on_cpu(bundle: Bundle) -> None:
+    assert providers_for_build([CUDA, CPU], [CPU]) == [CPU]
+    be = OrtBackend.from_bundle(bundle, providers=f"{CUDA},{CPU}")
+    if CUDA not in ort.get_available_providers():
+        assert be.provider == CPU
+
+
+def test_cuda_required_but_not_in_the_build_is_refused() -> None:
+    with pytest.raises(
+        BackendError, match=r"require CUDA, but this ONNX Runtime build offers only \['CPUExecutionProvider'\]"
+    ):
+        providers_for_build([CUDA], [CPU])
+    with pytest.raises(BackendError, match="none of the providers"):
+        providers_for_build(["TensorrtExecutionProvider"], [CPU])
+
+
+def test_a_silent_fallback_from_cuda_to_cpu_is_refused() -> None:
+    with pytest.raises(BackendError, match=r"session fell back to \['CPUExecutionProvider'\]"):
+        check_no_fallback([CUDA, CPU], [CUDA, CPU], [CPU])
+    check_no_fallback([CUDA, CPU], [CUDA, CPU], [CUDA, CPU])  # got CUDA: fine
+    check_no_fallback([CUDA, CPU], [CPU], [CPU])  # CUDA not in the build, CPU asked as fallback: fine
