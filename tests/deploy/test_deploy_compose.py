@@ -1,0 +1,179 @@
+"""docker-compose files: valid for Debian's docker-compose with no variables set, and structurally what a GPU host
+(docker-compose.yml) and a CPU host (deploy/compose.cpu.yml) need. Docker itself cannot run here."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import require_tool
+from deploy_support import COMPOSE_CPU, COMPOSE_FILES, COMPOSE_GPU, REPO, Stage, load_yaml, parse_dockerfile
+
+IMAGE_TAG = re.compile(r"^[\w./-]+:(v?\d+\.\d+\.\d+[\w.-]*)$")
+SERVICES = {
+    COMPOSE_GPU: {"mixinfer", "prometheus", "grafana", "dcgm-exporter"},
+    COMPOSE_CPU: {"mixinfer", "prometheus", "grafana"},
+}
+HEALTHCHECKED = ("mixinfer", "prometheus", "grafana")
+
+
+def _clean_env() -> dict[str, str]:
+    """No MIXINFER_*, GRAFANA_* or other settings: the files must work with nothing set."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
+
+
+def _compose(path: Path, env_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Debian's docker-compose on one file; ``env_file`` replaces a `.env` the developer may have."""
+    return subprocess.run(
+        [require_tool("docker-compose"), "--env-file", str(env_file), "-f", str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_clean_env(),
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def empty_env_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("compose") / "empty.env"
+    path.write_text("")
+    return path
+
+
+@pytest.fixture(scope="module", params=COMPOSE_FILES, ids=lambda p: p.name)
+def compose(request, empty_env_file) -> tuple[Path, dict]:
+    proc = _compose(request.param, empty_env_file, "config")
+    assert proc.returncode == 0, f"docker-compose config failed for {request.param}:\n{proc.stderr}"
+    assert "WARNING" not in proc.stderr, proc.stderr
+    return request.param, yaml.safe_load(proc.stdout)
+
+
+def test_compose_config_quiet_passes_with_no_variables_set(compose, empty_env_file):
+    path, _ = compose
+    proc = _compose(path, empty_env_file, "config", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+
+
+def test_compose_validator_really_rejects_a_broken_file(tmp_path, empty_env_file):
+    """`config -q` is a real check: the same file with a typo in a key fails."""
+    broken = load_yaml(COMPOSE_CPU)
+    broken["services"]["mixinfer"]["healthcheck"]["intervall"] = "10s"
+    path = tmp_path / "compose.yml"
+    path.write_text(yaml.safe_dump(broken))
+    proc = _compose(path, empty_env_file, "config", "-q")
+    assert proc.returncode != 0
+    assert "intervall" in proc.stderr
+
+
+def test_services_are_the_expected_ones(compose):
+    path, config = compose
+    assert set(config["services"]) == SERVICES[path]
+
+
+def test_gpu_file_reserves_one_nvidia_gpu_and_cpu_file_reserves_none(compose):
+    path, config = compose
+    server = config["services"]["mixinfer"]
+    devices = server.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    if path == COMPOSE_GPU:
+        assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+        assert server["build"]["target"] == "gpu"
+        assert "CUDAExecutionProvider" in server["environment"]["MIXINFER_PROVIDERS"]
+    else:
+        assert devices == []
+        assert server["build"]["target"] == "cpu"
+        assert server["environment"]["MIXINFER_PROVIDERS"] == "CPUExecutionProvider"
+        assert "dcgm-exporter" not in config["services"]
+
+
+def test_build_targets_are_stages_of_the_dockerfile_and_context_is_the_repository(compose):
+    _, config = compose
+    stages: list[Stage] = parse_dockerfile((REPO / "Dockerfile").read_text())
+    build = config["services"]["mixinfer"]["build"]
+    assert Path(build["context"]) == REPO
+    assert build["target"] in {s.name for s in stages}
+
+
+def test_healthchecks_and_depends_on_service_healthy(compose):
+    _, config = compose
+    services = config["services"]
+    for name in HEALTHCHECKED:
+        check = services[name].get("healthcheck")
+        assert check and check["test"][0] in ("CMD", "CMD-SHELL"), f"{name} has no healthcheck"
+        assert "start_period" in check
+    assert "/opt/mixinfer/healthcheck.py" in services["mixinfer"]["healthcheck"]["test"]
+    assert services["grafana"]["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
+
+
+def test_every_image_is_pinned(compose):
+    _, config = compose
+    for name, service in config["services"].items():
+        image = service["image"]
+        assert IMAGE_TAG.match(image), f"{name}: image {image!r} is not pinned to an exact version"
+        assert not image.endswith(":latest")
+
+
+def test_every_bind_mount_exists_and_the_store_is_read_only(compose):
+    _, config = compose
+    named = set(config.get("volumes", {}))
+    for name, service in config["services"].items():
+        for volume in service.get("volumes", []):
+            source, _target, *mode = volume.split(":")
+            if source in named:
+                continue
+            assert Path(source).is_absolute() and Path(source).exists(), f"{name}: mounted path {source} is missing"
+            assert mode == ["ro"], f"{name}: bind mount {source} must be read-only"
+    store = [v for v in config["services"]["mixinfer"]["volumes"] if v.split(":")[1] == "/models"]
+    assert store == [f"{REPO / 'model_store'}:/models:ro"]
+    assert config["services"]["mixinfer"]["environment"]["MIXINFER_MODEL_DIR"] == "/models"
+    assert {"prometheus-data", "grafana-data"} <= named
+
+
+def test_prometheus_loads_the_right_config_with_retention(compose):
+    path, config = compose
+    prometheus = config["services"]["prometheus"]
+    command = prometheus["command"]
+    expected = "prometheus.yml" if path == COMPOSE_GPU else "prometheus.cpu.yml"
+    assert f"--config.file=/etc/prometheus/{expected}" in command
+    assert any(re.fullmatch(r"--storage\.tsdb\.retention\.time=\d+[dhw]", c) for c in command), command
+    (mount,) = [v for v in prometheus["volumes"] if v.split(":")[1] == "/etc/prometheus"]
+    assert (Path(mount.split(":")[0]) / expected).is_file()
+    assert (Path(mount.split(":")[0]) / "alerts.yml").is_file()
+
+
+def test_grafana_is_provisioned_anonymous_viewer_and_admin_password_from_env(compose):
+    _, config = compose
+    grafana = config["services"]["grafana"]
+    env = grafana["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    mounts = {v.split(":")[1]: Path(v.split(":")[0]) for v in grafana["volumes"]}
+    assert (mounts["/etc/grafana/provisioning"] / "datasources" / "prometheus.yml").is_file()
+    assert (mounts["/etc/grafana/dashboards"] / "mixinfer.json").is_file()
+    assert env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] == "/etc/grafana/dashboards/mixinfer.json"
+    raw = load_yaml(COMPOSE_GPU)["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert raw.startswith("${GRAFANA_ADMIN_PASSWORD"), "the admin password comes from .env (or the environment)"
+
+
+def test_admin_password_and_settings_are_taken_from_an_env_file(tmp_path):
+    """The optional .env really feeds the files (docker-compose reads it; here passed explicitly)."""
+    env_file = tmp_path / ".env"
+    env_file.write_text("GRAFANA_ADMIN_PASSWORD=s3cret-from-env\nMIXINFER_MODEL_NAME=cifar10-mixup\n")
+    for path in COMPOSE_FILES:
+        proc = _compose(path, env_file, "config")
+        assert proc.returncode == 0, proc.stderr
+        config = yaml.safe_load(proc.stdout)
+        assert config["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "s3cret-from-env"
+        assert config["services"]["mixinfer"]["environment"]["MIXINFER_MODEL_NAME"] == "cifar10-mixup"
+
+
+def test_server_environment_holds_no_empty_values(compose):
+    """The server refuses empty settings (e.g. MIXINFER_API_KEYS=''), so no default may expand to ''."""
+    _, config = compose
+    for key, value in config["services"]["mixinfer"]["environment"].items():
+        assert value not in ("", None), f"{key} is empty with no variables set"
