@@ -1,0 +1,239 @@
+"""Write an evaluation's ``results.json``, ``report.md`` and matplotlib plots; every table states its budget."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.robustness import metrics
+
+LOGGER = logging.getLogger(__name__)
+
+DEFENCES = ("off", "pl", "ol", "combined")
+DEFENCE_NAMES = {"off": "base model", "pl": "MI-PL", "ol": "MI-OL", "combined": "MI-Combined"}
+BASELINE_NAMES = {
+    "gaussian": "Gaussian noise",
+    "rotation": "rotation",
+    "crop_pad": "crop+pad",
+    "crop_resize": "crop+resize",
+}
+PLOTS = ("accuracy_vs_eps.png", "gap_histogram.png", "gap_roc.png", "attacks.png")
+
+
+def _pct(stats: dict[str, Any] | None, worst: bool = True) -> str:
+    if stats is None:
+        return "–"
+    text = f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
+    if worst and stats.get("worst") is not None and len(stats.get("per_seed", [])) > 1:
+        text += f" ({100 * stats['worst']:.1f})"
+    return text
+
+
+def _num(v: float | None, fmt: str = "{:.3f}") -> str:
+    return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else fmt.format(v)
+
+
+def _attack_table(rows: list[dict[str, Any]], with_baselines: bool) -> list[str]:
+    cols = [DEFENCE_NAMES[d] for d in DEFENCES]
+    if with_baselines:
+        cols += list(BASELINE_NAMES.values())
+    lines = [
+        "| attack | ε | images | " + " | ".join(cols) + " | flagged (all / base fooled) | AUROC gap | attack s |",
+        "|---" * (len(cols) + 6) + "|",
+    ]
+    for r in rows:
+        acc = [_pct(r["accuracy"].get(d)) for d in DEFENCES]
+        if with_baselines:
+            acc += [_pct(r["accuracy"].get(k), worst=False) for k in BASELINE_NAMES]
+        flag = f"{_pct(r['flag_rate'], False)} / {_pct(r['flag_rate_base_fooled'], False)}"
+        lines.append(
+            f"| {r['name'].split('@')[0]} | {r['eps']:.3g} | {r['n_images']} | "
+            + " | ".join(acc)
+            + f" | {flag} | {_num(r['gap_auroc'])} | {r['attack_seconds']:.0f} |"
+        )
+    return lines
+
+
+def render_markdown(res: dict[str, Any]) -> str:
+    """The human report (tables in percent; MI numbers are mean ± std over server seeds, then all-seeds)."""
+    b, t = res["bundle"], res["threat"]
+    mi = b["mi"]
+    rows = res["attacks"]
+    out = [
+        f"# Robustness report: `{b['name']}/{b['version']}` ({b['architecture']}, {b['dataset']})",
+        "",
+        f"- **{res['budget_text']}**",
+        f"- Threat model: L∞, headline ε = {t['eps']:.3g} (curve {', '.join(f'{e:.3g}' for e in t['eps_curve'])}), "
+        f"oblivious step {t['step']:.3g}, adaptive step {t['adaptive_step']:.3g}, pixels in [0, 1].",
+        f"- Served parameters (from the manifest): λ_PL {mi['lam_pl']}, N_PL {mi['n_pl']}, threshold {mi['threshold']} "
+        f"({mi['threshold_rule']}), OL in Combined λ {mi['ol_combined']['lam']} N {mi['ol_combined']['n']}, "
+        f"stand-alone OL λ {mi['ol_standalone']['lam']} N {mi['ol_standalone']['n']}.",
+        f"- Scoring: every adversarial input is rounded to 8-bit pixels and run through the served ONNX engine under "
+        f"{len(res['seeds'])} fresh server seeds ({', '.join(str(s) for s in res['seeds'])}). Cells read "
+        "`mean ± std over seeds (all seeds right)`; the last figure counts an image only if every seed classified "
+        "it correctly. Baselines average the softmax over random transforms.",
+        f"- Runtime {res['runtime_seconds'] / 60:.1f} min on this machine; created {res['created']}.",
+        "",
+        "## Clean accuracy (%)",
+        "",
+        "| defence | accuracy | flag rate |",
+        "|---|---|---|",
+    ]
+    clean = res["clean"]
+    for d in DEFENCES:
+        flag = _pct(clean["flag_rate"], False) if d == "combined" else "–"
+        out.append(f"| {DEFENCE_NAMES[d]} | {_pct(clean['accuracy'][d])} | {flag} |")
+    for k, name in BASELINE_NAMES.items():
+        out.append(f"| {name} | {_pct(clean['accuracy'][k], False)} | – |")
+    groups = (
+        ("oblivious", "Oblivious attacks (the paper's protocol: PGD on the base model, then each defence)", True),
+        ("transfer", "Transfer check", False),
+        ("adaptive", "Adaptive attacks (white box through MI)", False),
+        ("black-box", "Score-based black box on the served outputs", False),
+        ("cross-check", "Cross-checks with torchattacks", False),
+    )
+    for group, title, with_baselines in groups:
+        sel = [r for r in rows if r["group"] == group]
+        if not sel:
+            continue
+        out += ["", f"## {title}: accuracy (%)", "", f"_{res['budget_text']}_", ""]
+        out += _attack_table(sel, with_baselines)
+    out += [
+        "",
+        f"## Per-image worst case at ε = {t['eps']:.3g} (%)",
+        "",
+        "An image counts as robust only if it survives every attack below under every server seed. "
+        f"_{res['budget_text']}_",
+        "",
+        "| defence | all attacks | non-oblivious attacks only |",
+        "|---|---|---|",
+    ]
+    for d in DEFENCES:
+        w = res["worst_case"][d]
+        out.append(f"| {DEFENCE_NAMES[d]} | {100 * w['all_attacks']:.1f} | {100 * w['non_oblivious']:.1f} |")
+    out += ["", f"Attacks: {', '.join(res['worst_case']['combined']['attacks'])}.", ""]
+    out += [
+        "## Robustness Improving Condition (empirical)",
+        "",
+        "On adversarial inputs the base model gets wrong: does MI raise the true class's probability and lower the "
+        "adversarial class's (both > 0 is what the paper's condition needs)? Probabilities averaged over seeds.",
+        "",
+        "| attack | n | MI-PL: true ↑ / adv ↓ / holds | MI-OL: true ↑ / adv ↓ / holds | "
+        "MI-Combined: true ↑ / adv ↓ / holds |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if abs(r["eps"] - t["eps"]) > 1e-12:
+            continue
+        cells = []
+        for m in ("pl", "ol", "combined"):
+            ric = r["ric"][m]
+            up, down = _num(ric["true_up"], "{:+.3f}"), _num(ric["adv_down"], "{:+.3f}")
+            cells.append(f"{up} / {down} / {_num(ric['holds'], '{:.2f}')}")
+        out.append(f"| {r['name'].split('@')[0]} | {r['ric']['combined']['n']} | " + " | ".join(cells) + " |")
+    targeted = [r for r in rows if "target_success" in r]
+    if targeted:
+        out += ["", "## Targeted attack: success rate (%) (target hit under any seed)", ""]
+        out += ["| attack | " + " | ".join(DEFENCE_NAMES[d] for d in DEFENCES) + " |", "|---" * 5 + "|"]
+        for r in targeted:
+            ts = r["target_success"]
+            out.append(f"| {r['name']} | " + " | ".join(f"{100 * ts[d]:.1f}" for d in DEFENCES) + " |")
+    out += ["", "## Checks", ""]
+    out += [f"- ⚠ {w}" for w in res["warnings"]] or ["- no warnings"]
+    out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in PLOTS] + [""]
+    return "\n".join(out)
+
+
+def make_plots(res: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Accuracy vs eps per defence, gap histograms with the threshold, ROC of the gap, attacks bar chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = [out_dir / p for p in PLOTS]
+    rows, t, tau = res["attacks"], res["threat"], res["bundle"]["mi"]["threshold"]
+    budget = f"budget {res['budget']['name']}, {res['budget']['n_images']} images"
+
+    # accuracy vs eps (oblivious PGD, the worse of the two labels per image, all seeds)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    eps_values = [0.0, *t["eps_curve"]]
+    for key, name in [*DEFENCE_NAMES.items(), *BASELINE_NAMES.items()]:
+        ys = [res["clean"]["accuracy"][key]["worst"]]
+        for eps in t["eps_curve"]:
+            accs = [
+                r["accuracy"][key]["worst"]
+                for r in rows
+                if r["group"] == "oblivious" and r["eps"] == eps and "targeted" not in r["name"]
+            ]
+            ys.append(min(accs) if accs else np.nan)
+        style = "-o" if key in DEFENCE_NAMES else "--."
+        ax.plot(eps_values, [100 * v for v in ys], style, label=name)
+    ax.set(xlabel="ε (L∞, [0,1] pixels)", ylabel="accuracy (%)", title=f"Oblivious PGD ({budget})", ylim=(-2, 102))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    # gap histograms
+    clean_gap = np.asarray(res["clean_gap"], dtype=float)
+    headline = [r for r in rows if abs(r["eps"] - t["eps"]) < 1e-12 and r["group"] != "cross-check"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    bins = np.linspace(min(-0.1, np.nanmin(clean_gap)), 1.0, 45)
+    ax.hist(clean_gap[np.isfinite(clean_gap)], bins=bins, alpha=0.6, density=True, label="clean")
+    for r in headline:
+        if r["name"].startswith(("pgd-gt", "eot-combined", "pl-aware")):
+            g = np.asarray(r["gap"], dtype=float)
+            ax.hist(g[np.isfinite(g)], bins=bins, histtype="step", linewidth=1.6, density=True, label=r["name"])
+    ax.axvline(tau, color="k", linestyle=":", label=f"threshold {tau:.3g}")
+    ax.set(xlabel="detection gap g = c − max q_PL", ylabel="density", title=f"Detection gap ({budget})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+
+    # ROC of the gap
+    fig, ax = plt.subplots(figsize=(5.2, 5.0))
+    for r in headline:
+        fpr, tpr = metrics.roc_curve(clean_gap[np.isfinite(clean_gap)], np.asarray(r["gap"], dtype=float))
+        ax.plot(fpr, tpr, label=f"{r['name'].split('@')[0]} (AUROC {_num(r['gap_auroc'], '{:.2f}')})")
+    ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
+    ax.set(
+        xlabel="false-positive rate (clean)",
+        ylabel="true-positive rate (adversarial)",
+        title=f"ROC of the gap ({budget})",
+    )
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(paths[2], dpi=110)
+    plt.close(fig)
+
+    # accuracy per attack at the headline eps, per served defence (all seeds)
+    at_eps = [r for r in rows if abs(r["eps"] - t["eps"]) < 1e-12]
+    fig, ax = plt.subplots(figsize=(8.0, 4.4))
+    width = 0.2
+    xs = np.arange(len(at_eps))
+    for i, d in enumerate(DEFENCES):
+        ax.bar(xs + (i - 1.5) * width, [100 * r["accuracy"][d]["worst"] for r in at_eps], width, label=DEFENCE_NAMES[d])
+    ax.set_xticks(xs, [r["name"].split("@")[0] for r in at_eps], rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="accuracy, all seeds (%)", title=f"Attacks at ε = {t['eps']:.3g} ({budget})", ylim=(0, 100))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths[3], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write_report(res: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write ``results.json``, ``report.md`` and the plots into ``out_dir``; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(res, indent=1, allow_nan=True) + "\n", encoding="utf-8")
+    plots = make_plots(res, out_dir)
+    (out_dir / "report.md").write_text(render_markdown(res), encoding="utf-8")
+    LOGGER.info("wrote %s", out_dir)
+    return [out_dir / "results.json", out_dir / "report.md", *plots]
