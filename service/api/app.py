@@ -1,0 +1,97 @@
+"""The FastAPI application: ``create_app`` wires settings, metrics, middlewares and routes; the lifespan loads,
+warms up and serves the model (never at import time)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from service import __version__
+from service.api.deps import RateLimiter
+from service.api.errors import install_error_handlers
+from service.api.middleware import BodyLimitMiddleware, ObserveMiddleware
+from service.api.responses import OrjsonResponse
+from service.api.routes import admin, health, predict, v2
+from service.api.runtime import BackendWrapper, ModelHolder
+from service.api.schemas import InferRequest, PredictJsonBody
+from service.config import Settings
+from service.metrics import Metrics
+
+LOGGER = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, *, wrap_backend: BackendWrapper | None = None) -> FastAPI:
+    """Build the app (cheap); the model is loaded and warmed up in the lifespan.
+
+    Args:
+        settings: defaults to ``Settings()`` from the environment.
+        wrap_backend: wraps each loaded backend (tests gate or slow the engine with it).
+    """
+    settings = settings or Settings()
+    app = FastAPI(
+        title="mixinfer",
+        version=__version__,
+        description="Mixup Inference (Pang, Xu, Zhu, ICLR 2020) model server with an Open Inference Protocol v2 API.",
+        default_response_class=OrjsonResponse,
+        lifespan=_lifespan,
+    )
+    for router in (predict.router, v2.router, admin.router, health.router):
+        app.include_router(router)
+    routes = [getattr(r, "path", "") for r in app.routes if getattr(r, "include_in_schema", False)]
+    metrics = Metrics(routes, settings.max_queue_images)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.holder = ModelHolder(settings, metrics, wrap_backend)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_key) if settings.rate_limit_per_key else None
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ObserveMiddleware, metrics=metrics)  # outermost: sees every final status, 413 included
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    holder: ModelHolder = app.state.holder
+    settings: Settings = app.state.settings
+    settings.log_weak_keys()
+    holder.batcher.start()
+    # Load in the background: liveness answers at once, readiness flips to 200 after warm-up.
+    loading = asyncio.create_task(holder.load_initial(), name="mixinfer-load")
+    loading.add_done_callback(_report_load)
+    app.state.loading = loading
+    try:
+        yield
+    finally:
+        app.state.metrics.ready.set(0)
+        if not loading.done():
+            loading.cancel()
+        await holder.batcher.close()
+
+
+def _report_load(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        LOGGER.error("model load failed, the server stays not ready: %s", exc)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the body models that routes read by hand (for speed and streaming limits)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (PredictJsonBody, InferRequest):
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components[model.__name__] = body
+    app.openapi_schema = schema
+    return schema

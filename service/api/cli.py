@@ -1,0 +1,67 @@
+"""``mixinfer serve``: check the settings and the bundle, then run uvicorn with the app factory."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+LOGGER = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Add ``serve`` (imports nothing heavy)."""
+    p = subparsers.add_parser(
+        "serve",
+        help="serve the configured bundle over HTTP",
+        description="Serve MIXINFER_MODEL_DIR/MIXINFER_MODEL_NAME (highest or MIXINFER_MODEL_VERSION) on "
+        "MIXINFER_HOST:MIXINFER_PORT. Every setting comes from MIXINFER_* environment variables; the flags "
+        "below override the address only.",
+    )
+    p.add_argument("--host", default=None, help="bind address (default: MIXINFER_HOST, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: MIXINFER_PORT, 8000)")
+    p.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Validate settings and the bundle (refuse at start-up, exit 2), then run uvicorn until stopped."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.api.logs import configure_logging
+    from service.config import Settings
+    from service.errors import MixinferError
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        LOGGER.error("refusing to start, invalid MIXINFER_* settings:\n%s", exc)
+        return 2
+    overrides: dict[str, Any] = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if overrides:
+        settings = settings.model_copy(update=overrides)
+    configure_logging(settings.log_json, logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
+    try:
+        from service.store import load_bundle, resolve_bundle
+
+        path = resolve_bundle(settings.model_dir, settings.model_name, settings.model_version)
+        load_bundle(path)
+    except MixinferError as exc:
+        LOGGER.error("refusing to start: %s", exc.message)
+        return 2
+    from service.api.app import create_app
+
+    app = create_app(settings)
+    LOGGER.info("serving %s on http://%s:%d", path, settings.host, settings.port)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=max(1, int(settings.request_timeout_s)),
+        server_header=False,
+    )
+    return 0

@@ -1,0 +1,118 @@
+"""Typed dependencies: settings, the model holder, metrics, API-key and admin-key checks, per-key rate limit."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.api.runtime import ModelHolder
+from service.config import Settings
+from service.errors import ForbiddenError, OverloadedError, UnauthorizedError
+from service.metrics import Metrics
+from service.mi.params import Mode
+
+LOGGER = logging.getLogger(__name__)
+
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <key>")
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_holder(request: Request) -> ModelHolder:
+    return request.app.state.holder
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+HolderDep = Annotated[ModelHolder, Depends(get_holder)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+class RateLimiter:
+    """Token bucket per client identity: ``rate`` requests per second, bursts up to ``max(1, rate)``."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = max(1.0, rate)
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, who: str) -> None:
+        """Spend one token of ``who`` or raise :class:`OverloadedError` with the seconds until the next one."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(who, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens < 1.0:
+                self._buckets[who] = (tokens, now)
+                wait = (1.0 - tokens) / self.rate
+                raise OverloadedError(
+                    f"rate limit of {self.rate:g} requests/s per key exceeded; retry in {wait:.2f} s",
+                    retry_after_s=max(1, int(wait + 0.999)),
+                )
+            self._buckets[who] = (tokens - 1.0, now)
+
+
+def _key_index(given: bytes, keys: tuple[bytes, ...]) -> int:
+    """Index of ``given`` among ``keys`` (-1 if none), comparing against every key in constant time."""
+    found = -1
+    for i, key in enumerate(keys):
+        if hmac.compare_digest(given, key):
+            found = i
+    return found
+
+
+def require_api_key(request: Request, settings: SettingsDep, creds: Bearer) -> str:
+    """When API_KEYS is set, the request must carry one of them; returns the caller identity for rate limiting."""
+    keys = settings.api_key_values()
+    if keys:
+        if creds is None:
+            raise UnauthorizedError("missing API key: send 'Authorization: Bearer <key>'")
+        idx = _key_index(creds.credentials.encode(), keys)
+        if idx < 0:
+            raise UnauthorizedError("wrong API key")
+        who = f"key{idx}"
+    else:
+        who = request.client.host if request.client else "unknown"
+    limiter: RateLimiter | None = request.app.state.rate_limiter
+    if limiter is not None:
+        limiter.take(who)
+    return who
+
+
+def require_admin(settings: SettingsDep, creds: Bearer) -> None:
+    """Admin routes: 403 when no ADMIN_KEY is configured, 401 without a key, 403 with any other key."""
+    if settings.admin_key is None:
+        raise ForbiddenError("admin routes are disabled: the server runs without MIXINFER_ADMIN_KEY")
+    if creds is None:
+        raise UnauthorizedError("missing admin key: send 'Authorization: Bearer <admin key>'")
+    if not hmac.compare_digest(creds.credentials.encode(), settings.admin_key.get_secret_value().encode()):
+        raise ForbiddenError("this key does not authorise admin routes")
+
+
+def resolve_mode(requested: Mode | None, settings: Settings) -> Mode:
+    """The mode to serve: combined unless the client asks for another one AND the server allows overrides."""
+    if requested is None or requested is Mode.COMBINED:
+        return Mode.COMBINED
+    if not settings.allow_mode_override:
+        raise ForbiddenError(
+            f"mode={requested.value} refused: this server serves mode=combined only (MIXINFER_ALLOW_MODE_OVERRIDE "
+            "is false), because other modes weaken the defence and mode=off hands out the undefended model"
+        )
+    return requested
+
+
+ApiKeyDep = Annotated[str, Depends(require_api_key)]
+AdminDep = Annotated[None, Depends(require_admin)]

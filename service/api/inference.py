@@ -1,0 +1,57 @@
+"""The shared path of /predict and OIP infer: batcher -> engine -> flags -> metrics and access-log facts."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import Request
+from numpy.typing import NDArray
+
+from service.api.middleware import LOG_KEY, START_KEY
+from service.api.runtime import LoadedModel, ModelHolder
+from service.config import Settings
+from service.metrics import Metrics
+from service.mi.engine import MIResult
+from service.mi.params import Mode
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Engine result of one request plus the model that computed it and the per-image adversarial flags."""
+
+    model: LoadedModel
+    result: MIResult
+    #: per image: the flag (modes combined and pl: gap >= threshold), None where no gap exists (ol, off)
+    adversarial: list[bool | None]
+
+
+async def run_inference(
+    request: Request,
+    *,
+    holder: ModelHolder,
+    metrics: Metrics,
+    settings: Settings,
+    images: NDArray[np.float32],
+    mode: Mode,
+) -> Answer:
+    """Queue the images, wait for the engine, count the predictions; records branch/gap for the access log."""
+    deadline = request.scope.get(START_KEY, 0.0) + settings.request_timeout_s
+    model, res = await holder.batcher.submit(images, mode, deadline)
+    if mode is Mode.COMBINED:
+        adversarial: list[bool | None] = res.flagged.tolist()
+    elif mode is Mode.PL:
+        adversarial = (res.gap >= np.float32(model.threshold)).tolist()
+    else:
+        adversarial = [None] * len(res)
+    branches = [b.value for b in res.branch]
+    metrics.observe_predictions(res.label, branches, adversarial, res.gap)
+    facts = request.scope.get(LOG_KEY)
+    if facts is not None:
+        gaps = [None if math.isnan(g) else round(g, 5) for g in res.gap.tolist()]
+        facts.update(images=len(res), model=model.name, version=model.version, branch=branches, gap=gaps)
+    return Answer(model, res, adversarial)

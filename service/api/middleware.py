@@ -1,0 +1,152 @@
+"""Pure ASGI middlewares: request id + metrics + access log, and the body limit enforced while reading."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.errors import mixinfer_error_response
+from service.errors import PayloadTooLargeError
+from service.metrics import UNMATCHED_ROUTE, Metrics
+
+LOGGER = logging.getLogger(__name__)
+ACCESS = logging.getLogger("mixinfer.access")
+
+REQUEST_ID_HEADER = b"x-request-id"
+_SAFE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+#: scope keys shared with the routes
+START_KEY = "mixinfer.start"  # time.monotonic() at arrival
+REQUEST_ID_KEY = "mixinfer.request_id"
+LOG_KEY = "mixinfer.log"  # dict the route fills with per-request facts for the access log (branch, gap, images)
+
+
+class ObserveMiddleware:
+    """Echo or create ``X-Request-ID``, count and time every request by route template, write the access log."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        scope[START_KEY] = time.monotonic()
+        rid = b""
+        for key, value in scope["headers"]:
+            if key == REQUEST_ID_HEADER:
+                rid = value
+                break
+        if not _SAFE_ID.match(rid):
+            rid = uuid.uuid4().hex.encode()
+        scope[REQUEST_ID_KEY] = rid.decode()
+        facts: dict[str, Any] = {}
+        scope[LOG_KEY] = facts
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER, rid)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - t0
+            route = scope.get("route")
+            template = getattr(route, "path", None) or UNMATCHED_ROUTE
+            self.metrics.observe_request(template, status, elapsed)
+            ACCESS.info(
+                "%s %s %d %.2fms",
+                scope["method"],
+                template,
+                status,
+                elapsed * 1000.0,
+                extra={
+                    "access": {
+                        "request_id": scope[REQUEST_ID_KEY],
+                        "method": scope["method"],
+                        "route": template,
+                        "code": status,
+                        "latency_ms": round(elapsed * 1000.0, 3),
+                        **facts,
+                    }
+                },
+            )
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over ``max_bytes`` with 413: by ``Content-Length`` before reading, else while reading.
+
+    The count is kept on the ASGI ``receive`` stream, so nothing past the limit is ever buffered; if the app has
+    not started its response when the limit trips, whatever it tries to send is replaced by the 413.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                declared = int(value) if value.isdigit() else -1
+                if declared > self.max_bytes:
+                    await self._refuse(scope, send, f"{declared} bytes declared")
+                    return
+                break
+        received = 0
+        exceeded = False
+        started = False
+        replaced = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    exceeded = True
+                    raise PayloadTooLargeError(self._message(f"more than {self.max_bytes} bytes sent"))
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started, replaced
+            if replaced:
+                return
+            if exceeded and not started:
+                started = replaced = True
+                await self._refuse(scope, send, f"more than {self.max_bytes} bytes sent")
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except PayloadTooLargeError:
+            if not exceeded or started:
+                raise
+            await self._refuse(scope, send, f"more than {self.max_bytes} bytes sent")
+
+    def _message(self, got: str) -> str:
+        return f"request body too large: the limit is {self.max_bytes} bytes, got {got}"
+
+    async def _refuse(self, scope: Scope, send: Send, got: str) -> None:
+        response = mixinfer_error_response(scope["path"], PayloadTooLargeError(self._message(got)))
+        response.headers["Connection"] = "close"
+        await response(scope, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}

@@ -1,0 +1,113 @@
+"""``POST /predict``: classify images with Mixup Inference."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from starlette.responses import Response
+
+from service.api.deps import ApiKeyDep, HolderDep, MetricsDep, SettingsDep, resolve_mode
+from service.api.inference import Answer, run_inference
+from service.api.inputs import read_images
+from service.api.responses import OrjsonResponse
+from service.api.schemas import ErrorBody, PredictResponse
+from service.mi.params import Mode
+from service.preprocess import MEDIA_TYPES
+
+LOGGER = logging.getLogger(__name__)
+
+router = APIRouter(tags=["predict"])
+
+_IMAGE_SCHEMA = {"type": "string", "format": "binary"}
+PREDICT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "images as multipart parts (any field name), one raw image body, or JSON instances",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"images": {"type": "array", "items": _IMAGE_SCHEMA, "minItems": 1}},
+                    "required": ["images"],
+                }
+            },
+            "application/json": {"schema": {"$ref": "#/components/schemas/PredictJsonBody"}},
+            **{media: {"schema": _IMAGE_SCHEMA} for media in MEDIA_TYPES},
+        },
+    }
+}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "undecodable image, wrong channels or shape, NaN/inf or out of range"},
+    401: {"model": ErrorBody, "description": "missing or wrong API key (when API keys are configured)"},
+    403: {"model": ErrorBody, "description": "mode override refused (MIXINFER_ALLOW_MODE_OVERRIDE is false)"},
+    413: {"model": ErrorBody, "description": "body, image count or pixel count over the limit"},
+    415: {"model": ErrorBody, "description": "unsupported content type"},
+    422: {"model": ErrorBody, "description": "invalid query parameter"},
+    429: {"model": ErrorBody, "description": "queue full or rate limit; see Retry-After"},
+    503: {"model": ErrorBody, "description": "model not loaded and warmed up yet"},
+    504: {"model": ErrorBody, "description": "no result within MIXINFER_REQUEST_TIMEOUT_S"},
+}
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    responses=ERRORS,
+    openapi_extra=PREDICT_BODY,
+    summary="Classify images with Mixup Inference",
+)
+async def predict(
+    request: Request,
+    *,
+    holder: HolderDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    _caller: ApiKeyDep,
+    top_k: Annotated[int | None, Query(ge=1, le=100_000, description="return the k most probable classes")] = None,
+    mode: Annotated[Mode | None, Query(description="combined (default); others need ALLOW_MODE_OVERRIDE")] = None,
+) -> Response:
+    """Classify images with Mixup Inference; flags inputs whose detection gap reaches the threshold."""
+    chosen = resolve_mode(mode, settings)
+    model = holder.model
+    t0 = time.perf_counter()
+    images = await read_images(request, model.spec, settings.max_images_per_request)
+    metrics.observe_stage("decode", time.perf_counter() - t0)
+    answer = await run_inference(request, holder=holder, metrics=metrics, settings=settings, images=images, mode=chosen)
+    return OrjsonResponse(render_predictions(answer, top_k))
+
+
+def render_predictions(answer: Answer, top_k: int | None) -> dict[str, Any]:
+    """The /predict response body (see :class:`PredictResponse`)."""
+    model, res = answer.model, answer.result
+    names = model.class_names
+    k = len(names) if top_k is None else min(top_k, len(names))
+    probs = res.probs
+    if k < len(names):
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    labels = res.label.tolist()
+    gaps = res.gap.tolist()
+    mixes = res.n_mixes.tolist()
+    rows = probs.tolist()
+    threshold = model.threshold
+    predictions = []
+    for i, row in enumerate(rows):
+        dist = {names[j]: row[j] for j in order[i].tolist()} if k < len(names) else dict(zip(names, row, strict=True))
+        gap = gaps[i]
+        predictions.append(
+            {
+                "label": names[labels[i]],
+                "class_index": labels[i],
+                "probabilities": dist,
+                "adversarial": answer.adversarial[i],
+                "detection_gap": None if math.isnan(gap) else gap,
+                "threshold": threshold,
+                "mode": res.branch[i].value,
+                "mixes": mixes[i],
+            }
+        )
+    return {"model": model.name, "version": model.version, "predictions": predictions}

@@ -1,0 +1,177 @@
+"""Open Inference Protocol v2 (KServe / Triton): server and model metadata, health, infer (JSON and binary)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Path, Request
+from starlette.responses import Response
+
+from service import __version__
+from service.api.deps import ApiKeyDep, HolderDep, MetricsDep, SettingsDep, resolve_mode
+from service.api.inference import run_inference
+from service.api.oip import HEADER_LENGTH, encode_infer, parse_infer
+from service.api.responses import OrjsonResponse
+from service.api.runtime import LoadedModel, ModelHolder
+from service.api.schemas import InferResponse, ModelMetadata, OipErrorBody, ServerMetadata
+from service.errors import InvalidInputError, ModelNotFoundError, NotReadyError
+from service.mi.params import Mode
+from service.preprocess import batch_from_tensor
+
+LOGGER = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v2", tags=["v2"])
+
+ModelName = Annotated[str, Path(description="the bundle's directory name", max_length=64)]
+Version = Annotated[str, Path(description="the served version", max_length=16)]
+_ERR = {"model": OipErrorBody}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    c: {**_ERR, "description": d}
+    for c, d in {
+        400: "malformed request, wrong input name, datatype, shape or values",
+        401: "missing or wrong API key",
+        403: "mode override refused",
+        404: "no such model or version",
+        413: "body or image count over the limit",
+        429: "queue full; see Retry-After",
+        503: "model not ready",
+        504: "deadline exceeded",
+    }.items()
+}
+INFER_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "JSON header of Inference-Header-Content-Length bytes, then the binary tensors",
+            },
+        },
+    }
+}
+
+
+def _served(holder: ModelHolder, name: str, version: str | None = None) -> LoadedModel:
+    model = holder.model
+    if name != model.name:
+        raise ModelNotFoundError(f"unknown model {name!r}; this server serves {model.name!r}")
+    if version is not None and version != model.version:
+        raise ModelNotFoundError(
+            f"model {name!r} version {version!r} is not served; the served version is {model.version}"
+        )
+    return model
+
+
+@router.get("", response_model=ServerMetadata)
+async def server_metadata() -> Response:
+    """Server name, version and protocol extensions."""
+    return OrjsonResponse(
+        {"name": "mixinfer", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
+    )
+
+
+@router.get("/health/live", responses={200: {"description": "live"}})
+async def v2_live() -> Response:
+    """Liveness (independent of the model)."""
+    return Response(status_code=200)
+
+
+@router.get("/health/ready", responses={200: {"description": "ready"}, 503: {"description": "not ready"}})
+async def v2_ready(holder: HolderDep) -> Response:
+    """Readiness: 200 once the model is loaded and warmed up."""
+    return Response(status_code=200 if holder.ready else 503)
+
+
+@router.get("/models/{name}", response_model=ModelMetadata, responses=ERRORS)
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=ERRORS)
+async def model_metadata(
+    holder: HolderDep, settings: SettingsDep, _caller: ApiKeyDep, name: ModelName, version: Version | None = None
+) -> Response:
+    """Model metadata: input [-1, C, H, W] FP32 in [0, 1]; outputs probabilities, label, adversarial, gap."""
+    from service.store import list_versions
+
+    model = _served(holder, name, version)
+    c, h, w = model.spec.shape
+    k = len(model.class_names)
+    return OrjsonResponse(
+        {
+            "name": model.name,
+            "versions": list_versions(settings.model_dir, model.name) or [model.version],
+            "platform": "mixinfer_onnxruntime",
+            "inputs": [{"name": model.manifest.input.name, "datatype": "FP32", "shape": [-1, c, h, w]}],
+            "outputs": [
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
+                {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                {"name": "adversarial", "datatype": "BOOL", "shape": [-1]},
+                {"name": "detection_gap", "datatype": "FP32", "shape": [-1]},
+            ],
+        }
+    )
+
+
+@router.get("/models/{name}/ready", responses={200: {"description": "ready"}, **ERRORS})
+@router.get("/models/{name}/versions/{version}/ready", responses={200: {"description": "ready"}, **ERRORS})
+async def model_ready(holder: HolderDep, name: ModelName, version: Version | None = None) -> Response:
+    """200 when this model (version) is loaded and warmed up."""
+    if not holder.ready:
+        raise NotReadyError("the model is still loading and warming up")
+    _served(holder, name, version)
+    return Response(status_code=200)
+
+
+@router.post("/models/{name}/infer", response_model=InferResponse, responses=ERRORS, openapi_extra=INFER_BODY)
+@router.post(
+    "/models/{name}/versions/{version}/infer", response_model=InferResponse, responses=ERRORS, openapi_extra=INFER_BODY
+)
+async def infer(
+    request: Request,
+    *,
+    holder: HolderDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    _caller: ApiKeyDep,
+    name: ModelName,
+    version: Version | None = None,
+) -> Response:
+    """Classify a [B, C, H, W] tensor with Mixup Inference (Triton/KServe clients, JSON or binary tensors)."""
+    model = _served(holder, name, version)
+    t0 = time.perf_counter()
+    parsed = parse_infer(await request.body(), request.headers.get(HEADER_LENGTH), model.manifest.input.name)
+    mode_param = parsed.parameters.get("mode")
+    try:
+        requested = None if mode_param is None else Mode(str(mode_param))
+    except ValueError:
+        raise InvalidInputError(
+            f"parameters.mode must be one of {[m.value for m in Mode]}, got {mode_param!r}"
+        ) from None
+    mode = resolve_mode(requested, settings)
+    images = batch_from_tensor(parsed.tensor, model.spec)
+    if images.shape[0] > settings.max_images_per_request:
+        from service.errors import PayloadTooLargeError
+
+        raise PayloadTooLargeError(
+            f"the request holds {images.shape[0]} images, the limit is {settings.max_images_per_request} per request"
+        )
+    metrics.observe_stage("decode", time.perf_counter() - t0)
+    answer = await run_inference(request, holder=holder, metrics=metrics, settings=settings, images=images, mode=mode)
+    served, res = answer.model, answer.result
+    names = np.array([n.encode() for n in served.class_names], dtype=object)
+    tensors = {
+        "probabilities": ("FP32", res.probs),
+        "label": ("BYTES", names[res.label]),
+        "adversarial": ("BOOL", np.array([bool(a) for a in answer.adversarial], dtype=bool)),
+        "detection_gap": ("FP32", res.gap),
+    }
+    header: dict[str, Any] = {"model_name": served.name, "model_version": served.version}
+    if parsed.request_id is not None:
+        header["id"] = parsed.request_id
+    body, header_len = encode_infer(header, tensors, parsed.outputs)
+    if header_len is None:
+        return Response(body, media_type="application/json")
+    return Response(
+        body, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(header_len)}
+    )

@@ -1,0 +1,216 @@
+"""The served model: load + warm a bundle, run batches through the MI engine with stage timing, swap atomically."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.backends.base import Images, MixingBackend, PartnerIndices, Probs
+from service.batching import MicroBatcher
+from service.config import Settings
+from service.errors import ModelNotFoundError, NotReadyError
+from service.manifest import Manifest
+from service.metrics import Metrics
+from service.mi.engine import MIEngine, MIResult
+from service.mi.params import Mode
+from service.preprocess import ImageSpec
+
+LOGGER = logging.getLogger(__name__)
+
+#: wraps the real backend, e.g. to gate or slow it down in tests; identity by default
+BackendWrapper = Callable[[MixingBackend], MixingBackend]
+
+
+class TimedBackend:
+    """Passes every call to ``inner`` and times it as stage ``clean``, ``mix_pl`` or ``mix_ol``.
+
+    The engine calls ``probs`` once (clean), then ``mean_mix_probs`` for PL and, if any image is flagged, for OL
+    (only OL in mode ``ol``); :meth:`expect` tells it which mix stages the next engine call will use. Batches run
+    on one worker thread, so this per-call state is safe.
+    """
+
+    def __init__(self, inner: MixingBackend, metrics: Metrics | None) -> None:
+        self.inner = inner
+        self.n_classes = inner.n_classes
+        self.input_shape = inner.input_shape
+        self.provider = inner.provider
+        self._metrics = metrics
+        self._stages: Iterator[str] = iter(())
+
+    def expect(self, mode: Mode) -> None:
+        self._stages = iter(("mix_ol",) if mode is Mode.OL else ("mix_pl", "mix_ol"))
+
+    def probs(self, images: Images) -> Probs:
+        t0 = time.perf_counter()
+        out = self.inner.probs(images)
+        self._observe("clean", t0)
+        return out
+
+    def mean_mix_probs(self, images: Images, partners: PartnerIndices, lam: float) -> Probs:
+        t0 = time.perf_counter()
+        out = self.inner.mean_mix_probs(images, partners, lam)
+        self._observe(next(self._stages, "mix_ol"), t0)
+        return out
+
+    def warmup(self, batch_sizes: tuple[int, ...]) -> None:
+        self.inner.warmup(batch_sizes)
+
+    def _observe(self, stage: str, t0: float) -> None:
+        if self._metrics is not None:
+            self._metrics.observe_stage(stage, time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One loaded, warmed-up bundle; immutable, swapped as a whole."""
+
+    name: str
+    version: str
+    manifest: Manifest
+    engine: MIEngine
+    backend: TimedBackend
+    spec: ImageSpec
+    pool_size: int
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.manifest.class_names
+
+    @property
+    def threshold(self) -> float:
+        return self.manifest.mi.threshold
+
+    def run(self, images: NDArray[np.float32], mode: Mode) -> tuple[LoadedModel, MIResult]:
+        """One engine call (worker thread)."""
+        self.backend.expect(mode)
+        return self, self.engine(images, mode)
+
+
+def load_model(
+    settings: Settings, version: str | None, metrics: Metrics | None, wrap: BackendWrapper | None = None
+) -> LoadedModel:
+    """Resolve, verify, load and warm up ``settings.model_name`` at ``version`` (None: highest). Blocking."""
+    from service.backends.onnx import OrtBackend
+    from service.store import load_bundle, resolve_bundle
+
+    t0 = time.perf_counter()
+    path = resolve_bundle(settings.model_dir, settings.model_name, version)
+    bundle = load_bundle(path)
+    inner: MixingBackend = OrtBackend.from_bundle(
+        bundle,
+        providers=settings.providers,
+        mixing=settings.mixing,
+        max_mixes_per_call=settings.max_mixes_per_call,
+        intra_op_threads=settings.intra_op_threads,
+    )
+    if wrap is not None:
+        inner = wrap(inner)
+    backend = TimedBackend(inner, None)  # warm-up is not timed into the metrics
+    m = bundle.manifest
+    engine = MIEngine(backend, bundle.pool_labels, m.mi, seed=settings.seed)
+    sizes = tuple(sorted({1, settings.max_batch_images}))
+    backend.warmup(sizes)
+    for mode in (Mode.COMBINED, Mode.OL):  # every engine path once, OL at full width
+        backend.expect(mode)
+        engine(np.zeros((sizes[-1], *m.input.shape), dtype=np.float32), mode)
+    backend._metrics = metrics
+    c, h, w = m.input.shape
+    spec = ImageSpec(c, h, w, strict_size=settings.strict_size, max_pixels=settings.max_pixels)
+    LOGGER.info(
+        "loaded %s/%s (%s, %d classes, pool %d) in %.2f s",
+        m.name,
+        m.version,
+        inner.provider,
+        m.n_classes,
+        len(bundle.pool_labels),
+        time.perf_counter() - t0,
+    )
+    return LoadedModel(m.name, m.version, m, engine, backend, spec, len(bundle.pool_labels))
+
+
+class ModelHolder:
+    """The current model and the batcher in front of it; ``swap`` replaces the model between two batches."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, wrap: BackendWrapper | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.wrap = wrap
+        self._model: LoadedModel | None = None
+        self._swap_lock = asyncio.Lock()
+        self.batcher: MicroBatcher[LoadedModel] = MicroBatcher(
+            self._run,
+            max_batch_images=settings.max_batch_images,
+            max_delay_s=settings.max_queue_delay_s,
+            max_queue_images=settings.max_queue_images,
+            observer=metrics,
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self._model is not None
+
+    @property
+    def model(self) -> LoadedModel:
+        if self._model is None:
+            raise NotReadyError("the model is still loading and warming up; retry shortly")
+        return self._model
+
+    def _run(self, images: NDArray[np.float32], mode: Mode) -> tuple[LoadedModel, MIResult]:
+        return self.model.run(images, mode)  # read once per batch: a swap takes effect at the next batch
+
+    def install(self, model: LoadedModel) -> None:
+        self._model = model
+        m = model.manifest
+        self.metrics.set_model(
+            name=model.name,
+            version=model.version,
+            provider=model.backend.provider,
+            class_names=m.class_names,
+            threshold=m.mi.threshold,
+            flag_rate=m.calibration.false_flag_rate,
+            gap_quantiles=m.calibration.gap_quantiles,
+            pool_images=model.pool_size,
+        )
+        self.metrics.ready.set(1)
+
+    async def load_initial(self) -> None:
+        model = await asyncio.to_thread(load_model, self.settings, self.settings.model_version, self.metrics, self.wrap)
+        self.install(model)
+
+    async def swap(self, name: str, version: str | None) -> LoadedModel:
+        """Load ``name``/``version`` beside the current model, warm it, then swap; on failure keep serving the old.
+
+        Raises:
+            ModelNotFoundError: ``name`` is not the served model, or the version is not in the store listing.
+            MixinferError: the new bundle failed to load (the old one keeps serving).
+        """
+        from service.store import list_versions
+
+        current = self.model
+        if name != current.name:
+            raise ModelNotFoundError(
+                f"this server serves model {current.name!r}, got {name!r}; serving another model needs a restart"
+            )
+        versions = list_versions(self.settings.model_dir, name)
+        if version is not None and version not in versions:
+            raise ModelNotFoundError(f"model {name!r} has versions {versions} in the store, got {version!r}")
+        if not versions:
+            raise ModelNotFoundError(f"model {name!r} has no versions in the store")
+        async with self._swap_lock:
+            model = await asyncio.to_thread(load_model, self.settings, version or versions[-1], self.metrics, self.wrap)
+            old = self.model
+            if model.spec.shape != old.spec.shape or model.class_names != old.class_names:
+                raise ModelNotFoundError(
+                    f"version {model.version} takes {model.spec.shape} with {len(model.class_names)} classes, the "
+                    f"served version {old.version} takes {old.spec.shape} with {len(old.class_names)}; a hot swap "
+                    "keeps inputs and classes, restart the server to change them"
+                )
+            self.install(model)
+            LOGGER.info("swapped %s from version %s to %s", name, old.version, model.version)
+            return model

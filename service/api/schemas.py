@@ -1,0 +1,151 @@
+"""Request and response bodies, as pydantic models: they document the API (OpenAPI) and pin its shape."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.mi.params import Branch
+
+
+# --- errors ---------------------------------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable error code, e.g. 'invalid_input', 'overloaded'")
+    message: str = Field(description="what was wrong, what was expected, what was got")
+
+
+class ErrorBody(BaseModel):
+    """The error shape of every non-OIP route."""
+
+    error: ErrorDetail
+
+
+class OipErrorBody(BaseModel):
+    """The error shape of the Open Inference Protocol v2 routes."""
+
+    error: str
+
+
+# --- /predict -------------------------------------------------------------------------------------------------
+class B64Instance(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    b64: str = Field(description="base64 of an encoded PNG/JPEG/WebP/BMP/GIF image")
+
+
+ArrayInstance = list[list[float]] | list[list[list[float]]]
+
+
+class PredictJsonBody(BaseModel):
+    """JSON body of ``POST /predict``: images as base64 or as numeric arrays in [0, 1] at the model's exact size."""
+
+    instances: list[B64Instance | ArrayInstance] = Field(
+        min_length=1, description="one entry per image: {'b64': ...}, or an (H,W) / (C,H,W) array in [0, 1]"
+    )
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="class name of the returned prediction")
+    class_index: int = Field(description="index of that class")
+    probabilities: dict[str, float] = Field(description="class name -> probability (top_k highest if asked)")
+    adversarial: bool | None = Field(description="detection flag (gap >= threshold); null in modes ol and off")
+    detection_gap: float | None = Field(
+        description="plain top-1 confidence minus max MI-PL probability; null in ol/off"
+    )
+    threshold: float = Field(description="the model's detection threshold")
+    mode: Branch = Field(description="the branch that answered: pl, ol or off")
+    mixes: int = Field(description="blends averaged for this image")
+
+
+class PredictResponse(BaseModel):
+    model: str
+    version: str
+    predictions: list[Prediction]
+
+
+# --- health ---------------------------------------------------------------------------------------------------
+class LiveResponse(BaseModel):
+    live: bool
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+
+
+# --- Open Inference Protocol v2 -------------------------------------------------------------------------------
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class InferInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: Literal["FP32", "FP64", "FP16", "UINT8"]
+    parameters: dict[str, Any] | None = Field(None, description="'binary_data_size' with the binary extension")
+    data: list[Any] | None = Field(None, description="row-major values (flat or nested); absent when binary")
+
+
+class InferRequestedOutput(BaseModel):
+    name: Literal["probabilities", "label", "adversarial", "detection_gap"]
+    parameters: dict[str, Any] | None = Field(None, description="'binary_data': true for a binary output")
+
+
+class InferRequest(BaseModel):
+    """``POST /v2/models/{name}/infer``: JSON, or JSON header + binary tensors (``Inference-Header-Content-Length``)."""
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="'binary_data_output', and 'mode' if allowed")
+    inputs: list[InferInput] = Field(min_length=1, max_length=1)
+    outputs: list[InferRequestedOutput] | None = None
+
+
+class InferOutput(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[InferOutput]
+
+
+class LoadParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str | None = Field(
+        None, pattern=r"^[1-9][0-9]{0,8}$", description="a version in the store; default highest"
+    )
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    parameters: LoadParameters = Field(default_factory=lambda: LoadParameters(version=None))
+
+
+class LoadResponse(BaseModel):
+    name: str
+    version: str
+    previous_version: str

@@ -1,0 +1,284 @@
+"""Async micro-batcher: a bounded queue of images, flushed into one engine call on a single worker thread.
+
+Requests are split into pieces of at most ``max_batch_images`` images; pieces of the same mode are concatenated
+in arrival order, run in ONE engine call off the event loop, and the result is split back by the recorded offsets
+(the totals are checked). A batch is sealed at once when the engine is idle, or, while it is busy, as soon as it
+holds ``max_batch_images`` images or its oldest image has waited ``max_delay_s``; at most one sealed batch waits
+behind the running one, so images that arrive meanwhile join the next batch instead of a stale one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.errors import DeadlineExceededError, NotReadyError, OverloadedError
+from service.mi.engine import MIResult
+from service.mi.params import Mode
+
+LOGGER = logging.getLogger(__name__)
+
+#: whatever the run function returns next to the MIResult (e.g. the model that answered), handed to every piece
+T = TypeVar("T")
+
+
+class BatchObserver(Protocol):
+    """Hooks for metrics; every method is called on the event loop except where noted."""
+
+    def queue_changed(self, images: int) -> None: ...
+
+    def batch_started(self, images: int, waited_s: list[float]) -> None: ...
+
+
+class _NullObserver:
+    def queue_changed(self, images: int) -> None:
+        return None
+
+    def batch_started(self, images: int, waited_s: list[float]) -> None:
+        return None
+
+
+@dataclass(eq=False)
+class _Piece:
+    images: NDArray[np.float32]
+    mode: Mode
+    future: asyncio.Future[tuple[Any, MIResult]]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def n(self) -> int:
+        return int(self.images.shape[0])
+
+
+def slice_result(res: MIResult, start: int, stop: int) -> MIResult:
+    """Rows [start, stop) of a batched result (partners are never requested by the HTTP layer)."""
+    return MIResult(
+        label=res.label[start:stop],
+        probs=res.probs[start:stop],
+        clean_probs=res.clean_probs[start:stop],
+        gap=res.gap[start:stop],
+        flagged=res.flagged[start:stop],
+        branch=res.branch[start:stop],
+        n_mixes=res.n_mixes[start:stop],
+    )
+
+
+def concat_results(parts: list[MIResult]) -> MIResult:
+    """Concatenate per-piece results of one request back into one result, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    return MIResult(
+        label=np.concatenate([p.label for p in parts]),
+        probs=np.concatenate([p.probs for p in parts]),
+        clean_probs=np.concatenate([p.clean_probs for p in parts]),
+        gap=np.concatenate([p.gap for p in parts]),
+        flagged=np.concatenate([p.flagged for p in parts]),
+        branch=tuple(b for p in parts for b in p.branch),
+        n_mixes=np.concatenate([p.n_mixes for p in parts]),
+    )
+
+
+class MicroBatcher(Generic[T]):
+    """Bounded, image-counting micro-batcher in front of a synchronous engine call.
+
+    Args:
+        run: ``run(images (B,C,H,W) float32, mode) -> (tag, MIResult)``; called on the worker thread, one at a time.
+        max_batch_images: images per engine call (a request with more is split into several pieces).
+        max_delay_s: while the engine is busy, seal a batch once its oldest image has waited this long.
+        max_queue_images: images waiting (not yet sealed) before new requests are refused with 429.
+        observer: metric hooks.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[NDArray[np.float32], Mode], tuple[T, MIResult]],
+        *,
+        max_batch_images: int,
+        max_delay_s: float,
+        max_queue_images: int,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if max_batch_images < 1 or max_queue_images < max_batch_images:
+            raise ValueError(
+                f"need 1 <= max_batch_images <= max_queue_images, got {max_batch_images} and {max_queue_images}"
+            )
+        self._run = run
+        self.max_batch_images = max_batch_images
+        self.max_delay_s = max_delay_s
+        self.max_queue_images = max_queue_images
+        self._observer: BatchObserver = observer or _NullObserver()
+        self._queue: deque[_Piece] = deque()
+        self._queued_images = 0
+        self._inflight = 0  # sealed batches not finished: 0 idle, 1 running, 2 running + one waiting
+        self._changed = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mixinfer-engine")
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.batches_done = 0
+
+    # --- public -----------------------------------------------------------------------------------------------
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    def start(self) -> None:
+        """Start the dispatcher task on the running loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._dispatch(), name="mixinfer-batcher")
+
+    async def close(self) -> None:
+        """Finish what was accepted, then stop (nothing accepted is lost)."""
+        self._closed = True
+        self._changed.set()
+        if self._task is not None:
+            await self._task
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, images: NDArray[np.float32], mode: Mode, deadline: float) -> tuple[T, MIResult]:
+        """Queue ``images`` (B,C,H,W) and wait for their result, at most until ``deadline`` (``time.monotonic``).
+
+        Raises:
+            OverloadedError: the queue cannot take ``B`` more images (answered at once).
+            DeadlineExceededError: no result before the deadline.
+            NotReadyError: the batcher is shutting down.
+        """
+        if self._closed:
+            raise NotReadyError("the server is shutting down")
+        n = int(images.shape[0])
+        if self._queued_images + n > self.max_queue_images:
+            raise OverloadedError(
+                f"queue full: {self._queued_images} images waiting, {n} more would exceed the limit of "
+                f"{self.max_queue_images}",
+                retry_after_s=1,
+            )
+        loop = asyncio.get_running_loop()
+        pieces = [
+            _Piece(images[i : i + self.max_batch_images], mode, loop.create_future())
+            for i in range(0, n, self.max_batch_images)
+        ]
+        self._queue.extend(pieces)
+        self._queued_images += n
+        self._observer.queue_changed(self._queued_images)
+        self._changed.set()
+        futures = [p.future for p in pieces]
+        timeout = deadline - time.monotonic()
+        try:
+            async with asyncio.timeout(max(timeout, 0.0)):
+                results = await asyncio.gather(*futures)
+        except TimeoutError:
+            self._abandon(pieces)
+            raise DeadlineExceededError(
+                f"no result within the request timeout ({timeout:.3g} s left at arrival); the server is saturated"
+            ) from None
+        except asyncio.CancelledError:
+            self._abandon(pieces)  # client went away: its images are dropped from the queue, nobody else is hurt
+            raise
+        tag = results[0][0]
+        return tag, concat_results([r[1] for r in results])
+
+    # --- internals --------------------------------------------------------------------------------------------
+    def _abandon(self, pieces: list[_Piece]) -> None:
+        """Cancel pieces not yet sealed and take them out of the queue count."""
+        removed = 0
+        for p in pieces:
+            if not p.future.done():
+                p.future.cancel()
+            if p in self._queue:
+                self._queue.remove(p)
+                removed += p.n
+        if removed:
+            self._queued_images -= removed
+            self._observer.queue_changed(self._queued_images)
+
+    async def _dispatch(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closed and self._inflight == 0:
+                    return
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            if self._inflight == 0 or (self._inflight == 1 and self._ready_to_seal()):
+                self._seal()
+                continue
+            self._changed.clear()
+            wait_s = None
+            if self._inflight == 1:
+                wait_s = max(self._queue[0].enqueued + self.max_delay_s - time.perf_counter(), 0.0)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await self._changed.wait()
+
+    def _ready_to_seal(self) -> bool:
+        if self._queued_images >= self.max_batch_images:
+            return True
+        return time.perf_counter() - self._queue[0].enqueued >= self.max_delay_s
+
+    def _seal(self) -> None:
+        """Take pieces of the oldest piece's mode, in order, up to max_batch_images, and hand them to the worker."""
+        mode = self._queue[0].mode
+        batch: list[_Piece] = []
+        total = 0
+        keep: deque[_Piece] = deque()
+        while self._queue:
+            p = self._queue.popleft()
+            if p.future.done():  # abandoned (timeout or disconnect) after queueing
+                continue
+            if p.mode is mode and total + p.n <= self.max_batch_images:
+                batch.append(p)
+                total += p.n
+            else:
+                keep.append(p)
+                if p.mode is mode:
+                    break
+        keep.extend(self._queue)
+        self._queue = keep
+        self._queued_images = sum(p.n for p in keep)
+        self._observer.queue_changed(self._queued_images)
+        if not batch:
+            return
+        self._inflight += 1
+        loop = asyncio.get_running_loop()
+        images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
+        job = loop.run_in_executor(self._executor, self._run_batch, images, mode, batch)
+        job.add_done_callback(lambda fut: self._finish(fut, batch))
+
+    def _run_batch(self, images: NDArray[np.float32], mode: Mode, batch: list[_Piece]) -> tuple[T, MIResult]:
+        now = time.perf_counter()
+        self._observer.batch_started(int(images.shape[0]), [now - p.enqueued for p in batch])
+        return self._run(images, mode)
+
+    def _finish(self, job: asyncio.Future[tuple[T, MIResult]], batch: list[_Piece]) -> None:
+        self._inflight -= 1
+        self.batches_done += 1
+        self._changed.set()
+        exc: BaseException | None = (
+            NotReadyError("the engine worker stopped before the batch ran") if job.cancelled() else job.exception()
+        )
+        if exc is None:
+            tag, res = job.result()
+            total = sum(p.n for p in batch)
+            if len(res) != total:
+                exc = RuntimeError(f"engine returned {len(res)} results for a batch of {total} images")
+        if exc is not None:
+            LOGGER.error("batch of %d pieces failed: %s", len(batch), exc)
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        start = 0
+        for p in batch:
+            stop = start + p.n
+            if not p.future.done():  # a client that left does not poison the others
+                p.future.set_result((tag, slice_result(res, start, stop)))
+            start = stop

@@ -1,0 +1,155 @@
+"""Client bytes and arrays -> validated float32 (C, H, W) images in [0, 1] at the model's input size."""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import InvalidInputError, PayloadTooLargeError
+
+LOGGER = logging.getLogger(__name__)
+
+#: float32 (C, H, W), pixels in [0, 1]
+Image3D: TypeAlias = NDArray[np.float32]
+
+#: Pillow format names we decode; anything else (TIFF, PSD, EPS, ...) is refused before parsing.
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What the model takes: ``channels`` (1 or 3) x ``height`` x ``width`` float32 in [0, 1].
+
+    Attributes:
+        channels: 1 (grayscale, ITU-R 601 luma) or 3 (RGB).
+        height: rows of one image.
+        width: columns of one image.
+        strict_size: refuse images of another size instead of resizing them.
+        max_pixels: refuse images with more decoded pixels than this (decompression bombs), before decoding.
+    """
+
+    channels: int
+    height: int
+    width: int
+    strict_size: bool = False
+    max_pixels: int = 16 * 1024 * 1024
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+
+def decode_image(data: bytes, spec: ImageSpec) -> Image3D:
+    """Decode one encoded image (PNG/JPEG/WebP/BMP/GIF) into the model's input.
+
+    Rules, in order: check the pixel count before decoding; take the first frame; apply the EXIF orientation;
+    scale 16-bit to 8-bit; composite any alpha onto black; convert to the model's channels (luma for 1 channel);
+    resize (bilinear, antialiased) to the model's size unless ``spec.strict_size``.
+
+    Raises:
+        InvalidInputError: empty or undecodable bytes, or (strict size) another size.
+        PayloadTooLargeError: more than ``spec.max_pixels`` pixels.
+    """
+    if not data:
+        raise InvalidInputError("image is empty (0 bytes), expected an encoded PNG/JPEG/WebP/BMP/GIF image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
+            width, height = im.size
+            if width * height > spec.max_pixels:
+                raise PayloadTooLargeError(
+                    f"image has {width}x{height} = {width * height} pixels, the limit is {spec.max_pixels}"
+                )
+            im.seek(0)
+            im.load()
+            im = _to_model_mode(ImageOps.exif_transpose(im), spec.channels)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLargeError(f"image refused as a decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise InvalidInputError("could not identify the image format; expected PNG, JPEG, WebP, BMP or GIF") from None
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError) as exc:
+        raise InvalidInputError(
+            f"could not decode the image ({type(exc).__name__}: {exc}); it may be truncated"
+        ) from None
+    if im.size != (spec.width, spec.height):
+        if spec.strict_size:
+            raise InvalidInputError(
+                f"image is {im.size[0]}x{im.size[1]} (WxH), expected exactly {spec.width}x{spec.height} "
+                "(the server runs with STRICT_SIZE)"
+            )
+        im = im.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+    arr = np.asarray(im, dtype=np.uint8)
+    arr = arr[None, :, :] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr, dtype=np.float32) * np.float32(1.0 / 255.0)
+
+
+def _to_model_mode(im: Image.Image, channels: int) -> Image.Image:
+    """8-bit ``L`` or ``RGB``: 16-bit scaled to 8-bit, palette expanded, alpha composited onto black."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        wide = np.asarray(im, dtype=np.float64)
+        scale = 257.0 if im.mode != "I" or wide.max(initial=0) > 255 else 1.0
+        im = Image.fromarray(np.clip(np.rint(wide / scale), 0, 255).astype(np.uint8), mode="L")
+    elif im.mode == "F":
+        raise InvalidInputError("floating-point images are not accepted, send 8- or 16-bit images")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in _ALPHA_MODES:
+        rgba = im.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(black, rgba).convert("RGB")
+    target = "L" if channels == 1 else "RGB"
+    if im.mode != target:
+        im = im.convert(target)
+    return im
+
+
+def array_to_image(values: object, spec: ImageSpec) -> Image3D:
+    """A numeric array from JSON, shaped (H, W) (one channel only) or (C, H, W), values in [0, 1], never resized.
+
+    Raises:
+        InvalidInputError: ragged, non-numeric, wrong shape, NaN/inf or out of [0, 1].
+    """
+    try:
+        arr = np.asarray(values, dtype=np.float32)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInputError(f"instance is not a rectangular numeric array ({exc})") from None
+    if arr.ndim == 2 and spec.channels == 1:
+        arr = arr[None]
+    if arr.shape != spec.shape:
+        allowed = f"{spec.shape}" + (f" or {spec.shape[1:]}" if spec.channels == 1 else "")
+        raise InvalidInputError(f"array instance must be shaped {allowed} (C,H,W), got {arr.shape}")
+    check_pixel_values(arr)
+    return np.ascontiguousarray(arr)
+
+
+def batch_from_tensor(arr: NDArray[np.generic], spec: ImageSpec) -> NDArray[np.float32]:
+    """An OIP v2 input tensor (B, C, H, W): FP32/FP64 in [0, 1], or UINT8 in [0, 255] (scaled by 1/255)."""
+    if arr.ndim != 4 or tuple(arr.shape[1:]) != spec.shape or arr.shape[0] < 1:
+        raise InvalidInputError(
+            f"input tensor must be shaped [-1, {', '.join(map(str, spec.shape))}], got {list(arr.shape)}"
+        )
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr, dtype=np.float32) * np.float32(1.0 / 255.0)
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    check_pixel_values(out)
+    return out
+
+
+def check_pixel_values(arr: NDArray[np.float32]) -> None:
+    """Refuse NaN, infinities and values outside [0, 1], saying how many and where."""
+    finite = np.isfinite(arr)
+    if not finite.all():
+        raise InvalidInputError(f"pixel values must be finite, got {int((~finite).sum())} NaN or infinite values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0.0 or hi > 1.0:
+        raise InvalidInputError(f"pixel values must lie in [0, 1], got values in [{lo:g}, {hi:g}]")
