@@ -1,0 +1,249 @@
+"""Benchmark of the MI engine against the reference-style implementation and the compute floor.
+
+Measured in one process on the same weights and threads:
+
+- ``reference``: the P2333/Mixup-Inference style: PyTorch eager, batch size 1, one forward per blend, MI-PL and
+  MI-OL always both computed (1 + N_PL + N_OL forwards per image); :func:`service.mi.reference.reference_mi`.
+- ``onnx_loop``: the same per-image loop over the ONNX backend (separates backend gains from batching gains).
+- ``engine``: :class:`service.mi.engine.MIEngine` (MI-Combined) at batch 1, 16, 64, 256, on clean inputs (the
+  model's own flag rate) and on all-flagged inputs (threshold forced below every gap: 1 + N_PL + N_OL per image).
+- ``floor``: plain throughput / (1 + N_PL + flag_rate * N_OL), plain throughput measured at the engine's mix-call
+  batch size (B * N_PL), interleaved with the engine runs, median of the repeats.
+
+Usage::
+
+    .venv/bin/python bench/engine.py [--bundle model_store/mnist-mixup/1] [--threads 2] [--json]
+
+Progress goes to stderr; the table (markdown) to stdout; with ``--json`` the last stdout line is one JSON object
+with ``engine_vs_reference`` and ``engine_vs_floor`` (batch 64, clean inputs) among its keys. Without the default
+bundle, a randomly initialised ``mnist_cnn`` (the default bundle's architecture, same size) and a synthetic pool
+(100 images per class) are used, and the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from service.backends.onnx import OrtBackend  # noqa: E402
+from service.mi.engine import MIEngine  # noqa: E402
+from service.mi.params import MIParams, Mode  # noqa: E402
+from service.mi.reference import reference_mi  # noqa: E402
+
+LOGGER = logging.getLogger("bench.engine")
+DEFAULT_BUNDLE = REPO / "model_store" / "mnist-mixup" / "1"
+
+
+def log(msg: str, *args: object) -> None:
+    print(msg % args if args else msg, file=sys.stderr, flush=True)
+
+
+class Setup:
+    """Everything one benchmark run needs: model path, torch module, pool, params, clean inputs."""
+
+    def __init__(self, bundle: Path, tmp: Path) -> None:
+        import torch
+
+        if (bundle / "manifest.json").is_file():
+            from service.store import load_bundle
+            from service.training.models import load_bundle_model
+
+            b = load_bundle(bundle, require_weights=True)
+            self.source = f"bundle {bundle.relative_to(REPO) if bundle.is_relative_to(REPO) else bundle}"
+            self.model_path = b.model_path
+            self.torch_model = load_bundle_model(b)
+            self.pool_images, self.pool_labels = b.pool_images, b.pool_labels
+            self.params = b.manifest.mi
+            self.arch = b.manifest.architecture
+        else:
+            from service.training.export import export_onnx
+            from service.training.models import build_model
+
+            torch.manual_seed(0)
+            self.torch_model = build_model("mnist_cnn", 10, 1).eval()
+            self.model_path = tmp / "model.onnx"
+            export_onnx(self.torch_model, self.model_path, (1, 28, 28))
+            rng = np.random.default_rng(0)
+            self.pool_labels = np.repeat(np.arange(10, dtype=np.int64), 100)
+            self.pool_images = rng.integers(0, 256, size=(1000, 1, 28, 28), dtype=np.uint8)
+            self.params = MIParams()
+            self.arch = "mnist_cnn"
+            self.source = f"FALLBACK: random-init mnist_cnn + synthetic pool ({bundle} not found)"
+        # clean inputs: pool images (clean, in-distribution); a different random order for every use
+        self.inputs = self.pool_images.astype(np.float32) / np.float32(255.0)
+
+
+def rate(fn: Callable[[], object], n_images: int, min_seconds: float) -> float:
+    """Images per second of ``fn`` (which processes ``n_images``), repeated until ``min_seconds`` have passed."""
+    done, start = 0, time.perf_counter()
+    while True:
+        fn()
+        done += n_images
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return done / elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="bundle directory (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ORT intra-op and torch threads")
+    parser.add_argument("--batches", default="1,16,64,256", help="engine batch sizes (comma-separated)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per measurement (median)")
+    parser.add_argument("--min-seconds", type=float, default=0.4, help="minimum time per repeat")
+    parser.add_argument("--reference-images", type=int, default=24, help="images through the per-image loops")
+    parser.add_argument("--mixing", default="auto", choices=["auto", "host", "fused"])
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        s = Setup(args.bundle, Path(tmp))
+        p = s.params
+        log("source: %s; params: %s", s.source, p.model_dump())
+        backend = OrtBackend(
+            s.model_path,
+            s.pool_images,
+            providers=["CPUExecutionProvider"],
+            mixing=args.mixing,
+            intra_op_threads=args.threads,
+            inter_op_threads=1,
+        )
+        engine = MIEngine(backend, s.pool_labels, p, seed=0)
+        forced = MIEngine(backend, s.pool_labels, p.model_copy(update={"threshold": -2.0}), seed=0)  # all flagged
+        engine.warmup(tuple(batches))
+        rng = np.random.default_rng(1)
+
+        def pick(n: int) -> np.ndarray:
+            return s.inputs[rng.integers(0, len(s.inputs), size=n)]
+
+        # --- per-image loops (both branches always, as the reference code) ----------------------------------------
+        xr = pick(args.reference_images)
+
+        def torch_logits(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return s.torch_model(torch.from_numpy(x)).numpy()
+
+        def ref_torch() -> object:
+            return reference_mi(
+                torch_logits, s.pool_images, s.pool_labels, p, xr, mode=Mode.COMBINED, rng=rng, both_branches=True
+            )
+
+        def ref_onnx() -> object:
+            return reference_mi(
+                backend.logits, s.pool_images, s.pool_labels, p, xr, mode=Mode.COMBINED, rng=rng, both_branches=True
+            )
+
+        # torch at batch 1 is often faster on one thread than on several (no parallel work to share, and the
+        # machine may be busy): the reference gets its best thread count, so the ratio is not inflated.
+        ref_by_threads: dict[int, list[float]] = {t: [] for t in sorted({1, args.threads})}
+        loop_rates = []
+        for r in range(args.repeats):
+            for t, rates in ref_by_threads.items():
+                torch.set_num_threads(t)
+                rates.append(rate(ref_torch, len(xr), args.min_seconds))
+            loop_rates.append(rate(ref_onnx, len(xr), args.min_seconds))
+            log(
+                "repeat %d: reference %s img/s, onnx loop %.1f img/s",
+                r,
+                {t: round(v[-1], 1) for t, v in ref_by_threads.items()},
+                loop_rates[-1],
+            )
+        torch.set_num_threads(args.threads)
+        ref_threads, reference = max(
+            ((t, statistics.median(v)) for t, v in ref_by_threads.items()), key=lambda tv: tv[1]
+        )
+        onnx_loop = statistics.median(loop_rates)
+
+        # --- engine vs floor, interleaved ------------------------------------------------------------------------
+        rows: dict[int, dict[str, float]] = {}
+        for b in batches:
+            x = pick(b)
+            mix_batch = np.ascontiguousarray(pick(b * p.n_pl))
+            flag_rate = float(np.mean([engine(pick(b)).flagged.mean() for _ in range(max(1, 256 // b))]))
+            clean, flagged, plain = [], [], []
+            for _ in range(args.repeats):
+                plain.append(rate(lambda mb=mix_batch: backend.logits(mb), len(mix_batch), args.min_seconds))
+                clean.append(rate(lambda xx=x: engine(xx), b, args.min_seconds))
+                flagged.append(rate(lambda xx=x: forced(xx), b, args.min_seconds))
+            plain_rate = statistics.median(plain)
+            floor = plain_rate / (1 + p.n_pl + flag_rate * p.ol_combined.n)
+            floor_flagged = plain_rate / (1 + p.n_pl + p.ol_combined.n)
+            rows[b] = {
+                "engine_clean": statistics.median(clean),
+                "engine_all_flagged": statistics.median(flagged),
+                "flag_rate_clean": flag_rate,
+                "plain_at_mix_batch": plain_rate,
+                "floor_clean": floor,
+                "floor_all_flagged": floor_flagged,
+                "vs_floor_clean": statistics.median(clean) / floor,
+                "vs_floor_all_flagged": statistics.median(flagged) / floor_flagged,
+            }
+            log("batch %d: %s", b, {k: round(v, 3) for k, v in rows[b].items()})
+
+    key = 64 if 64 in rows else batches[-1]
+    result: dict[str, Any] = {
+        "source": s.source,
+        "architecture": s.arch,
+        "mixing": backend.mixing,
+        "provider": backend.provider,
+        "threads": args.threads,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores (shared; figures are noisy)",
+        "params": {"n_pl": p.n_pl, "n_ol": p.ol_combined.n, "threshold": p.threshold},
+        "reference_img_s": reference,
+        "reference_threads": ref_threads,
+        "onnx_loop_img_s": onnx_loop,
+        "engine": {str(b): v for b, v in rows.items()},
+        "engine_vs_reference": rows[key]["engine_clean"] / reference,
+        "engine_vs_floor": rows[key]["vs_floor_clean"],
+        "batch_for_ratios": key,
+        "seconds": time.perf_counter() - t_start,
+    }
+
+    print(f"Source: {s.source}; provider {backend.provider}, mixing {backend.mixing}, {args.threads} threads")
+    print(f"N_PL={p.n_pl}, N_OL={p.ol_combined.n}, threshold={p.threshold}; median of {args.repeats} repeats\n")
+    print("| implementation | batch | img/s clean | img/s all flagged | flag rate | floor (clean) | vs floor |")
+    print("|---|---|---|---|---|---|---|")
+    print(
+        f"| reference-style (torch eager, per image, both branches, {ref_threads} thread(s)) | 1 | {reference:.1f} | "
+        f"{reference:.1f} | - | - | - |"
+    )
+    print(
+        f"| per-image loop over the ONNX backend, both branches | 1 | {onnx_loop:.0f} | {onnx_loop:.0f} | - | - | - |"
+    )
+    for b, r in rows.items():
+        print(
+            f"| MIEngine (Combined) | {b} | {r['engine_clean']:.0f} | {r['engine_all_flagged']:.0f} | "
+            f"{r['flag_rate_clean']:.3f} | {r['floor_clean']:.0f} | {r['vs_floor_clean']:.2f} |"
+        )
+    print(
+        f"\nengine (batch {key}, clean) vs reference-style: {result['engine_vs_reference']:.1f}x; "
+        f"vs compute floor: {result['engine_vs_floor']:.2f}"
+    )
+    log("done in %.0f s", result["seconds"])
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
