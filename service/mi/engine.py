@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +67,10 @@ class MIEngine:
     is configured (tests and offline evaluation only), or from ``rng``/``partners`` passed per call by trusted
     in-process callers. Clients of the HTTP API can never choose any of these.
 
+    Thread safety: the backend (ONNX Runtime) may be called concurrently, and draws from the engine's own generator
+    are serialised by a lock, so one engine can serve several worker threads. With a fixed seed, results are only
+    reproducible when calls arrive in the same order (one worker).
+
     Args:
         backend: runs the network; owns the pool images.
         pool_labels: int64 (P,), label of each pool image, sorted by label.
@@ -85,6 +91,8 @@ class MIEngine:
         self.n_classes = backend.n_classes
         self.pool = PoolIndex(pool_labels, self.n_classes)
         self._rng = np.random.default_rng(seed)
+        # numpy Generators are not thread-safe: draws from the engine's own generator are serialised
+        self._rng_lock = threading.Lock()
 
     # ---------------------------------------------------------------------------------------------------------
     def __call__(
@@ -111,6 +119,7 @@ class MIEngine:
         """
         x = self._check_images(images)
         gen = rng if rng is not None else self._rng
+        draw_lock = self._rng_lock if rng is None else nullcontext()
         b = x.shape[0]
         p = self.params
         clean = self.backend.probs(x)
@@ -127,7 +136,11 @@ class MIEngine:
 
         if mode in (Mode.COMBINED, Mode.PL):
             given_pl = self._partners(partners.pl if partners else None, "pl", p.n_pl, b)
-            pl_idx = given_pl if given_pl is not None else self.pool.sample_same(y_hat, p.n_pl, gen)
+            if given_pl is not None:
+                pl_idx = given_pl
+            else:
+                with draw_lock:
+                    pl_idx = self.pool.sample_same(y_hat, p.n_pl, gen)
             q_pl = self.backend.mean_mix_probs(x, pl_idx, p.lam_pl)
             gap = detection_gap(clean, q_pl)
             probs = q_pl
@@ -139,7 +152,11 @@ class MIEngine:
         ol_rows = np.flatnonzero(flagged) if mode is Mode.COMBINED else np.arange(b) if mode is Mode.OL else None
         if ol_rows is not None and ol_rows.size:
             given = self._partners(partners.ol if partners else None, "ol", ol_spec.n, b)
-            rows_idx = given[ol_rows] if given is not None else self.pool.sample_other(y_hat[ol_rows], ol_spec.n, gen)
+            if given is not None:
+                rows_idx = given[ol_rows]
+            else:
+                with draw_lock:
+                    rows_idx = self.pool.sample_other(y_hat[ol_rows], ol_spec.n, gen)
             ol_idx[ol_rows] = rows_idx
             probs[ol_rows] = self.backend.mean_mix_probs(x[ol_rows], rows_idx, ol_spec.lam)
             n_mixes[ol_rows] += ol_spec.n
