@@ -129,7 +129,13 @@ class MicroBatcher(Generic[T]):
     # --- public -----------------------------------------------------------------------------------------------
     @property
     def queued_images(self) -> int:
+        """Images waiting, not yet sealed into a batch."""
         return self._queued_images
+
+    @property
+    def inflight_batches(self) -> int:
+        """Sealed batches not finished: 0 idle, 1 running, 2 running + one waiting behind it."""
+        return self._inflight
 
     def start(self) -> None:
         """Start the dispatcher task on the running loop."""

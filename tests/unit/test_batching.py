@@ -1,0 +1,284 @@
+"""The micro-batcher with trivial numpy engines: batching rules, splitting, backpressure, deadlines, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batching import MicroBatcher
+from service.errors import DeadlineExceededError, OverloadedError
+from service.mi.engine import MIResult
+from service.mi.params import Branch, Mode
+
+
+def images(*ids: int) -> np.ndarray:
+    """One (1,2,2) image per id, every pixel = id, so results can be traced back to inputs."""
+    return np.stack([np.full((1, 2, 2), i, np.float32) for i in ids])
+
+
+class Engine:
+    """Records every batch; label = the image's pixel value; optionally held by a gate or failing on a value."""
+
+    def __init__(self, gated: bool = False, fail_on: int | None = None) -> None:
+        self.calls: list[tuple[list[int], Mode]] = []
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        if not gated:
+            self.gate.set()
+        self.fail_on = fail_on
+
+    def __call__(self, x: np.ndarray, mode: Mode) -> tuple[str, MIResult]:
+        ids = x[:, 0, 0, 0].astype(np.int64)
+        self.calls.append((ids.tolist(), mode))
+        self.started.set()
+        assert self.gate.wait(10)
+        if self.fail_on is not None and self.fail_on in ids:
+            raise RuntimeError(f"engine failed on {self.fail_on}")
+        b = len(ids)
+        res = MIResult(
+            label=ids,
+            probs=np.zeros((b, 3), np.float32),
+            clean_probs=np.zeros((b, 3), np.float32),
+            gap=ids.astype(np.float32) / 100,
+            flagged=np.zeros(b, bool),
+            branch=(Branch.PL,) * b,
+            n_mixes=np.full(b, 5, np.int64),
+        )
+        return "model-a", res
+
+
+def far() -> float:
+    return time.monotonic() + 30
+
+
+async def until(cond, limit_s: float = 5.0) -> None:
+    end = time.monotonic() + limit_s
+    while not cond():
+        assert time.monotonic() < end, "condition not reached"
+        await asyncio.sleep(0.002)
+
+
+def make(engine: Engine, **kw) -> MicroBatcher:
+    args = {"max_batch_images": 4, "max_delay_s": 60.0, "max_queue_images": 64} | kw
+    b = MicroBatcher(engine, **args)
+    b.start()
+    return b
+
+
+def test_results_are_split_back_to_their_requests():
+    async def main():
+        eng = Engine()
+        b = make(eng)
+        outs = await asyncio.gather(*(b.submit(images(i, i + 100), Mode.COMBINED, far()) for i in range(6)))
+        await b.close()
+        return eng, outs
+
+    eng, outs = asyncio.run(main())
+    for i, (tag, res) in enumerate(outs):
+        assert tag == "model-a"
+        assert res.label.tolist() == [i, i + 100]
+        np.testing.assert_allclose(res.gap, [i / 100, (i + 100) / 100])
+        assert len(res.branch) == 2 and res.n_mixes.tolist() == [5, 5]
+    assert sum(len(ids) for ids, _ in eng.calls) == 12
+    assert all(len(ids) <= 4 for ids, _ in eng.calls)
+
+
+def test_idle_engine_runs_at_once_without_waiting_for_the_delay():
+    async def main():
+        eng = Engine()
+        b = make(eng, max_delay_s=60.0, max_batch_images=64)
+        async with asyncio.timeout(5):
+            _, res = await b.submit(images(7), Mode.COMBINED, far())
+        await b.close()
+        return res
+
+    assert asyncio.run(main()).label.tolist() == [7]
+
+
+def test_busy_engine_seals_a_full_batch_and_keeps_the_rest_queued():
+    async def main():
+        eng = Engine(gated=True)
+        b = make(eng, max_batch_images=4, max_delay_s=60.0)
+        first = asyncio.create_task(b.submit(images(0), Mode.COMBINED, far()))
+        await until(eng.started.is_set)
+        rest = [asyncio.create_task(b.submit(images(i), Mode.COMBINED, far())) for i in range(1, 6)]
+        await until(lambda: b.queued_images == 1)  # 4 sealed behind the running batch, 1 waiting
+        eng.gate.set()
+        await asyncio.gather(first, *rest)
+        await b.close()
+        return eng
+
+    eng = asyncio.run(main())
+    assert [ids for ids, _ in eng.calls] == [[0], [1, 2, 3, 4], [5]]
+
+
+def test_busy_engine_seals_after_the_delay_of_the_oldest_image():
+    async def main():
+        eng = Engine(gated=True)
+        b = make(eng, max_batch_images=64, max_delay_s=0.02)
+        first = asyncio.create_task(b.submit(images(0), Mode.COMBINED, far()))
+        await until(eng.started.is_set)
+        two = [asyncio.create_task(b.submit(images(i), Mode.COMBINED, far())) for i in (1, 2)]
+        await until(lambda: b.inflight_batches == 2)  # sealed after ~20 ms although the batch is not full
+        assert b.queued_images == 0
+        late = asyncio.create_task(b.submit(images(3), Mode.COMBINED, far()))
+        await asyncio.sleep(0.06)
+        assert b.queued_images == 1  # one batch already waits: the late image joins the next one
+        eng.gate.set()
+        await asyncio.gather(first, *two, late)
+        await b.close()
+        return eng
+
+    eng = asyncio.run(main())
+    assert [ids for ids, _ in eng.calls] == [[0], [1, 2], [3]]
+
+
+def test_full_queue_answers_429_before_any_batch_completes():
+    async def main():
+        eng = Engine(gated=True)
+        b = make(eng, max_batch_images=2, max_queue_images=4)
+        tasks = [asyncio.create_task(b.submit(images(0), Mode.COMBINED, far()))]
+        await until(eng.started.is_set)
+        tasks += [asyncio.create_task(b.submit(images(1, 2), Mode.COMBINED, far()))]  # sealed (full)
+        await until(lambda: b.inflight_batches == 2)
+        tasks += [asyncio.create_task(b.submit(images(3, 4, 5, 6), Mode.COMBINED, far()))]  # fills the queue
+        await until(lambda: b.queued_images == 4)
+        with pytest.raises(OverloadedError, match="queue full: 4 images waiting, 1 more") as info:
+            await b.submit(images(9), Mode.COMBINED, far())
+        assert b.batches_done == 0 and info.value.retry_after_s >= 1
+        eng.gate.set()
+        await asyncio.gather(*tasks)
+        await b.close()
+        return eng
+
+    eng = asyncio.run(main())
+    assert sorted(i for ids, _ in eng.calls for i in ids) == [0, 1, 2, 3, 4, 5, 6]  # nothing accepted was lost
+
+
+def test_deadline_gives_504_and_the_image_never_runs():
+    async def main():
+        eng = Engine(gated=True)
+        b = make(eng, max_batch_images=1, max_queue_images=8)
+        first = asyncio.create_task(b.submit(images(0), Mode.COMBINED, far()))
+        await until(eng.started.is_set)
+        second = asyncio.create_task(b.submit(images(1), Mode.COMBINED, far()))  # sealed behind the running one
+        await until(lambda: b.inflight_batches == 2)
+        with pytest.raises(DeadlineExceededError):
+            await b.submit(images(2), Mode.COMBINED, time.monotonic() + 0.05)
+        assert b.queued_images == 0
+        eng.gate.set()
+        await asyncio.gather(first, second)
+        await b.close()
+        return eng
+
+    eng = asyncio.run(main())
+    assert [ids for ids, _ in eng.calls] == [[0], [1]]
+
+
+def test_a_client_that_leaves_does_not_poison_the_batch():
+    async def main():
+        eng = Engine(gated=True)
+        b = make(eng, max_batch_images=8)
+        first = asyncio.create_task(b.submit(images(0), Mode.COMBINED, far()))
+        await until(eng.started.is_set)
+        stay = [asyncio.create_task(b.submit(images(i), Mode.COMBINED, far())) for i in (1, 3)]
+        leave = asyncio.create_task(b.submit(images(2), Mode.COMBINED, far()))
+        await until(lambda: b.queued_images == 3)
+        leave.cancel()
+        await until(lambda: b.queued_images == 2)
+        eng.gate.set()
+        outs = await asyncio.gather(first, *stay)
+        await b.close()
+        return eng, outs
+
+    eng, outs = asyncio.run(main())
+    assert [r.label.tolist() for _, r in outs] == [[0], [1], [3]]
+    assert [ids for ids, _ in eng.calls] == [[0], [1, 3]]
+
+
+def test_a_client_that_leaves_while_running_does_not_hurt_the_others():
+    async def main():
+        eng = Engine(gated=True)
+        b = make(eng, max_batch_images=8)
+        leave = asyncio.create_task(b.submit(images(1), Mode.COMBINED, far()))
+        await until(eng.started.is_set)
+        leave.cancel()
+        stay = asyncio.create_task(b.submit(images(2), Mode.COMBINED, far()))
+        eng.gate.set()
+        _, res = await stay
+        await b.close()
+        return res
+
+    assert asyncio.run(main()).label.tolist() == [2]
+
+
+def test_large_requests_are_split_into_pieces_and_reassembled_in_order():
+    async def main():
+        eng = Engine()
+        b = make(eng, max_batch_images=4)
+        _, res = await b.submit(images(*range(10)), Mode.COMBINED, far())
+        await b.close()
+        return eng, res
+
+    eng, res = asyncio.run(main())
+    assert res.label.tolist() == list(range(10))
+    assert all(len(ids) <= 4 for ids, _ in eng.calls)
+
+
+def test_modes_never_share_a_batch():
+    async def main():
+        eng = Engine(gated=True)
+        b = make(eng, max_batch_images=8)
+        first = asyncio.create_task(b.submit(images(0), Mode.COMBINED, far()))
+        await until(eng.started.is_set)
+        mixed = [
+            asyncio.create_task(b.submit(images(i), m, far()))
+            for i, m in ((1, Mode.OFF), (2, Mode.COMBINED), (3, Mode.OFF), (4, Mode.COMBINED))
+        ]
+        await until(lambda: b.queued_images == 4)
+        eng.gate.set()
+        await asyncio.gather(first, *mixed)
+        await b.close()
+        return eng
+
+    eng = asyncio.run(main())
+    for ids, mode in eng.calls:
+        assert all((i in (1, 3)) == (mode is Mode.OFF) for i in ids)
+    assert sorted(i for ids, _ in eng.calls for i in ids) == [0, 1, 2, 3, 4]
+
+
+def test_an_engine_error_fails_only_its_own_batch():
+    async def main():
+        eng = Engine(fail_on=13)
+        b = make(eng, max_batch_images=1)
+        with pytest.raises(RuntimeError, match="failed on 13"):
+            await b.submit(images(13), Mode.COMBINED, far())
+        _, res = await b.submit(images(14), Mode.COMBINED, far())
+        await b.close()
+        return res
+
+    assert asyncio.run(main()).label.tolist() == [14]
+
+
+def test_close_finishes_what_was_accepted():
+    async def main():
+        eng = Engine(gated=True)
+        b = make(eng, max_batch_images=1)
+        tasks = [asyncio.create_task(b.submit(images(i), Mode.COMBINED, far())) for i in range(3)]
+        await until(eng.started.is_set)
+        closing = asyncio.create_task(b.close())
+        eng.gate.set()
+        outs = await asyncio.gather(*tasks)
+        await closing
+        return outs
+
+    assert [r.label.tolist() for _, r in asyncio.run(main())] == [[0], [1], [2]]
+
+
+def test_inconsistent_limits_are_refused():
+    with pytest.raises(ValueError, match="max_batch_images <= max_queue_images"):
+        MicroBatcher(Engine(), max_batch_images=8, max_delay_s=0.0, max_queue_images=4)
