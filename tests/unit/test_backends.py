@@ -214,3 +214,26 @@ def test_a_silent_fallback_from_cuda_to_cpu_is_refused() -> None:
         check_no_fallback([CUDA, CPU], [CUDA, CPU], [CPU])
     check_no_fallback([CUDA, CPU], [CUDA, CPU], [CUDA, CPU])  # got CUDA: fine
     check_no_fallback([CUDA, CPU], [CPU], [CPU])  # CUDA not in the build, CPU asked as fallback: fine
+
+
+def test_fused_graph_wraps_a_torch_exported_network(tmp_path: Path) -> None:
+    """The fused wrapper must also work on what the pipeline exports (BatchNorm, pooling, opset 17)."""
+    torch = pytest.importorskip("torch")
+    from service.training.export import export_onnx
+    from service.training.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mnist_cnn", 10, 1).eval()
+    export_onnx(model, tmp_path / "model.onnx", (1, 28, 28))
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 256, size=(30, 1, 28, 28), dtype=np.uint8)
+    host = OrtBackend(tmp_path / "model.onnx", pool, mixing="host", intra_op_threads=1)
+    fused = OrtBackend(tmp_path / "model.onnx", pool, mixing="fused", intra_op_threads=1)
+    x = rng.random((6, 1, 28, 28), dtype=np.float32)
+    partners = rng.integers(0, 30, size=(6, 5))
+    got = fused.mean_mix_probs(x, partners, 0.5)
+    np.testing.assert_allclose(got, host.mean_mix_probs(x, partners, 0.5), atol=1e-5)
+    blends = 0.5 * x[:, None] + 0.5 * (pool[partners].astype(np.float32) / 255)
+    with torch.no_grad():
+        want = torch.softmax(model(torch.from_numpy(blends.reshape(30, 1, 28, 28))), dim=1).reshape(6, 5, 10).mean(1)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4)

@@ -287,3 +287,9 @@ def test_resolve_refuses_unknown_or_unsafe_names(
 ) -> None:
     with pytest.raises(BundleNotFoundError, match=message):
         resolve_bundle(tiny_store, name, version)
+
+
+@pytest.mark.parametrize(("n_classes", "shape"), [(2, (1, 4, 4)), (10, (3, 32, 32))])
+def test_tiny_bundles_of_other_sizes_load(tmp_path: Path, n_classes: int, shape: tuple[int, int, int]) -> None:
+    bundle = load_bundle(make_tiny_bundle(tmp_path, n_classes=n_classes, shape=shape, pool_per_class=2))
+    assert bundle.manifest.n_classes == n_classes and bundle.pool_images.shape == (2 * n_classes, *shape)
