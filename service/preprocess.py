@@ -53,7 +53,7 @@ def decode_image(data: bytes, spec: ImageSpec) -> Image3D:
 
     Rules, in order: check the pixel count before decoding; take the first frame; apply the EXIF orientation;
     scale 16-bit to 8-bit; composite any alpha onto black; convert to the model's channels (luma for 1 channel);
-    resize (bilinear, antialiased) to the model's size unless ``spec.strict_size``.
+    resize to the model's size (area average when shrinking, bilinear when enlarging) unless ``spec.strict_size``.
 
     Raises:
         InvalidInputError: empty or undecodable bytes, or (strict size) another size.
@@ -87,7 +87,9 @@ def decode_image(data: bytes, spec: ImageSpec) -> Image3D:
                 f"image is {im.size[0]}x{im.size[1]} (WxH), expected exactly {spec.width}x{spec.height} "
                 "(the server runs with STRICT_SIZE)"
             )
-        im = im.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+        shrink = im.size[0] >= spec.width and im.size[1] >= spec.height
+        # area averaging when shrinking (exact on block-scaled images), bilinear when enlarging
+        im = im.resize((spec.width, spec.height), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
     arr = np.asarray(im, dtype=np.uint8)
     arr = arr[None, :, :] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr, dtype=np.float32) * np.float32(1.0 / 255.0)
