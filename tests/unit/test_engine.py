@@ -212,3 +212,29 @@ def test_engine_rejects_partners_of_the_wrong_shape(engine: MIEngine) -> None:
     bad = Partners(np.zeros((2, 4), dtype=np.int64), np.zeros((2, 15), dtype=np.int64))
     with pytest.raises(ValueError, match=r"pl partners must be shaped \(2, 5\), got \(2, 4\)"):
         engine(_images(2), partners=bad)
+
+
+def test_engine_and_reference_agree_in_distribution_with_their_own_draws(
+    engine: MIEngine, backend: OrtBackend, bundle: Bundle
+) -> None:
+    """Statistical check, independent draws: the engine (closed-form OL classes, lazy OL) and the reference
+    (rejection loop, both branches) give the same mean output and flag rate on one image, within 5 standard errors."""
+    candidates = _images(16, seed=11)
+    rates = engine(np.repeat(candidates, 50, axis=0), Mode.COMBINED).flagged.reshape(16, 50).mean(axis=1)
+    pick = int(np.argmin(np.abs(rates - 0.5)))  # the image whose flag decision is most random
+    x = np.repeat(candidates[pick : pick + 1], 400, axis=0)  # one image, 400 independent MI evaluations
+    eng = engine(x, Mode.COMBINED)
+    ref = reference_mi(
+        backend.logits,
+        bundle.pool_images,
+        bundle.pool_labels,
+        PARAMS,
+        x,
+        mode=Mode.COMBINED,
+        rng=np.random.default_rng(77),
+        both_branches=True,
+    )
+    assert 0.05 < eng.flagged.mean() < 0.95, rates
+    for a, b in ((eng.probs, ref.probs), (eng.flagged[:, None].astype(float), ref.flagged[:, None].astype(float))):
+        se = np.sqrt(a.var(axis=0) / len(a) + b.var(axis=0) / len(b)) + 1e-9
+        assert (np.abs(a.mean(axis=0) - b.mean(axis=0)) < 5 * se).all()
