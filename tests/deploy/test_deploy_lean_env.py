@@ -1,0 +1,115 @@
+"""Serving really needs no torch: only `.[serve,cpu]` installed (the Makefile's cached `.venv-serve`, which
+`make serve` uses), torch not importable there, and `mixinfer serve` from it answers a prediction."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import IN_CI, require_tool
+from deploy_support import REPO
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
+
+SERVE_VENV = REPO / ".venv-serve"
+
+
+@pytest.fixture(scope="module")
+def lean_python() -> Path:
+    """`.venv-serve/bin/python`, created with `make .venv-serve/.installed` when absent (needs the package index)."""
+    if not (SERVE_VENV / ".installed").is_file():
+        make = require_tool("make")
+        proc = subprocess.run(
+            [make, "-C", str(REPO), ".venv-serve/.installed"],
+            capture_output=True,
+            text=True,
+            timeout=840,
+            check=False,
+        )
+        if proc.returncode != 0:
+            message = f"`make .venv-serve/.installed` failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+            if IN_CI:
+                pytest.fail(message)
+            pytest.skip(message)
+    python = SERVE_VENV / "bin" / "python"
+    assert python.is_file()
+    return python
+
+
+def test_lean_env_has_no_torch_and_exactly_one_onnxruntime(lean_python: Path):
+    torch = subprocess.run([lean_python, "-c", "import torch"], capture_output=True, text=True, timeout=60, check=False)
+    assert torch.returncode != 0 and "No module named 'torch'" in torch.stderr
+    # the same guard the images run at build time
+    check = subprocess.run(
+        [lean_python, str(REPO / "deploy" / "check_image_env.py"), "onnxruntime"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr
+
+
+def test_mixinfer_serve_from_the_lean_env_answers_a_prediction(lean_python: Path, tiny_store: Path):
+    mixinfer = SERVE_VENV / "bin" / "mixinfer"
+    assert mixinfer.is_file(), "the console script is installed in the lean env"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        "PATH": f"{SERVE_VENV / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "MIXINFER_HOST": "127.0.0.1",
+        "MIXINFER_PORT": str(port),
+        "MIXINFER_MODEL_DIR": str(tiny_store),
+        "MIXINFER_MODEL_NAME": "tiny",
+        "MIXINFER_PROVIDERS": "CPUExecutionProvider",
+        "MIXINFER_LOG_JSON": "false",
+    }
+    log = tiny_store.parent / "serve.log"
+    proc = subprocess.Popen(
+        [mixinfer, "serve"], cwd=tiny_store, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        ready = False
+        while time.monotonic() < deadline and not ready:
+            assert proc.poll() is None, f"mixinfer serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            with contextlib.suppress(httpx.HTTPError):
+                ready = httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200
+            time.sleep(0.2)
+        assert ready, f"not ready within 60 s:\n{log.read_text()[-3000:]}"
+        image = np.random.default_rng(0).random((1, 8, 8)).round(4).tolist()
+        response = httpx.post(
+            f"{base}/predict",
+            content=json.dumps({"instances": [image, image]}),
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+        predictions = response.json()["predictions"]
+        assert len(predictions) == 2
+        for p in predictions:
+            assert p["mode"] in ("pl", "ol")
+            assert abs(sum(p["probabilities"].values()) - 1.0) < 1e-4
+        # the running server process has not loaded torch
+        maps = Path(f"/proc/{proc.pid}/maps")
+        if maps.exists():
+            assert "libtorch" not in maps.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)

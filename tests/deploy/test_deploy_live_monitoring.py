@@ -1,0 +1,381 @@
+"""The dashboard and the alert rules against live data: a real ``mixinfer serve`` on the default bundle, scraped
+every second by a real Prometheus loaded with deploy/prometheus/alerts.yml; clean traffic, then PGD traffic made
+here with torch against the bundle's own weights, then a burst that overflows the queue (429). Then EVERY panel query
+of deploy/grafana/dashboards/mixinfer.json goes through Prometheus's HTTP API and must return finite data, and
+the flag-rate panel must read higher in the adversarial phase than in the clean one.
+
+GPU panels read NVIDIA DCGM exporter series; no GPU here, so a loopback endpoint serves a fixed exposition in
+dcgm-exporter's format (metric and label names as the exporter's default counters emit them). That proves the
+queries match that format, not that a real exporter runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from conftest import IN_CI, require_tool
+from deploy_support import ALERTS, REPO, dashboard_panels, substitute_grafana_variables
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]
+
+STORE = REPO / "model_store"
+MODEL_NAME = "mnist-mixup"
+PHASE_S = 8.0  # clean and adversarial phases; the flag-rate window below must fit inside one phase
+WINDOW = "5s"  # $__rate_interval: Grafana's value for a 1 s scrape is max(4 x 1 s, step + 1 s)
+IMAGES_PER_REQUEST = 8
+N_IMAGES = 48
+FLAG_RATE_PANEL = "Adversarial flag rate vs calibrated"
+
+DCGM_EXPOSITION = """\
+# HELP DCGM_FI_DEV_GPU_UTIL GPU utilization (in %).
+# TYPE DCGM_FI_DEV_GPU_UTIL gauge
+DCGM_FI_DEV_GPU_UTIL{gpu="0",UUID="GPU-5f2c0d4e-0000-0000-0000-000000000000",device="nvidia0",\
+modelName="NVIDIA H100 80GB HBM3",Hostname="gpu-host",DCGM_FI_DRIVER_VERSION="580.65.06"} 37
+# HELP DCGM_FI_DEV_FB_FREE Framebuffer memory free (in MiB).
+# TYPE DCGM_FI_DEV_FB_FREE gauge
+DCGM_FI_DEV_FB_FREE{gpu="0",UUID="GPU-5f2c0d4e-0000-0000-0000-000000000000",device="nvidia0",\
+modelName="NVIDIA H100 80GB HBM3",Hostname="gpu-host",DCGM_FI_DRIVER_VERSION="580.65.06"} 79011
+# HELP DCGM_FI_DEV_FB_USED Framebuffer memory used (in MiB).
+# TYPE DCGM_FI_DEV_FB_USED gauge
+DCGM_FI_DEV_FB_USED{gpu="0",UUID="GPU-5f2c0d4e-0000-0000-0000-000000000000",device="nvidia0",\
+modelName="NVIDIA H100 80GB HBM3",Hostname="gpu-host",DCGM_FI_DRIVER_VERSION="580.65.06"} 2042
+"""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for(what: str, ok, timeout_s: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-4000:] if log else ""
+            pytest.fail(f"{what}: process exited with {proc.returncode}\n{tail}")
+        try:
+            if ok():
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(0.2)
+    tail = log.read_text()[-4000:] if log else ""
+    pytest.fail(f"{what}: not reached within {timeout_s} s\n{tail}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+# --- fixtures ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bundle_dir() -> Path:
+    from service.store import resolve_bundle
+
+    if not (STORE / MODEL_NAME).is_dir():
+        message = f"default bundle {STORE / MODEL_NAME} missing (`make bundle` builds it)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return resolve_bundle(STORE, MODEL_NAME)
+
+
+@pytest.fixture(scope="module")
+def images(bundle_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Clean test-split images of the bundle (never pool or training images) and PGD versions of them."""
+    torch = pytest.importorskip("torch")
+    from service.store import load_bundle
+    from service.training.datasets import load_dataset
+    from service.training.models import load_bundle_model
+
+    bundle = load_bundle(bundle_dir, require_weights=True)
+    dataset = load_dataset(bundle.manifest.dataset.name)
+    test = bundle.splits["test"][:N_IMAGES]
+    clean = dataset.images[test].astype(np.float32) / 255.0
+    labels = dataset.labels[test]
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = load_bundle_model(bundle)
+    x = torch.from_numpy(clean)
+    y = torch.from_numpy(labels)
+    # L-inf PGD on the base model (SPEC 9.1, MNIST budget): eps 0.3, step 0.01, 40 steps, one random start
+    eps, step = 0.3, 0.01
+    adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0.0, 1.0)
+    for _ in range(40):
+        adv.requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(model(adv), y)
+        (grad,) = torch.autograd.grad(loss, adv)
+        with torch.no_grad():
+            adv = torch.min(torch.max(adv + step * grad.sign(), x - eps), x + eps).clamp(0.0, 1.0)
+    with torch.no_grad():
+        clean_acc = float((model(x).argmax(1) == y).float().mean())
+        adv_acc = float((model(adv).argmax(1) == y).float().mean())
+    assert clean_acc >= 0.8, f"the default bundle's base model is only {clean_acc:.0%} accurate on clean test images"
+    assert adv_acc <= 0.3, f"PGD left the base model {adv_acc:.0%} accurate: not adversarial traffic"
+    return clean, adv.detach().numpy().astype(np.float32)
+
+
+@dataclass
+class Stack:
+    server: str
+    prometheus: str
+    server_port: int
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def stack(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    prometheus_bin = require_tool("prometheus")
+    tmp = tmp_path_factory.mktemp("live")
+    server_port, prom_port = _free_port(), _free_port()
+
+    dcgm = ThreadingHTTPServer(("127.0.0.1", 0), _DcgmHandler)
+    threading.Thread(target=dcgm.serve_forever, daemon=True).start()
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "MIXINFER_HOST": "127.0.0.1",
+        "MIXINFER_PORT": str(server_port),
+        "MIXINFER_MODEL_DIR": str(STORE),
+        "MIXINFER_MODEL_NAME": MODEL_NAME,
+        "MIXINFER_PROVIDERS": "CPUExecutionProvider",
+        "MIXINFER_INTRA_OP_THREADS": "1",
+        "MIXINFER_MAX_BATCH_IMAGES": "16",
+        "MIXINFER_MAX_QUEUE_IMAGES": "64",
+        "MIXINFER_MAX_IMAGES_PER_REQUEST": "64",
+        "MIXINFER_LOG_JSON": "false",
+    }
+    for key in ("MIXINFER_API_KEYS", "MIXINFER_ADMIN_KEY", "MIXINFER_RATE_LIMIT_PER_KEY", "MIXINFER_SEED"):
+        env.pop(key, None)
+    server_log = tmp / "server.log"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve"],
+        cwd=tmp,
+        env=env,
+        stdout=server_log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ALERTS)],
+        "scrape_configs": [
+            {"job_name": "mixinfer", "static_configs": [{"targets": [f"127.0.0.1:{server_port}"]}]},
+            {"job_name": "dcgm", "static_configs": [{"targets": [f"127.0.0.1:{dcgm.server_address[1]}"]}]},
+        ],
+    }
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+    prom_log = tmp / "prometheus.log"
+    prometheus = subprocess.Popen(
+        [
+            prometheus_bin,
+            f"--config.file={tmp / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+            "--storage.tsdb.retention.time=1h",
+        ],
+        cwd=tmp,
+        stdout=prom_log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    stack = Stack(f"http://127.0.0.1:{server_port}", f"http://127.0.0.1:{prom_port}", server_port, server_log)
+    try:
+        _wait_for(
+            "server ready",
+            lambda: httpx.get(f"{stack.server}/v2/health/ready", timeout=2).status_code == 200,
+            90,
+            server,
+            server_log,
+        )
+        _wait_for(
+            "prometheus ready",
+            lambda: httpx.get(f"{stack.prometheus}/-/ready", timeout=2).status_code == 200,
+            30,
+            prometheus,
+            prom_log,
+        )
+        _wait_for("mixinfer scraped", lambda: _instant(stack, 'up{job="mixinfer"}') == [1.0], 20, prometheus, prom_log)
+        yield stack
+    finally:
+        _stop(server)
+        _stop(prometheus)
+        dcgm.shutdown()
+
+
+class _DcgmHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = DCGM_EXPOSITION.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+# --- Prometheus API --------------------------------------------------------------------------------------------
+def _api(stack: Stack, path: str, params: dict[str, str | float]) -> dict:
+    response = httpx.get(f"{stack.prometheus}/api/v1/{path}", params=params, timeout=10)
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "success", body
+    return body["data"]
+
+
+def _instant(stack: Stack, expr: str, at: float | None = None) -> list[float]:
+    params: dict[str, str | float] = {"query": expr}
+    if at is not None:
+        params["time"] = at
+    return [float(r["value"][1]) for r in _api(stack, "query", params)["result"]]
+
+
+# --- traffic -----------------------------------------------------------------------------------------------------
+def _predict(client: httpx.Client, batch: np.ndarray) -> httpx.Response:
+    body = {"instances": np.round(batch, 5).tolist()}
+    return client.post("/predict", content=json.dumps(body), headers={"content-type": "application/json"})
+
+
+def _phase(stack: Stack, images: np.ndarray, seconds: float) -> list[dict]:
+    """Send ``images`` in requests of IMAGES_PER_REQUEST, round robin, for ``seconds``; return the predictions."""
+    out: list[dict] = []
+    deadline = time.monotonic() + seconds
+    i = 0
+    with httpx.Client(base_url=stack.server, timeout=30) as client:
+        while time.monotonic() < deadline:
+            start = (i * IMAGES_PER_REQUEST) % len(images)
+            response = _predict(client, images[start : start + IMAGES_PER_REQUEST])
+            assert response.status_code == 200, response.text
+            out.extend(response.json()["predictions"])
+            i += 1
+    return out
+
+
+def _overflow(stack: Stack, images: np.ndarray) -> list[int]:
+    """Concurrent 64-image requests against a 64-image queue: all but the first few must be refused with 429."""
+    batch = np.concatenate([images] * (64 // len(images) + 1))[:64]
+
+    def one(_: int) -> int:
+        with httpx.Client(base_url=stack.server, timeout=30) as client:
+            return _predict(client, batch).status_code
+
+    codes: list[int] = []
+    for _ in range(3):  # bounded: a burst on a loaded machine may fit by luck
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            codes += list(pool.map(one, range(8)))
+        if 429 in codes:
+            break
+    return codes
+
+
+@dataclass
+class Run:
+    start: float
+    clean_end: float
+    adv_end: float
+    clean: list[dict]
+    adversarial: list[dict]
+    codes: list[int]
+
+
+@pytest.fixture(scope="module")
+def run(stack: Stack, images: tuple[np.ndarray, np.ndarray]) -> Run:
+    clean, adv = images
+    start = time.time()
+    clean_predictions = _phase(stack, clean, PHASE_S)
+    clean_end = time.time()
+    adversarial_predictions = _phase(stack, adv, PHASE_S)
+    adv_end = time.time()
+    codes = _overflow(stack, clean)
+    time.sleep(3.0)  # two more scrapes and rule evaluations
+    return Run(start, clean_end, adv_end, clean_predictions, adversarial_predictions, codes)
+
+
+# --- tests -------------------------------------------------------------------------------------------------------
+def test_traffic_was_clean_then_adversarial_then_overloaded(run: Run):
+    clean_flags = np.mean([p["adversarial"] for p in run.clean])
+    adv_flags = np.mean([p["adversarial"] for p in run.adversarial])
+    assert len(run.clean) >= 4 * IMAGES_PER_REQUEST and len(run.adversarial) >= 4 * IMAGES_PER_REQUEST
+    assert adv_flags > clean_flags, f"server flagged {adv_flags:.0%} of PGD inputs vs {clean_flags:.0%} of clean ones"
+    assert 429 in run.codes, f"no 429 from a burst over the queue: {run.codes}"
+    assert set(run.codes) <= {200, 429}, run.codes
+
+
+def test_every_dashboard_panel_query_returns_data(stack: Stack, run: Run):
+    """Each query, as Grafana would send it, over the test's time range: non-empty, with finite values."""
+    end = time.time()
+    range_ = f"{math.ceil(end - run.start) + 5}s"
+    empty: list[str] = []
+    for panel in dashboard_panels():
+        for target in panel["targets"]:
+            expr = substitute_grafana_variables(target["expr"], rate_interval=WINDOW, range_=range_)
+            if target.get("instant"):
+                values = _instant(stack, expr, at=end)
+            else:
+                data = _api(stack, "query_range", {"query": expr, "start": run.start, "end": end, "step": 1})
+                values = [float(v) for series in data["result"] for _, v in series["values"]]
+            if not any(math.isfinite(v) for v in values):
+                empty.append(f"{panel['title']} / {target['refId']}: {expr}")
+    assert not empty, "panel queries without data:\n" + "\n".join(empty)
+
+
+def test_flag_rate_panel_reads_higher_under_attack(stack: Stack, run: Run):
+    (panel,) = [p for p in dashboard_panels() if p["title"] == FLAG_RATE_PANEL]
+    live, calibrated = (substitute_grafana_variables(t["expr"], rate_interval=WINDOW) for t in panel["targets"])
+    # one window inside each phase: [clean_end - 5 s, clean_end] and [adv_end - 5 s, adv_end]
+    (clean_rate,) = _instant(stack, live, at=run.clean_end - 0.5)
+    (adv_rate,) = _instant(stack, live, at=run.adv_end - 0.5)
+    (calibrated_rate,) = _instant(stack, calibrated, at=run.adv_end)
+    print(f"flag-rate panel: clean {clean_rate:.3f}, adversarial {adv_rate:.3f}, calibrated {calibrated_rate:.3f}")
+    assert adv_rate > clean_rate, f"flag-rate panel: {adv_rate:.3f} under attack vs {clean_rate:.3f} clean"
+    assert 0.0 <= calibrated_rate <= 1.0
+
+
+def test_alert_rules_load_and_evaluate_without_errors_on_live_series(stack: Stack, run: Run):
+    groups = _api(stack, "rules", {})["groups"]
+    rules = [r for g in groups for r in g["rules"]]
+    names = {r["name"] for r in rules}
+    expected = {r["alert"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
+    assert names == expected
+    for rule in rules:
+        assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
+    # the server is healthy: no availability alert may fire
+    firing = {a["labels"]["alertname"] for a in _api(stack, "alerts", {})["alerts"] if a["state"] == "firing"}
+    assert not firing & {"MixinferTargetDown", "MixinferNotReady"}, firing
+
+
+def test_container_healthcheck_script_against_the_live_server(stack: Stack):
+    script = REPO / "deploy" / "healthcheck.py"
+    env = {**os.environ, "MIXINFER_PORT": str(stack.server_port)}
+    ok = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert ok.returncode == 0, ok.stderr
+    env["MIXINFER_PORT"] = str(_free_port())
+    down = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert down.returncode == 1 and "unreachable" in down.stderr
