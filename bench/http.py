@@ -1,0 +1,472 @@
+"""HTTP benchmark: mixinfer against the I/O floor and the naive server, closed and open loop, plus RSS.
+
+For each bundle (the default MNIST bundle, and the throughput bundle: a seeded random CIFAR-shaped ResNet-18
+whose threshold flags 5 % of the bench inputs) it starts each server on a free loopback port and drives it with
+``wrk`` (closed loop, single-image PNG bodies, 1/8/32/64 connections), recording requests/s, latency, errors and
+the client's own CPU share. It measures the in-process engine on the same inputs, then sweeps fixed arrival rates
+against mixinfer with the default bundle (``bench/openloop.py``) up to saturation: p50/p95/p99 and the knee. RSS of
+the mixinfer process is sampled at start, after warm-up and after all the load.
+
+Writes ``bench/results.md``; prints the tables on stdout; with ``--json`` the last stdout line is one JSON object
+with ``http_vs_io_floor`` (default bundle, 32 clients), ``http_vs_naive`` (throughput bundle, 32 clients),
+``p99_at_half_load_over_p50`` and every figure. Needs ``wrk`` (Debian package ``wrk``). About 5 minutes.
+
+Usage: ``python bench/http.py [--json] [--duration 5] [--quick]``
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # `python bench/http.py` puts bench/ first on sys.path, where this very file would
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)  # shadow the standard library's http: use the root
+
+import argparse
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bench.common import (
+    BENCH_DIR,
+    CACHE_DIR,
+    ROOT,
+    Server,
+    emit_json,
+    fmt,
+    free_port,
+    log,
+    machine_info,
+    run_with_cpu,
+    start_server,
+)
+from bench.openloop import OpenLoopResult, open_loop
+from bench.throughput_bundle import MNIST_STANDIN, THROUGHPUT, build, default_bundle_inputs
+
+DEFAULT_STORE = ROOT / "model_store"
+DEFAULT_NAME = "mnist-mixup"
+LUA = BENCH_DIR / "post_images.lua"
+SERVERS = ("io_floor", "naive", "mixinfer")
+#: the I/O floor only matters next to the default bundle; the throughput bundle compares mixinfer with naive
+SERVERS_FOR = {"default": SERVERS, "throughput": ("naive", "mixinfer")}
+OPEN_LOOP_FRACTIONS = (0.1, 0.25, 0.5, 0.7, 0.85, 1.0, 1.15)
+
+
+@dataclass
+class BundleUnderTest:
+    """A bundle and the PNG inputs every server gets."""
+
+    label: str
+    store: Path
+    name: str
+    path: Path
+    inputs: list[Path]
+    note: str = ""
+
+
+@dataclass
+class ClosedLoopRow:
+    """One wrk run."""
+
+    bundle: str
+    server: str
+    connections: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non_2xx: int
+    socket_errors: int
+    client_cpu_s: float
+    server_cpu_s: float
+    wall_s: float
+
+    @property
+    def client_share(self) -> float:
+        """The load generator's share of the CPU time spent by client and server together."""
+        total = self.client_cpu_s + self.server_cpu_s
+        return self.client_cpu_s / total if total > 0 else float("nan")
+
+
+@dataclass
+class Report:
+    machine: dict[str, Any]
+    bundles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    closed: list[ClosedLoopRow] = field(default_factory=list)
+    engine: dict[str, dict[str, float]] = field(default_factory=dict)
+    open_loop: list[OpenLoopResult] = field(default_factory=list)
+    rss_mib: dict[str, dict[str, float]] = field(default_factory=dict)
+    requests_to_mixinfer: dict[str, int] = field(default_factory=dict)
+
+    def rps(self, bundle: str, server: str, conns: int) -> float:
+        for row in self.closed:
+            if (row.bundle, row.server, row.connections) == (bundle, server, conns):
+                return row.rps
+        return float("nan")
+
+    def row(self, bundle: str, server: str, conns: int) -> ClosedLoopRow | None:
+        return next((r for r in self.closed if (r.bundle, r.server, r.connections) == (bundle, server, conns)), None)
+
+
+# --- bundles --------------------------------------------------------------------------------------------------
+def default_bundle(args: argparse.Namespace) -> BundleUnderTest:
+    """``model_store/mnist-mixup/<highest>``, or a random MNIST-shaped stand-in when it is not built yet."""
+    from service.errors import MixinferError
+    from service.store import resolve_bundle
+
+    try:
+        path = resolve_bundle(args.store, args.name)
+    except MixinferError as exc:
+        log("default bundle unavailable (%s); using a random MNIST-shaped stand-in", exc)
+        built = build(MNIST_STANDIN)
+        return BundleUnderTest("default", built.store, built.name, built.path, built.inputs, "random stand-in")
+    return BundleUnderTest("default", args.store, args.name, path, default_bundle_inputs(path))
+
+
+def throughput_bundle() -> BundleUnderTest:
+    built = build(THROUGHPUT)
+    note = f"random ResNet-18, threshold {built.threshold:.3g} flags {100 * built.flag_rate:.1f} % of bench inputs"
+    return BundleUnderTest("throughput", built.store, built.name, built.path, built.inputs, note)
+
+
+# --- servers --------------------------------------------------------------------------------------------------
+def start(kind: str, b: BundleUnderTest, threads: int | None) -> Server:
+    port = free_port()
+    py = sys.executable
+    env: dict[str, str] = {}
+    if kind == "io_floor":
+        cmd = [py, str(BENCH_DIR / "io_floor.py"), "--bundle", str(b.path), "--port", str(port)]
+        ready = "/health"
+    elif kind == "naive":
+        cmd = [py, str(BENCH_DIR / "naive_server.py"), "--bundle", str(b.path), "--port", str(port)]
+        if threads:
+            cmd += ["--intra-op-threads", str(threads)]
+        ready = "/health"
+    else:
+        cmd = [py, "-m", "service.cli", "serve"]
+        ready = "/v2/health/ready"
+        env = {
+            "MIXINFER_MODEL_DIR": str(b.store),
+            "MIXINFER_MODEL_NAME": b.name,
+            "MIXINFER_MODEL_VERSION": b.path.name,
+            "MIXINFER_HOST": "127.0.0.1",
+            "MIXINFER_PORT": str(port),
+            "MIXINFER_PROVIDERS": "CPUExecutionProvider",
+        }
+        if threads:
+            env["MIXINFER_INTRA_OP_THREADS"] = str(threads)
+    return start_server(f"{b.label}-{kind}", cmd, port=port, ready_path=ready, env=env, timeout_s=180)
+
+
+def wrk(server: Server, b: BundleUnderTest, conns: int, duration_s: float) -> dict[str, Any]:
+    """One closed-loop wrk run; returns wrk's JSON summary plus its own CPU seconds and the server's."""
+    env = dict(os.environ)
+    env["BENCH_BODIES"] = "\n".join(str(p) for p in b.inputs)
+    threads = min(2, conns)
+    cmd = [
+        "wrk", f"-t{threads}", f"-c{conns}", f"-d{max(1, round(duration_s))}s", "--timeout", "30s", "-s", str(LUA),
+        server.base_url + "/predict",
+    ]  # fmt: skip
+    server.wait_idle()
+    cpu0 = server.cpu_seconds()
+    t0 = time.perf_counter()
+    out, client_cpu = run_with_cpu(cmd, env=env, timeout_s=duration_s + 60)
+    wall = time.perf_counter() - t0
+    server_cpu = server.cpu_seconds() - cpu0
+    line = next((ln for ln in reversed(out.splitlines()) if ln.startswith("JSONRESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no JSONRESULT line: {out[-500:]}")
+    res: dict[str, Any] = json.loads(line.removeprefix("JSONRESULT "))
+    res.update(client_cpu_s=client_cpu, server_cpu_s=server_cpu, wall_s=wall)
+    return res
+
+
+def closed_loop(report: Report, b: BundleUnderTest, kind: str, args: argparse.Namespace) -> None:
+    log("%s / %s: starting", b.label, kind)
+    server = start(kind, b, args.threads)
+    try:
+        if kind == "mixinfer":
+            server.sample_rss("start")
+        wrk(server, b, 32, args.warmup)  # warm-up: allocator, caches, ORT arenas; not recorded
+        sent = 0
+        if kind == "mixinfer":
+            server.sample_rss("after warm-up")
+        for conns in args.connections:
+            res = wrk(server, b, conns, args.duration * (args.throughput_factor if b.label == "throughput" else 1))
+            sent += res["requests"]
+            row = ClosedLoopRow(
+                bundle=b.label,
+                server=kind,
+                connections=conns,
+                rps=res["requests"] / (res["duration_us"] / 1e6),
+                p50_ms=res["p50_us"] / 1000,
+                p99_ms=res["p99_us"] / 1000,
+                requests=res["requests"],
+                non_2xx=res["non_2xx"],
+                socket_errors=res["err_connect"] + res["err_read"] + res["err_write"] + res["err_timeout"],
+                client_cpu_s=res["client_cpu_s"],
+                server_cpu_s=res["server_cpu_s"],
+                wall_s=res["wall_s"],
+            )
+            report.closed.append(row)
+            log(
+                "%s / %s @%d: %.0f req/s, p50 %.1f ms, p99 %.1f ms, non-2xx %d, client CPU share %.0f %%",
+                b.label, kind, conns, row.rps, row.p50_ms, row.p99_ms, row.non_2xx, 100 * row.client_share,
+            )  # fmt: skip
+        if kind == "mixinfer" and b.label == "default" and not args.no_open_loop:
+            report.open_loop = sweep(report, server, b, args)
+            sent += sum(r.completed for r in report.open_loop)
+        if kind == "mixinfer":
+            server.sample_rss("after load")
+            report.rss_mib[b.label] = dict(server.rss_mib)
+            report.requests_to_mixinfer[b.label] = sent
+    finally:
+        code = server.stop()
+        if code not in (0, None, -15):  # uvicorn re-raises SIGTERM after its graceful shutdown
+            log("%s / %s exited with %s; log %s", b.label, kind, code, server.log_path)
+
+
+# --- open loop ------------------------------------------------------------------------------------------------
+def sweep(report: Report, server: Server, b: BundleUnderTest, args: argparse.Namespace) -> list[OpenLoopResult]:
+    """Fixed arrival rates as fractions of the best closed-loop throughput, stopping once clearly saturated."""
+    best = max(r.rps for r in report.closed if r.bundle == b.label and r.server == "mixinfer")
+    bodies = [p.read_bytes() for p in b.inputs]
+    results = []
+    for frac in OPEN_LOOP_FRACTIONS:
+        rate = max(1.0, frac * best)
+        res = open_loop(server.base_url + "/predict", bodies, rate, args.open_loop_duration, max_conns=512)
+        results.append(res)
+        log(
+            "open loop %.0f req/s (%.0f %% of max): achieved %.0f, p50 %.1f ms, p95 %.1f ms, p99 %.1f ms, "
+            "errors %d, late %d, status %s",
+            rate, 100 * frac, res.achieved_rps, res.p50_ms, res.p95_ms, res.p99_ms, res.errors, res.timed_out,
+            res.status,
+        )  # fmt: skip
+        if res.achieved_rps < 0.8 * rate:
+            break
+    return results
+
+
+def knee(results: list[OpenLoopResult], p50_single_ms: float) -> OpenLoopResult | None:
+    """The highest offered rate still served in full (>= 95 %) with p99 within 3x the single-client p50."""
+    ok = [
+        r
+        for r in results
+        if r.achieved_rps >= 0.95 * r.offered_rps and r.p99_ms <= 3 * p50_single_ms and r.timed_out == 0
+    ]
+    return max(ok, key=lambda r: r.offered_rps) if ok else None
+
+
+# --- in-process engine ----------------------------------------------------------------------------------------
+def engine_throughput(b: BundleUnderTest, threads: int | None, seconds: float) -> dict[str, float]:
+    """Images/s of ``MIEngine`` (Combined) on the decoded bench inputs at batch 1 and at batch 64, no HTTP."""
+    from service.backends.onnx import OrtBackend
+    from service.mi.engine import MIEngine
+    from service.preprocess import ImageSpec, decode_image
+    from service.store import load_bundle
+
+    bundle = load_bundle(b.path)
+    backend = OrtBackend.from_bundle(bundle, providers=["CPUExecutionProvider"], intra_op_threads=threads)
+    engine = MIEngine(backend, bundle.pool_labels, bundle.manifest.mi)
+    spec = ImageSpec(*bundle.manifest.input.shape)
+    x = np.stack([decode_image(p.read_bytes(), spec) for p in b.inputs])
+    out: dict[str, float] = {}
+    for batch in (1, 64):
+        xb = np.resize(x, (batch, *x.shape[1:])).astype(np.float32)
+        engine(xb)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            engine(xb)
+            n += batch
+        out[f"batch{batch}_img_s"] = n / (time.perf_counter() - t0)
+    log("%s in-process engine: %s", b.label, {k: round(v) for k, v in out.items()})
+    return out
+
+
+# --- report ---------------------------------------------------------------------------------------------------
+def ratio(a: float, b: float) -> float:
+    return a / b if b and np.isfinite(b) and np.isfinite(a) else float("nan")
+
+
+def summary(report: Report) -> dict[str, Any]:
+    r = report
+    floor32 = r.rps("default", "io_floor", 32)
+    mix_default32 = r.rps("default", "mixinfer", 32)
+    naive32 = r.rps("throughput", "naive", 32)
+    mix_tp32 = r.rps("throughput", "mixinfer", 32)
+    single = r.row("default", "mixinfer", 1)
+    p50_single = single.p50_ms if single else float("nan")
+    best = max((x.rps for x in r.closed if x.bundle == "default" and x.server == "mixinfer"), default=float("nan"))
+    half = min(r.open_loop, key=lambda x: abs(x.offered_rps - 0.5 * best), default=None)
+    k = knee(r.open_loop, p50_single)
+    out: dict[str, Any] = {
+        "http_vs_io_floor": ratio(mix_default32, floor32),
+        "http_vs_naive": ratio(mix_tp32, naive32),
+        "naive_vs_io_floor_default": ratio(r.rps("default", "naive", 32), floor32),
+        "http_vs_naive_default": ratio(mix_default32, r.rps("default", "naive", 32)),
+        "p99_at_half_load_over_p50": ratio(half.p99_ms, p50_single) if half else float("nan"),
+        "p99_at_half_load_ms": half.p99_ms if half else float("nan"),
+        "single_client_p50_ms": p50_single,
+        "max_rps_default": best,
+        "knee_rps": k.offered_rps if k else float("nan"),
+        "knee_fraction_of_max": (k.offered_rps / best) if k else float("nan"),
+        "machine": r.machine,
+        "bundles": r.bundles,
+        "closed_loop": [{**asdict(x), "client_share": x.client_share} for x in r.closed],
+        "engine": r.engine,
+        "open_loop": [asdict(x) for x in r.open_loop],
+        "rss_mib": r.rss_mib,
+        "requests_to_mixinfer": r.requests_to_mixinfer,
+    }
+    rss = r.rss_mib.get("default", {})
+    if "after warm-up" in rss and "after load" in rss:
+        out["rss_growth_after_warmup"] = rss["after load"] / rss["after warm-up"] - 1
+    return {k2: (None if isinstance(v, float) and not np.isfinite(v) else v) for k2, v in out.items()}
+
+
+def markdown(report: Report, s: dict[str, Any], args: argparse.Namespace) -> str:
+    m = report.machine
+    lines = [
+        "# HTTP benchmark",
+        "",
+        f"Generated by `python bench/http.py` (`make bench`) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB, {m['os']}, Python {m['python']}, "
+        f"onnxruntime {m.get('onnxruntime', '?')}, uvicorn {m.get('uvicorn', '?')}; 1-minute load average at start "
+        f"{m['load_avg_1m']} (a figure above 0 means other work shared the machine: treat the numbers as noisy).",
+        f"Load: `wrk` closed loop, {args.duration:g} s per point after a {args.warmup:g} s warm-up, single-image PNG "
+        f"bodies (POST /predict, raw `image/png`, {report.bundles.get('default', {}).get('inputs', 0)} "
+        "different images cycled); servers on loopback, ONNX Runtime CPU provider.",
+        "",
+        "## Ratios at 32 clients",
+        "",
+        "| figure | value | target |",
+        "|---|---|---|",
+        f"| mixinfer / I/O floor (default bundle) | {fmt(s['http_vs_io_floor'], 2)} | >= 0.7 |",
+        f"| naive server / I/O floor (default bundle) | {fmt(s['naive_vs_io_floor_default'], 2)} | (issue: 0.45) |",
+        f"| mixinfer / naive (throughput bundle) | {fmt(s['http_vs_naive'], 2)} | >= 1.2 on CPU, >= 2 on GPU |",
+        f"| mixinfer / naive (default bundle) | {fmt(s['http_vs_naive_default'], 2)} | |",
+        f"| p99 at 50 % of max throughput / single-client p50 | {fmt(s['p99_at_half_load_over_p50'], 2)} | <= 3 |",
+        "",
+        "## Closed loop: requests/s by concurrent connections",
+        "",
+        "| bundle | server | " + " | ".join(f"{c} conn" for c in args.connections)
+        + " | p50 ms @1 | p99 ms @32 | non-2xx | wrk CPU share @32 |",
+        "|---|---|" + "---|" * len(args.connections) + "---|---|---|---|",
+    ]  # fmt: skip
+    for b in ("default", "throughput"):
+        for kind in args.servers:
+            rows = [report.row(b, kind, c) for c in args.connections]
+            if not any(rows):
+                continue
+            r1, r32 = report.row(b, kind, 1), report.row(b, kind, 32)
+            non2xx = sum(r.non_2xx + r.socket_errors for r in rows if r)
+            lines.append(
+                f"| {b} | {kind} | " + " | ".join(fmt(r.rps, 0) if r else "–" for r in rows)
+                + f" | {fmt(r1.p50_ms if r1 else None, 2)} | {fmt(r32.p99_ms if r32 else None, 1)} | {non2xx} | "
+                f"{fmt(100 * r32.client_share if r32 else None, 0)} % |"
+            )  # fmt: skip
+    lines += [
+        "",
+        "wrk CPU share: the load generator's CPU seconds over client + server CPU seconds during the run.",
+        "",
+        "## In-process engine (no HTTP), images/s, MI-Combined",
+        "",
+        "| bundle | batch 1 | batch 64 |",
+        "|---|---|---|",
+    ]
+    for b, e in report.engine.items():
+        lines.append(f"| {b} | {fmt(e.get('batch1_img_s'), 0)} | {fmt(e.get('batch64_img_s'), 0)} |")
+    lines += [
+        "",
+        "## Open loop: mixinfer, default bundle, fixed arrival rates (latency from the scheduled arrival)",
+        "",
+        f"Single-client p50 (wrk, 1 connection): {fmt(s['single_client_p50_ms'], 2)} ms; best closed-loop "
+        f"throughput {fmt(s['max_rps_default'], 0)} req/s. Generator: `bench/openloop.py` (Python, uvloop).",
+        "",
+        "| offered req/s | % of max | achieved | p50 ms | p95 ms | p99 ms | errors / late | generator CPU s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    best = s["max_rps_default"] or float("nan")
+    for r in report.open_loop:
+        bad = sum(v for k, v in r.status.items() if k != "200") + r.errors
+        lines.append(
+            f"| {r.offered_rps:.0f} | {100 * r.offered_rps / best:.0f} | {r.achieved_rps:.0f} | {r.p50_ms:.2f} | "
+            f"{r.p95_ms:.2f} | {r.p99_ms:.2f} | {bad} / {r.timed_out} | {r.client_cpu_s:.2f} |"
+        )
+    lines += [
+        "",
+        f"Knee (highest rate served in full with p99 <= 3x single-client p50): {fmt(s['knee_rps'], 0)} req/s "
+        f"({fmt(100 * s['knee_fraction_of_max'] if s['knee_fraction_of_max'] else None, 0)} % of max).",
+        "",
+        "## Memory: mixinfer RSS (MiB)",
+        "",
+        "| bundle | at start | after warm-up | after all load | requests served |",
+        "|---|---|---|---|---|",
+    ]
+    for b, rss in report.rss_mib.items():
+        lines.append(
+            f"| {b} | {fmt(rss.get('start'))} | {fmt(rss.get('after warm-up'))} | {fmt(rss.get('after load'))} | "
+            f"{report.requests_to_mixinfer.get(b, 0)} |"
+        )
+    lines += ["", "## Bundles", ""]
+    for b, info in report.bundles.items():
+        lines.append(f"- {b}: `{info['path']}` {info['note']}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per closed-loop point")
+    parser.add_argument(
+        "--throughput-factor", type=float, default=2.0, help="longer points for the slow throughput bundle"
+    )
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up load per server")
+    parser.add_argument("--open-loop-duration", type=float, default=4.0, help="seconds per open-loop rate")
+    parser.add_argument("--connections", default="1,8,32,64", help="closed-loop concurrency levels")
+    parser.add_argument("--servers", default=",".join(SERVERS), help="subset of " + ",".join(SERVERS))
+    parser.add_argument("--bundles", default="default,throughput", help="default, throughput or both")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
+    parser.add_argument("--store", type=Path, default=DEFAULT_STORE, help="store of the default bundle")
+    parser.add_argument("--name", default=DEFAULT_NAME, help="name of the default bundle")
+    parser.add_argument("--no-open-loop", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="1 s points, for checking the harness")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results.md", help="markdown report path")
+    args = parser.parse_args()
+    args.connections = [int(c) for c in args.connections.split(",")]
+    args.servers = [s for s in args.servers.split(",") if s]
+    if args.quick:
+        args.duration, args.warmup, args.open_loop_duration = 1.0, 1.0, 1.0
+    if shutil.which("wrk") is None:
+        log("wrk not found: install the Debian package `wrk` (apt-get install -y wrk)")
+        return 2
+    t_start = time.perf_counter()
+    report = Report(machine=machine_info())
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    bundles = []
+    for label in args.bundles.split(","):
+        b = default_bundle(args) if label == "default" else throughput_bundle()
+        bundles.append(b)
+        report.bundles[b.label] = {"path": str(b.path), "note": b.note, "inputs": len(b.inputs)}
+    for b in bundles:
+        report.engine[b.label] = engine_throughput(b, args.threads, max(1.0, args.duration / 2))
+        for kind in (k for k in args.servers if k in SERVERS_FOR[b.label]):
+            closed_loop(report, b, kind, args)
+    s = summary(report)
+    s["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    text = markdown(report, s, args)
+    args.out.write_text(text, encoding="utf-8")
+    sys.stdout.write(text)
+    log("wrote %s in %.0f s", args.out, s["elapsed_s"])
+    if args.json:
+        emit_json(s)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
