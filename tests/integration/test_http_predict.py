@@ -8,7 +8,7 @@ import io
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import png_bytes
+from mixserver import png_bytes
 from PIL import Image
 
 pytestmark = pytest.mark.integration
@@ -183,7 +183,7 @@ def test_invalid_query_is_422_in_the_same_error_shape(server):
 
 
 def test_too_many_images_is_413(http_store):
-    from conftest import run_server, settings_for
+    from mixserver import run_server, settings_for
 
     with run_server(settings_for(http_store, max_images_per_request=2, max_body_bytes=4096)) as srv:
         one = (digit() / 255.0).tolist()
@@ -207,7 +207,7 @@ def test_too_many_images_is_413(http_store):
 
 
 def test_too_many_pixels_is_413(http_store):
-    from conftest import run_server, settings_for
+    from mixserver import run_server, settings_for
 
     with run_server(settings_for(http_store, max_pixels=100)) as srv:
         r = srv.client.post(
@@ -217,7 +217,7 @@ def test_too_many_pixels_is_413(http_store):
 
 
 def test_strict_size_refuses_other_sizes(http_store):
-    from conftest import run_server, settings_for
+    from mixserver import run_server, settings_for
 
     with run_server(settings_for(http_store, strict_size=True)) as srv:
         r = srv.client.post(

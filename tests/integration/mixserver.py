@@ -1,0 +1,97 @@
+"""Test helpers: a real uvicorn on a free loopback port, in a thread of the test process, and image bytes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import uvicorn
+
+from service.api.app import create_app
+from service.api.runtime import BackendWrapper
+from service.config import Settings
+
+ADMIN_KEY = "test-admin-key-0123456789"
+
+
+class Served:
+    """A running server: its base URL, the app (for its state) and an httpx client."""
+
+    def __init__(self, base_url: str, app: Any, server: uvicorn.Server) -> None:
+        self.base_url = base_url
+        self.host_port = base_url.removeprefix("http://")
+        self.app = app
+        self.server = server
+        self.client = httpx.Client(base_url=base_url, timeout=30.0)
+
+    @property
+    def holder(self) -> Any:
+        return self.app.state.holder
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Current value of one sample from /metrics (0 if absent)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = self.client.get("/metrics").text
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return float(s.value)
+        return 0.0
+
+
+def wait_until(cond, limit_s: float = 20.0, what: str = "condition") -> None:
+    end = time.monotonic() + limit_s
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"{what} not reached within {limit_s} s")
+        time.sleep(0.01)
+
+
+@contextmanager
+def run_server(settings: Settings, wrap: BackendWrapper | None = None, wait_ready: bool = True) -> Iterator[Served]:
+    """Start uvicorn (port 0 -> a free loopback port) in a thread; stop it on exit."""
+    app = create_app(settings, wrap_backend=wrap)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", loop="asyncio")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started or not thread.is_alive(), what="uvicorn start")
+        assert server.started, "uvicorn did not start"
+        port = server.servers[0].sockets[0].getsockname()[1]
+        served = Served(f"http://127.0.0.1:{port}", app, server)
+        if wait_ready:
+            wait_until(lambda: served.client.get("/v2/health/ready").status_code == 200, what="readiness")
+        yield served
+        served.client.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def settings_for(store: Path, name: str = "tiny", **kw: Any) -> Settings:
+    base: dict[str, Any] = {
+        "model_dir": store,
+        "model_name": name,
+        "providers": ("CPUExecutionProvider",),
+        "intra_op_threads": 1,
+        "log_json": False,
+    }
+    return Settings(**(base | kw))
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, "PNG")
+    return buf.getvalue()
