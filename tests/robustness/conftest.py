@@ -2,7 +2,7 @@
 
 The bundle is a real ``mnist5k`` bundle (real data, real splits, real ONNX export of the torch network, real pool),
 so the evaluation can load its test split and ``load_bundle_model`` can rebuild the torch twin. Training is short
-(plain cross-entropy, 2 epochs on 1,500 images, a few seconds): accurate enough for attacks to have something to
+(plain cross-entropy, 1 epoch on 1,000 images, a few seconds): accurate enough for attacks to have something to
 break (~90 % clean), not a model to report numbers for.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 
-def build_mnist_bundle(store: Path, *, name: str = "mnist-test", seed: int = 0, epochs: int = 2) -> Path:
+def build_mnist_bundle(store: Path, *, name: str = "mnist-test", seed: int = 0, epochs: int = 1) -> Path:
     """Train, export and finalize a small mnist_cnn bundle at ``store/name/1``."""
     import torch
 
@@ -27,7 +27,7 @@ def build_mnist_bundle(store: Path, *, name: str = "mnist-test", seed: int = 0, 
     rng = np.random.default_rng(seed)
     ds = load_dataset("mnist5k")
     order = rng.permutation(ds.images.shape[0]).astype(np.int64)
-    test, cal, train = np.sort(order[:300]), np.sort(order[300:400]), np.sort(order[400:1900])
+    test, cal, train = np.sort(order[:300]), np.sort(order[300:400]), np.sort(order[400:1400])
     train_labels = ds.labels[train]
     pool = np.sort(np.concatenate([train[train_labels == k][:10] for k in range(10)]))
     pool = pool[np.argsort(ds.labels[pool], kind="stable")]
@@ -100,7 +100,7 @@ def mnist_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def mnist_bundle(mnist_bundle_dir: Path):  # noqa: ANN201
+def mnist_bundle(mnist_bundle_dir: Path):
     from service.store import load_bundle
 
     return load_bundle(mnist_bundle_dir, require_weights=True)
