@@ -4,8 +4,9 @@ Paper: Andriushchenko, Croce, Flammarion, Hein, "Square Attack: a query-efficien
 random search", ECCV 2020 (L-inf version). Threat model: L-inf eps, black box with scores: each query is one call
 of the served MI engine (fresh server randomness per query, exactly what a client sees), margin loss
 p_y - max_{k != y} p_k on the returned probabilities. Defaults: ``p_init`` 0.8 (as AutoAttack; it beat 0.1 and 0.3
-at 150 queries on MNIST) with the paper's halving schedule, vertical-stripe initialisation. Vectorised over images:
-every query round is one engine call for all images that are still classified correctly; the square windows are built with broadcast masks, not per-image loops.
+at 150 queries on MNIST), the paper's halving schedule, vertical-stripe initialisation. Vectorised over images:
+every query round is one engine call for all images still classified correctly; the square windows are built with
+broadcast masks, not per-image loops.
 
 Shapes: x float32 (B, C, H, W) in [0, 1]; y int64 (B,); returns float32 (B, C, H, W).
 
