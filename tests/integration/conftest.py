@@ -46,3 +46,9 @@ def server(http_store: Path) -> Iterator[Served]:
         settings_for(http_store, model_version="1", admin_key=ADMIN_KEY, allow_mode_override=True, seed=0)
     ) as served:
         yield served
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Path of promtool (skipped locally when missing, a failure under CI)."""
+    return require_tool("promtool")

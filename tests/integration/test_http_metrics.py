@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from conftest import require_tool
 
 pytestmark = pytest.mark.integration
 
@@ -97,8 +96,7 @@ def test_concurrent_clients_are_batched(http_store):
         assert srv.metric("mixinfer_batch_images_bucket", le="1.0") < count
 
 
-def test_live_metrics_pass_promtool(server):
-    promtool = require_tool("promtool")
+def test_live_metrics_pass_promtool(server, promtool):
     server.client.post("/predict", json=one_image(0))
     text = server.client.get("/metrics")
     assert text.headers["content-type"].startswith("text/plain")
