@@ -240,6 +240,7 @@ def save_weights(model: nn.Module, weights_path: Path) -> None:
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(weights_path))
+    Path(weights_path).chmod(0o644)  # safetensors creates the file owner-only; bundles are read by other users
 
 
 def load_bundle_model(bundle: Bundle | Path | str) -> Classifier:
