@@ -6,10 +6,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -59,26 +62,26 @@ def test_lean_env_has_no_torch_and_exactly_one_onnxruntime(lean_python: Path):
     assert check.returncode == 0, check.stderr
 
 
-def test_mixinfer_serve_from_the_lean_env_answers_a_prediction(lean_python: Path, tiny_store: Path):
-    mixinfer = SERVE_VENV / "bin" / "mixinfer"
-    assert mixinfer.is_file(), "the console script is installed in the lean env"
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return int(s.getsockname()[1])
+
+
+def _serve_and_predict(command: list[str], env: dict[str, str], store: Path, log: Path) -> subprocess.Popen:
+    """Start ``command`` (``... serve``) on the tiny bundle, wait for readiness, check one prediction; stop it."""
+    port = _free_port()
     env = {
-        "PATH": f"{SERVE_VENV / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        **env,
         "HOME": os.environ.get("HOME", "/tmp"),
         "MIXINFER_HOST": "127.0.0.1",
         "MIXINFER_PORT": str(port),
-        "MIXINFER_MODEL_DIR": str(tiny_store),
+        "MIXINFER_MODEL_DIR": str(store),
         "MIXINFER_MODEL_NAME": "tiny",
         "MIXINFER_PROVIDERS": "CPUExecutionProvider",
         "MIXINFER_LOG_JSON": "false",
     }
-    log = tiny_store.parent / "serve.log"
-    proc = subprocess.Popen(
-        [mixinfer, "serve"], cwd=tiny_store, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
-    )
+    proc = subprocess.Popen(command, cwd=log.parent, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -113,3 +116,59 @@ def test_mixinfer_serve_from_the_lean_env_answers_a_prediction(lean_python: Path
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+    return proc
+
+
+def test_mixinfer_serve_from_the_lean_env_answers_a_prediction(lean_python: Path, tiny_store: Path):
+    mixinfer = SERVE_VENV / "bin" / "mixinfer"
+    assert mixinfer.is_file(), "the console script is installed in the lean env"
+    path = f"{SERVE_VENV / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    _serve_and_predict([str(mixinfer), "serve"], {"PATH": path}, tiny_store, tiny_store.parent / "serve.log")
+
+
+def test_the_wheel_the_images_install_serves_without_the_source_tree(lean_python: Path, tiny_store: Path, tmp_path):
+    """The Dockerfile installs a wheel, not the repository: build it from a copy of what the image's build context
+    holds, unpack it, and serve from it with the lean env's dependencies (the import must come from the wheel)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "service", src / "service", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = tmp_path.glob("mixinfer-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        zf.extractall(site)
+    assert {"service/py.typed", "service/api/routes/predict.py", "service/mi/engine.py"} <= names
+    assert not any(n.startswith(("tests/", "deploy/", "model_store/")) for n in names)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(site)}
+    where = subprocess.run(
+        [str(lean_python), "-c", "import service; print(service.__file__)"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert where.stdout.strip() == str(site / "service" / "__init__.py"), where.stdout + where.stderr
+    _serve_and_predict([str(lean_python), "-m", "service.cli", "serve"], env, tiny_store, tmp_path / "serve.log")

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import IN_CI, require_tool
-from deploy_support import ALERTS, REPO, dashboard_panels, substitute_grafana_variables
+from deploy_support import ALERTS, REPO, dashboard, dashboard_panels, substitute_grafana_variables
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -342,6 +342,16 @@ def test_every_dashboard_panel_query_returns_data(stack: Stack, run: Run):
             if not any(math.isfinite(v) for v in values):
                 empty.append(f"{panel['title']} / {target['refId']}: {expr}")
     assert not empty, "panel queries without data:\n" + "\n".join(empty)
+
+
+def test_instance_variable_lists_the_live_server(stack: Stack):
+    """The dashboard's `instance` variable (label_values over mixinfer_build_info) finds the scraped server."""
+    (variable,) = [v for v in dashboard()["templating"]["list"] if v["name"] == "instance"]
+    match = variable["definition"].removeprefix("label_values(").rsplit(",", 1)[0]
+    response = httpx.get(
+        f"{stack.prometheus}/api/v1/label/instance/values", params={"match[]": match}, timeout=10
+    ).json()
+    assert response["data"] == [f"127.0.0.1:{stack.server_port}"]
 
 
 def test_flag_rate_panel_reads_higher_under_attack(stack: Stack, run: Run):
