@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 from service.backends.base import Images, MixingBackend, PartnerIndices, Probs
 from service.batching import MicroBatcher
 from service.config import Settings
-from service.errors import ModelNotFoundError, NotReadyError
+from service.errors import ClientError, ModelNotFoundError, NotReadyError
 from service.manifest import Manifest
 from service.metrics import Metrics
 from service.mi.engine import MIEngine, MIResult
@@ -206,7 +206,7 @@ class ModelHolder:
             model = await asyncio.to_thread(load_model, self.settings, version or versions[-1], self.metrics, self.wrap)
             old = self.model
             if model.spec.shape != old.spec.shape or model.class_names != old.class_names:
-                raise ModelNotFoundError(
+                raise ClientError(
                     f"version {model.version} takes {model.spec.shape} with {len(model.class_names)} classes, the "
                     f"served version {old.version} takes {old.spec.shape} with {len(old.class_names)}; a hot swap "
                     "keeps inputs and classes, restart the server to change them"

@@ -1,0 +1,92 @@
+"""API keys, admin key, mode override and per-key rate limit over a real server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.http as tc
+from mixserver import ADMIN_KEY, run_server, settings_for
+from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.integration
+
+KEYS = ("client-key-one-0123456789", "client-key-two-0123456789")
+BODY = {"instances": [np.full((8, 8), 0.5).tolist()]}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def keyed(http_store):
+    with run_server(settings_for(http_store, model_version="1", api_keys=KEYS, admin_key=ADMIN_KEY)) as srv:
+        yield srv
+
+
+def test_predict_needs_a_configured_key(keyed):
+    c = keyed.client
+    r = c.post("/predict", json=BODY)
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert r.json()["error"]["code"] == "unauthorized" and "missing API key" in r.json()["error"]["message"]
+    r = c.post("/predict", json=BODY, headers=bearer("client-key-one-012345678X"))
+    assert r.status_code == 401 and r.json()["error"]["message"] == "wrong API key"
+    for key in KEYS:
+        assert c.post("/predict", json=BODY, headers=bearer(key)).status_code == 200
+
+
+def test_health_and_metrics_stay_open(keyed):
+    for path in ("/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready", "/metrics", "/v2"):
+        assert keyed.client.get(path).status_code == 200, path
+
+
+def test_oip_infer_needs_a_key_too(keyed):
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    inp = tc.InferInput("images", [1, 1, 8, 8], "FP32")
+    inp.set_data_from_numpy(x)
+    client = tc.InferenceServerClient(keyed.host_port)
+    with pytest.raises(InferenceServerException, match="missing API key"):
+        client.infer("tiny", [inp])
+    assert client.infer("tiny", [inp], headers=bearer(KEYS[0])).as_numpy("probabilities").shape == (1, 4)
+    client.close()
+
+
+def test_an_api_key_never_authorises_admin_routes(keyed):
+    c = keyed.client
+    url = "/v2/repository/models/tiny/load"
+    r = c.post(url, json={"parameters": {"version": "1"}}, headers=bearer(KEYS[0]))
+    assert r.status_code == 403 and "does not authorise admin" in r.json()["error"]
+    r = c.post(url, json={"parameters": {"version": "1"}})
+    assert r.status_code == 401
+    r = c.post(url, json={"parameters": {"version": "1"}}, headers=bearer(ADMIN_KEY))
+    assert r.status_code == 200 and r.json()["version"] == "1"
+
+
+def test_admin_routes_are_disabled_without_an_admin_key(http_store):
+    with run_server(settings_for(http_store, model_version="1")) as srv:
+        r = srv.client.post("/v2/repository/models/tiny/load", json={}, headers=bearer("anything"))
+        assert r.status_code == 403 and "disabled" in r.json()["error"]
+
+
+def test_mode_override_is_refused_unless_allowed(keyed):
+    r = keyed.client.post("/predict?mode=off", json=BODY, headers=bearer(KEYS[0]))
+    assert r.status_code == 403
+    msg = r.json()["error"]["message"]
+    assert "ALLOW_MODE_OVERRIDE" in msg and "undefended" in msg
+    assert keyed.client.post("/predict?mode=combined", json=BODY, headers=bearer(KEYS[0])).status_code == 200
+    oip = {
+        "inputs": [{"name": "images", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}],
+        "parameters": {"mode": "pl"},
+    }
+    r = keyed.client.post("/v2/models/tiny/infer", json=oip, headers=bearer(KEYS[0]))
+    assert r.status_code == 403 and "ALLOW_MODE_OVERRIDE" in r.json()["error"]
+
+
+def test_rate_limit_is_per_key(http_store):
+    settings = settings_for(http_store, model_version="1", api_keys=KEYS, rate_limit_per_key=0.5)
+    with run_server(settings) as srv:
+        assert srv.client.post("/predict", json=BODY, headers=bearer(KEYS[0])).status_code == 200
+        r = srv.client.post("/predict", json=BODY, headers=bearer(KEYS[0]))
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert "rate limit" in r.json()["error"]["message"]
+        assert srv.client.post("/predict", json=BODY, headers=bearer(KEYS[1])).status_code == 200
