@@ -36,6 +36,9 @@ LOGGER = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 MixingPath = Literal["auto", "host", "fused"]
+#: The micro-batcher produces many batch sizes (and B * N mix shapes); an exhaustive cuDNN search per new shape
+#: would stall requests for hundreds of milliseconds, so the heuristic choice is used.
+CUDA_OPTIONS: dict[str, str] = {"cudnn_conv_algo_search": "HEURISTIC"}
 _GPU_PROVIDERS = (CUDA, "TensorrtExecutionProvider", "ROCMExecutionProvider")
 
 
@@ -324,7 +327,8 @@ class OrtBackend:
 
     def _make_session(self, ort: Any, model_bytes: bytes, what: str) -> ort.InferenceSession:
         try:
-            return ort.InferenceSession(model_bytes, sess_options=self._options, providers=self._ort_providers)
+            providers = [(p, CUDA_OPTIONS) if p == CUDA else p for p in self._ort_providers]
+            return ort.InferenceSession(model_bytes, sess_options=self._options, providers=providers)
         except Exception as exc:
             raise BackendError(f"ONNX Runtime cannot create the {what} session for {self.model_path}: {exc}") from exc
 
