@@ -1,0 +1,127 @@
+"""`mixinfer serve` as a real process (uvloop + httptools), its start-up refusals, and a torch-free serving path."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_for(store: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIXINFER_")}
+    env |= {
+        "MIXINFER_MODEL_DIR": str(store),
+        "MIXINFER_MODEL_NAME": "tiny",
+        "MIXINFER_PROVIDERS": "CPUExecutionProvider",
+        "MIXINFER_INTRA_OP_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+    }
+    return env | extra
+
+
+def test_serve_runs_uvicorn_on_the_configured_address(http_store):
+    port = free_port()
+    env = env_for(http_store, MIXINFER_PORT=str(port), MIXINFER_LOG_JSON="true")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        ready = False
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                ready = httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200
+            except httpx.TransportError:
+                ready = False
+            if ready:
+                break
+            time.sleep(0.1)
+        assert ready, "server did not become ready"
+        r = httpx.post(f"{base}/predict", json={"instances": [np.zeros((8, 8)).tolist()]}, timeout=10)
+        assert r.status_code == 200 and r.json()["version"] == "2"  # highest version by default
+        assert "server" not in r.headers  # no server banner
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught
+    assert proc.returncode in (0, -15), out
+    assert "Application shutdown complete" in out
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    access = [line for line in lines if '"route":"/predict"' in line]
+    assert access, out
+    assert '"branch":["pl"]' in access[0] or '"branch":["ol"]' in access[0]
+    assert '"gap":[' in access[0] and '"code":200' in access[0] and "partner" not in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"MIXINFER_MAX_BATCH_IMAGES": "4096"}, "max_batch_images"),
+        ({"MIXINFER_ADMIN_KEY": ""}, "admin_key is set but blank"),
+        ({"MIXINFER_MODEL_VERSION": "7"}, "7"),
+        ({"MIXINFER_MODEL_NAME": "absent"}, "absent"),
+    ],
+)
+def test_serve_refuses_to_start_on_bad_settings_or_bundles(http_store, extra, needle):
+    env = env_for(http_store, MIXINFER_PORT=str(free_port()), **extra)
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "refusing to start" in out.stderr and needle in out.stderr
+
+
+def test_serving_path_never_imports_torch(http_store):
+    code = (
+        "import sys, asyncio\n"
+        "from service.config import Settings\n"
+        "from service.api.app import create_app\n"
+        "from service.api.runtime import load_model\n"
+        f"s = Settings(model_dir={str(http_store)!r}, model_name='tiny', providers=('CPUExecutionProvider',))\n"
+        "app = create_app(s)\n"
+        "m = load_model(s, None, None)\n"
+        "import service.api.cli\n"
+        "bad = sorted(k for k in sys.modules if k.split('.')[0] == 'torch' or k.startswith(('service.training',"
+        " 'service.robustness')))\n"
+        "print('BAD', bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env_for(http_store),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
