@@ -165,3 +165,25 @@ def test_cli_registration_does_not_import_torch_and_documents_every_option():
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_step_by_step_cli_builds_the_same_kind_of_bundle_and_recalibrates_it(tmp_path, capsys):
+    from service.cli import main
+
+    run, bundle = tmp_path / "run", tmp_path / "store" / "steps" / "2"
+    common = ["--seed", "5", "--epochs", "1", "--max-train-images", "128", "--run-dir", str(run), "--no-progress"]
+    assert main(["train", *common]) == 0
+    assert (run / "final.safetensors").is_file() and (run / "epoch-0001.safetensors").is_file()
+    assert main(["pool", "--seed", "5", "--out", str(bundle)]) == 0
+    assert main(["export", "--run-dir", str(run), "--out", str(bundle)]) == 0
+    assert main(["calibrate", "--bundle", str(bundle), "--run-dir", str(run), "--target-fpr", "0.1"]) == 0
+    m = load_bundle(bundle, require_weights=True).manifest
+    assert (m.name, m.version, m.mi.threshold_rule, m.recipe.seed) == ("steps", "2", "target_fpr=0.1", 5)
+    assert m.calibration.false_flag_rate <= 0.1
+    assert "mixinfer" in m.recipe.command and m.recipe.training["max_train_images"] == 128
+    capsys.readouterr()
+    assert main(["calibrate", "--bundle", str(bundle), "--threshold", "0.2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    again = load_bundle(bundle, require_weights=True).manifest
+    assert again.mi.threshold == 0.2 and again.mi.threshold_rule == "fixed=0.2" and out["threshold"] == 0.2
+    assert again.accuracy.plain == m.accuracy.plain and again.files == m.files
