@@ -8,7 +8,7 @@
 # onnxruntime/capi/build_and_package_info.py says cuda_version = '13.0', its `cudnn` extra needs
 # nvidia-cudnn-cu13~=9.0, and libonnxruntime_providers_cuda.so links libcudart.so.13 and libcublas.so.13).
 # CUDA minor-version compatibility lets any 13.x runtime serve it; cuDNN 8 or 10 would not. The host needs an
-# NVIDIA driver new enough for CUDA 13 (>= 580). tests/deploy/test_static.py pins this pairing to pyproject.toml.
+# NVIDIA driver new enough for CUDA 13 (>= 580). tests/deploy/test_deploy_dockerfile.py pins this pairing to pyproject.toml.
 
 # ---- wheel: build the package once, as a wheel; nothing else is installed in this stage ----------------------
 FROM python:3.12.11-slim-bookworm AS wheel
@@ -58,10 +58,9 @@ RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/python /opt/mixinfer/check_image_env.py onnxruntime-gpu \
     && rm -rf /tmp/wheels
 COPY model_store /models
-# NVIDIA_* tell the container toolkit what to mount; the reservation in docker-compose.yml picks the device.
+# The device comes from the reservation in docker-compose.yml (`--gpus`); the base image already sets the
+# NVIDIA_* variables the container toolkit reads (driver capabilities compute,utility).
 ENV PATH=/opt/venv/bin:$PATH \
-    NVIDIA_VISIBLE_DEVICES=all \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     MIXINFER_HOST=0.0.0.0 \
     MIXINFER_PORT=8000 \
     MIXINFER_MODEL_DIR=/models \
