@@ -19,6 +19,7 @@ from service.mi.params import Mode
 
 LOGGER = logging.getLogger(__name__)
 
+_MAX_BUCKETS = 10_000
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <key>")
 Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
@@ -53,6 +54,9 @@ class RateLimiter:
         """Spend one token of ``who`` or raise :class:`OverloadedError` with the seconds until the next one."""
         now = time.monotonic()
         with self._lock:
+            if len(self._buckets) > _MAX_BUCKETS:  # forget clients whose bucket has refilled (bounded memory)
+                full_after = self.burst / self.rate
+                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
             tokens, last = self._buckets.get(who, (self.burst, now))
             tokens = min(self.burst, tokens + (now - last) * self.rate)
             if tokens < 1.0:
