@@ -51,7 +51,7 @@ def default_train_config(dataset: str, training: Training, arch: str | None = No
 def default_mi_params(training: Training) -> MIParams:
     """SPEC 4.4 defaults; stand-alone MI-OL uses lam 0.6 for IAT models, 0.5 for mixup models."""
     lam_ol = 0.6 if training is Training.IAT else 0.5
-    return MIParams(ol_standalone=MixSpec(lam=lam_ol, n=30))
+    return MIParams.model_validate({"ol_standalone": MixSpec(lam=lam_ol, n=30)})
 
 
 @dataclass

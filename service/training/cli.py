@@ -357,7 +357,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 # --- registration -----------------------------------------------------------------------------------------------
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the pipeline's sub-commands to the ``mixinfer`` dispatcher (imports nothing heavy)."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
 

@@ -58,7 +58,7 @@ class Splits:
                 raise SplitError(f"splits {a} and {b} share {both.size} images (e.g. index {int(both[0])})")
 
     def save(self, path: Path) -> None:
-        np.savez(path, **self.as_dict())
+        np.savez(path, train=self.train, pool=self.pool, calibration=self.calibration, test=self.test)
 
     @classmethod
     def load(cls, path: Path) -> Splits:
