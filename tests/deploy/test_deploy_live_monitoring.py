@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -248,6 +250,14 @@ def _api(stack: Stack, path: str, params: dict[str, str | float]) -> dict:
     return body["data"]
 
 
+def _rfc3339(ts: str) -> float:
+    """Seconds since the epoch of Prometheus's UTC timestamps (nanosecond fractions, 'Z')."""
+    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?Z", ts)
+    assert m, f"unexpected timestamp {ts!r}"
+    whole = datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp()
+    return whole + float(m.group(2) or 0.0)
+
+
 def _instant(stack: Stack, expr: str, at: float | None = None) -> list[float]:
     params: dict[str, str | float] = {"query": expr}
     if at is not None:
@@ -373,10 +383,10 @@ def test_alert_rules_load_and_evaluate_without_errors_on_live_series(stack: Stac
     expected = {r["alert"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
     assert names == expected
     for rule in rules:
+        # evaluated (at 1 s) after the traffic started, on the live series, without an error such as a
+        # many-to-many vector match that synthetic unit-test series would not reveal
+        assert _rfc3339(rule["lastEvaluation"]) > run.start, f"{rule['name']} not evaluated since {run.start}"
         assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
-    # the server is healthy: no availability alert may fire
-    firing = {a["labels"]["alertname"] for a in _api(stack, "alerts", {})["alerts"] if a["state"] == "firing"}
-    assert not firing & {"MixinferTargetDown", "MixinferNotReady"}, firing
 
 
 def test_container_healthcheck_script_against_the_live_server(stack: Stack):
