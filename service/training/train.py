@@ -122,7 +122,7 @@ def _lr_at(cfg: TrainConfig, epoch: int) -> float:
 
 def to_float(images: NDArray[np.uint8]) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32 in [0, 1] (the scaling the server and the pool use)."""
-    return torch.from_numpy(np.ascontiguousarray(images)).float() / 255.0
+    return torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).float() / 255.0
 
 
 @torch.no_grad()
@@ -242,7 +242,7 @@ def train(
             start = _load_checkpoint(ckpt, model, opt, cfg)
             LOGGER.info("resuming %s after epoch %d", run_dir, start)
     x_all = to_float(images)
-    y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    y_all = torch.from_numpy(np.array(labels, dtype=np.int64, copy=True))
     n = x_all.shape[0]
     n_batches = math.ceil(n / cfg.batch_size)
     result = TrainResult(model=model)
