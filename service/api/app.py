@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import iter_route_contexts
 
 from service import __version__
 from service.api.deps import RateLimiter
@@ -43,7 +44,8 @@ def create_app(settings: Settings | None = None, *, wrap_backend: BackendWrapper
     )
     for router in (predict.router, v2.router, admin.router, health.router):
         app.include_router(router)
-    routes = [getattr(r, "path", "") for r in app.routes if getattr(r, "include_in_schema", False)]
+    # FastAPI >= 0.160 keeps included routers as groups in app.routes: flatten them to get every template
+    routes = [rc.path or "" for rc in iter_route_contexts(app.routes) if getattr(rc.route, "include_in_schema", False)]
     metrics = Metrics(routes, settings.max_queue_images)
     app.state.settings = settings
     app.state.metrics = metrics
