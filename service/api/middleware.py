@@ -61,7 +61,7 @@ class ObserveMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - t0
-            route = scope.get("route")
+            route = scope.get("route") or _refused_route(scope)
             template = getattr(route, "path", None) or UNMATCHED_ROUTE
             self.metrics.observe_request(template, status, elapsed)
             ACCESS.info(
@@ -81,6 +81,17 @@ class ObserveMiddleware:
                     }
                 },
             )
+
+
+def _refused_route(scope: Scope) -> Any:
+    """The route a request was refused in front of (e.g. a 413 by Content-Length), so it is counted under it."""
+    from fastapi.routing import iter_route_contexts
+    from starlette.routing import Match
+
+    for context in iter_route_contexts(getattr(scope.get("app"), "routes", ())):
+        if context.route.matches(scope)[0] is Match.FULL:
+            return context.route
+    return None
 
 
 class BodyLimitMiddleware:
