@@ -241,6 +241,12 @@ def train(
         if ckpt is not None:
             start = _load_checkpoint(ckpt, model, opt, cfg)
             LOGGER.info("resuming %s after epoch %d", run_dir, start)
+        elif not resume:
+            stale = sorted(run_dir.glob(CHECKPOINT_GLOB))
+            if stale:  # a fresh run must not keep (or later prefer) an older run's checkpoints
+                LOGGER.info("fresh run: removing %d checkpoints of an earlier run in %s", len(stale), run_dir)
+                for old in stale:
+                    old.unlink()
     x_all = to_float(images)
     y_all = torch.from_numpy(np.array(labels, dtype=np.int64, copy=True))
     n = x_all.shape[0]

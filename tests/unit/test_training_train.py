@@ -91,3 +91,13 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
     other = TrainConfig(arch="mnist_cnn", epochs=2, milestones=(1,), batch_size=25, lr=0.5)
     with pytest.raises(ValueError, match="was written by config"):
         train(other, images, labels, 10, run_dir=tmp_path, resume=True, progress=False)
+
+
+def test_fresh_run_replaces_the_checkpoints_of_an_earlier_run(tmp_path):
+    ds = load_dataset("mnist5k")
+    images, labels = ds.images[::100], ds.labels[::100]
+    long = TrainConfig(arch="mnist_cnn", epochs=3, milestones=(2,), batch_size=25)
+    train(long, images, labels, 10, run_dir=tmp_path, progress=False)
+    short = TrainConfig(arch="mnist_cnn", epochs=1, milestones=(1,), batch_size=25, lr=0.02)
+    train(short, images, labels, 10, run_dir=tmp_path, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch-0001.safetensors"]
