@@ -74,13 +74,17 @@ async def server_metadata() -> Response:
     )
 
 
-@router.get("/health/live", responses={200: {"description": "live"}})
+@router.get("/health/live", response_class=Response, responses={200: {"description": "live"}})
 async def v2_live() -> Response:
     """Liveness (independent of the model)."""
     return Response(status_code=200)
 
 
-@router.get("/health/ready", responses={200: {"description": "ready"}, 503: {"description": "not ready"}})
+@router.get(
+    "/health/ready",
+    response_class=Response,
+    responses={200: {"description": "ready"}, 503: {"description": "not ready"}},
+)
 async def v2_ready(holder: HolderDep) -> Response:
     """Readiness: 200 once the model is loaded and warmed up."""
     return Response(status_code=200 if holder.ready else 503)
@@ -113,8 +117,12 @@ async def model_metadata(
     )
 
 
-@router.get("/models/{name}/ready", responses={200: {"description": "ready"}, **ERRORS})
-@router.get("/models/{name}/versions/{version}/ready", responses={200: {"description": "ready"}, **ERRORS})
+@router.get("/models/{name}/ready", response_class=Response, responses={200: {"description": "ready"}, **ERRORS})
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    response_class=Response,
+    responses={200: {"description": "ready"}, **ERRORS},
+)
 async def model_ready(holder: HolderDep, name: ModelName, version: Version | None = None) -> Response:
     """200 when this model (version) is loaded and warmed up."""
     if not holder.ready:
