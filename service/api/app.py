@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,12 +29,19 @@ from service.metrics import Metrics
 LOGGER = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, *, wrap_backend: BackendWrapper | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    wrap_backend: BackendWrapper | None = None,
+    exit_on_load_failure: bool = False,
+) -> FastAPI:
     """Build the app (cheap); the model is loaded and warmed up in the lifespan.
 
     Args:
         settings: defaults to ``Settings()`` from the environment.
         wrap_backend: wraps each loaded backend (tests gate or slow the engine with it).
+        exit_on_load_failure: if the initial load fails, stop the process (SIGTERM to itself) instead of staying
+            alive and not ready; ``mixinfer serve`` sets it, so a broken deployment fails at start-up.
     """
     settings = settings or Settings()
     app = FastAPI(
@@ -50,6 +59,7 @@ def create_app(settings: Settings | None = None, *, wrap_backend: BackendWrapper
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.holder = ModelHolder(settings, metrics, wrap_backend)
+    app.state.exit_on_load_failure = exit_on_load_failure
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_key) if settings.rate_limit_per_key else None
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -66,7 +76,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     holder.batcher.start()
     # Load in the background: liveness answers at once, readiness flips to 200 after warm-up.
     loading = asyncio.create_task(holder.load_initial(), name="mixinfer-load")
-    loading.add_done_callback(_report_load)
+    loading.add_done_callback(lambda task: _report_load(task, exit_process=app.state.exit_on_load_failure))
     app.state.loading = loading
     try:
         yield
@@ -77,11 +87,16 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await holder.batcher.close()
 
 
-def _report_load(task: asyncio.Task[None]) -> None:
+def _report_load(task: asyncio.Task[None], *, exit_process: bool) -> None:
     if task.cancelled():
         return
     exc = task.exception()
-    if exc is not None:
+    if exc is None:
+        return
+    if exit_process:
+        LOGGER.error("model load failed, stopping the server: %s", exc)
+        os.kill(os.getpid(), signal.SIGTERM)
+    else:
         LOGGER.error("model load failed, the server stays not ready: %s", exc)
 
 

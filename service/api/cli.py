@@ -51,7 +51,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     from service.api.app import create_app
 
-    app = create_app(settings)
+    app = create_app(settings, exit_on_load_failure=True)
     LOGGER.info("serving %s on http://%s:%d", path, settings.host, settings.port)
     uvicorn.run(
         app,

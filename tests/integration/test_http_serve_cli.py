@@ -125,3 +125,18 @@ def test_serving_path_never_imports_torch(http_store):
         check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_serve_stops_when_the_backend_cannot_be_created(http_store):
+    env = env_for(http_store, MIXINFER_PORT=str(free_port()), MIXINFER_PROVIDERS="NoSuchExecutionProvider")
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode != 0
+    assert "model load failed, stopping the server" in out.stderr and "NoSuchExecutionProvider" in out.stderr
