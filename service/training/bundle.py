@@ -33,7 +33,7 @@ def default_train_config(dataset: str, training: Training, arch: str | None = No
     Unset (None) overrides keep the default; ``epochs`` without ``milestones`` rescales the schedule.
     """
     arch = arch or DEFAULT_ARCH.get(dataset, "resnet18")
-    mnist_like = dataset == "mnist5k" or arch == "mnist_cnn"
+    mnist_like = dataset == "mnist5k"
     if mnist_like:
         base: dict[str, Any] = {"epochs": 50, "lr": 0.01, "weight_decay": 0.0, "augment": Augment.SHIFT, "pad": 2}
         if training is Training.IAT:

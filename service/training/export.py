@@ -88,6 +88,8 @@ def export_onnx(model: Classifier, path: Path, input_shape: tuple[int, int, int]
     with warnings.catch_warnings():
         # the legacy exporter is chosen on purpose (single self-contained file); its deprecation notice is noise
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # our networks read static spatial sizes (only the batch axis is dynamic); other modules still warn
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"service\.training\.models")
         torch.onnx.export(
             model,
             (dummy,),

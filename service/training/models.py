@@ -64,7 +64,8 @@ def _conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> list[nn.M
 class MnistCNN(nn.Module):
     """Three conv stages (32/64/128 channels, 3x3, BN, ReLU, 2x2 max-pool) and a 2-layer head; 0.24 M params.
 
-    Sized for 28x28 inputs (any H, W >= 8 work through the adaptive pool); about 7.6 M multiply-adds per image.
+    Sized for 28x28 inputs (other sizes >= 8 work: the last feature map is pooled or resized to 3x3); about
+    7.6 M multiply-adds per image at 28x28.
     """
 
     def __init__(self, n_classes: int = 10, in_channels: int = 1) -> None:
@@ -86,7 +87,13 @@ class MnistCNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.features(x)))
+        y = self.features(x)
+        h, w = int(y.shape[-2]), int(y.shape[-1])
+        if h % 3 or w % 3:
+            # ONNX has no adaptive pooling to a size that does not divide the input (e.g. 4x4 for 32x32 inputs):
+            # resize the final feature map to the 3x3 grid instead; 28x28 inputs (3x3 already) never come here
+            return self.head(torch.nn.functional.interpolate(y, size=(3, 3), mode="bilinear", align_corners=False))
+        return self.head(self.pool(y))
 
 
 # --- the reference "ResNet-50" (resnet_3layer.py of P2333/Mixup-Inference) --------------------------------------

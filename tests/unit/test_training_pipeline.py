@@ -187,3 +187,26 @@ def test_step_by_step_cli_builds_the_same_kind_of_bundle_and_recalibrates_it(tmp
     again = load_bundle(bundle, require_weights=True).manifest
     assert again.mi.threshold == 0.2 and again.mi.threshold_rule == "fixed=0.2" and out["threshold"] == 0.2
     assert again.accuracy.plain == m.accuracy.plain and again.files == m.files
+
+
+def test_cifar_format_data_goes_through_the_same_pipeline(tmp_path):
+    from test_training_datasets import _fake_cifar10
+
+    md5 = _fake_cifar10(tmp_path / "c10", per_batch=24, seed=1)
+    cfg = default_train_config("cifar10", Training.MIXUP, "mnist_cnn", epochs=1, seed=0)
+    req = BundleRequest(
+        dataset="cifar10",
+        name="c10",
+        store=tmp_path / "store",
+        data_dir=tmp_path / "c10",
+        checksums=md5,
+        config=cfg,
+        progress=False,
+        threshold=0.2,
+    )
+    bundle = load_bundle(build_bundle(req), require_weights=True)
+    m = bundle.manifest
+    assert m.class_names[:2] == ("class0", "class1") and m.input.shape == (3, 32, 32)
+    assert np.array_equal(bundle.splits["test"], np.arange(120, 144))  # the official test batch, as is
+    assert m.mi.threshold == 0.2 and m.mi.threshold_rule == "fixed=0.2"
+    assert m.recipe.training["augment"] == "flip-crop" and m.recipe.training["pad"] == 4
