@@ -14,6 +14,14 @@ from service.errors import MixinferError, OverloadedError, UnauthorizedError
 
 LOGGER = logging.getLogger(__name__)
 
+
+class ClientGoneError(MixinferError):
+    """The client disconnected while its images waited; nobody reads this answer (logged and counted as 499)."""
+
+    status_code = 499
+    code = "client_closed_request"
+
+
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "payload_too_large"}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from dataclasses import dataclass
@@ -9,7 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi import Request
 from numpy.typing import NDArray
+from starlette.types import Receive
 
+from service.api.errors import ClientGoneError
 from service.api.middleware import LOG_KEY, START_KEY
 from service.api.runtime import LoadedModel, ModelHolder
 from service.config import Settings
@@ -30,6 +33,32 @@ class Answer:
     adversarial: list[bool | None]
 
 
+async def _until_disconnect(receive: Receive) -> None:
+    """Returns when the client has gone (the body was read already, so only a disconnect can arrive)."""
+    while (await receive())["type"] != "http.disconnect":
+        continue
+
+
+async def _submit_while_connected(
+    request: Request, holder: ModelHolder, images: NDArray[np.float32], mode: Mode, deadline: float
+) -> tuple[LoadedModel, MIResult]:
+    """Wait for the batcher, but withdraw the images if the client disconnects first (no work for nobody)."""
+    submit = asyncio.ensure_future(holder.batcher.submit(images, mode, deadline))
+    watch = asyncio.ensure_future(_until_disconnect(request.receive))
+    try:
+        await asyncio.wait((submit, watch), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        submit.cancel()
+        watch.cancel()
+        raise
+    watch.cancel()
+    if not submit.done():  # the client left: its queued images leave the queue
+        submit.cancel()
+        await asyncio.wait((submit,))
+        raise ClientGoneError("the client closed the connection before the answer was ready")
+    return submit.result()
+
+
 async def run_inference(
     request: Request,
     *,
@@ -41,7 +70,7 @@ async def run_inference(
 ) -> Answer:
     """Queue the images, wait for the engine, count the predictions; records branch/gap for the access log."""
     deadline = request.scope.get(START_KEY, 0.0) + settings.request_timeout_s
-    model, res = await holder.batcher.submit(images, mode, deadline)
+    model, res = await _submit_while_connected(request, holder, images, mode, deadline)
     if mode is Mode.COMBINED:
         adversarial: list[bool | None] = res.flagged.tolist()
     elif mode is Mode.PL:

@@ -22,6 +22,7 @@ class Gate:
         self.entered = threading.Event()
         self.warm = threading.Event()
         self.hold_warmup = False
+        self.seen: list[int] = []
 
     def __call__(self, inner):
         gate = self
@@ -31,6 +32,7 @@ class Gate:
 
             def probs(self, x):
                 if gate.armed:
+                    gate.seen.append(len(x))
                     gate.entered.set()
                     assert gate.open.wait(30), "test never opened the gate"
                 return inner.probs(x)
@@ -96,20 +98,25 @@ def test_deadline_gives_504_and_the_server_recovers(http_store):
         assert srv.client.post("/predict", json=body()).status_code == 200
 
 
-def test_a_client_that_disconnects_does_not_hurt_the_others(http_store):
+def test_a_client_that_disconnects_is_withdrawn_and_hurts_nobody(http_store):
     gate = Gate()
-    with run_server(settings_for(http_store, max_batch_images=8), wrap=gate) as srv, ThreadPoolExecutor(3) as pool:
+    settings = settings_for(http_store, max_batch_images=1, max_queue_images=8, max_images_per_request=4)
+    with run_server(settings, wrap=gate) as srv, ThreadPoolExecutor(3) as pool:
+        batcher = srv.holder.batcher
         gate.armed = True
+        gate.seen.clear()
         first = pool.submit(lambda: httpx.post(f"{srv.base_url}/predict", json=body(), timeout=30))
         assert gate.entered.wait(10)
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{srv.base_url}/predict", json=body(2), timeout=0.3)  # gives up and closes its connection
-        stays = pool.submit(lambda: httpx.post(f"{srv.base_url}/predict", json=body(3), timeout=30))
-        wait_until(lambda: srv.holder.batcher.inflight_batches == 2, 10, "next batch sealed")
+        sealed = pool.submit(lambda: httpx.post(f"{srv.base_url}/predict", json=body(), timeout=30))
+        wait_until(lambda: batcher.inflight_batches == 2, 10, "second batch sealed")
+        with pytest.raises(httpx.ReadTimeout):  # queued behind both; gives up and closes its connection
+            httpx.post(f"{srv.base_url}/predict", json=body(3), timeout=0.5)
+        wait_until(lambda: batcher.queued_images == 0, 10, "the images of the client that left are withdrawn")
         gate.open.set()
-        assert first.result().status_code == 200
-        r = stays.result()
-        assert r.status_code == 200 and len(r.json()["predictions"]) == 3
+        assert first.result().status_code == 200 and sealed.result().status_code == 200
+        assert gate.seen == [1, 1]  # the engine never computed anything for the client that left
+        assert srv.client.post("/predict", json=body(2)).status_code == 200
+        wait_until(lambda: srv.metric("mixinfer_requests_total", route="/predict", code="499") == 1, 10, "499")
 
 
 def test_readiness_flips_only_after_warm_up(http_store):
