@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import re
+import zipfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -238,7 +239,7 @@ def _npz(fpath: Path, keys: tuple[str, ...]) -> dict[str, NDArray[Any]]:
             return {k: data[k] for k in keys}
     except BundleError:
         raise
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # BadZipFile is no OSError
         raise BundleError(
             f"{fpath}: expected a numpy .npz without pickled objects, got unreadable data ({exc})"
         ) from exc
