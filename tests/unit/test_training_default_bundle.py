@@ -32,6 +32,7 @@ def test_committed_bundle_verifies_and_matches_its_dataset(path):
     assert np.isin(bundle.splits["pool"], bundle.splits["train"]).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", BUNDLES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_committed_bundle_numbers_are_recomputed_exactly_with_the_recorded_seed(path):
     m = load_bundle(_present(path)).manifest

@@ -65,6 +65,7 @@ def test_tiny_run_gives_a_bundle_the_loader_accepts_and_the_engine_serves(tiny_b
     assert res.label.shape == (16,) and np.allclose(res.probs.sum(axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_recorded_numbers_are_recomputed_exactly(tiny_bundle):
     m = load_bundle(tiny_bundle).manifest
     again = recompute_numbers(tiny_bundle)
@@ -167,6 +168,7 @@ def test_cli_registration_does_not_import_torch_and_documents_every_option():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+@pytest.mark.slow
 def test_step_by_step_cli_builds_the_same_kind_of_bundle_and_recalibrates_it(tmp_path, capsys):
     from service.cli import main
 
