@@ -1,4 +1,8 @@
-"""Typed dependencies: settings, the model holder, metrics, API-key and admin-key checks, per-key rate limit."""
+"""Typed dependencies: settings, the model holder, metrics, API-key and admin-key checks, per-key rate limit.
+
+Every dependency is ``async def`` on purpose: FastAPI runs a plain ``def`` dependency on its thread pool, which
+costs a thread hop per dependency per request.
+"""
 
 from __future__ import annotations
 
@@ -24,15 +28,15 @@ _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <key>"
 Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_holder(request: Request) -> ModelHolder:
+async def get_holder(request: Request) -> ModelHolder:
     return request.app.state.holder
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
@@ -78,7 +82,7 @@ def _key_index(given: bytes, keys: tuple[bytes, ...]) -> int:
     return found
 
 
-def require_api_key(request: Request, settings: SettingsDep, creds: Bearer) -> str:
+async def require_api_key(request: Request, settings: SettingsDep, creds: Bearer) -> str:
     """When API_KEYS is set, the request must carry one of them; returns the caller identity for rate limiting."""
     keys = settings.api_key_values()
     if keys:
@@ -96,7 +100,7 @@ def require_api_key(request: Request, settings: SettingsDep, creds: Bearer) -> s
     return who
 
 
-def require_admin(settings: SettingsDep, creds: Bearer) -> None:
+async def require_admin(settings: SettingsDep, creds: Bearer) -> None:
     """Admin routes: 403 when no ADMIN_KEY is configured, 401 without a key, 403 with any other key."""
     if settings.admin_key is None:
         raise ForbiddenError("admin routes are disabled: the server runs without MIXINFER_ADMIN_KEY")
