@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from service.api.responses import error_response
@@ -22,6 +23,8 @@ class ClientGoneError(MixinferError):
     code = "client_closed_request"
 
 
+#: status recorded when the client disconnects before its request is read (never sent: nobody is listening)
+CLIENT_CLOSED_REQUEST = 499
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "payload_too_large"}
 
 
@@ -57,6 +60,13 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
     return error_response(request.url.path, exc.status_code, code, str(exc.detail), dict(exc.headers or {}) or None)
 
 
+async def _on_client_disconnect(request: Request, exc: Exception) -> Response:
+    """The client went away while sending its body: nobody can read an answer. 499 (nginx's "client closed
+    request") keeps it out of the 5xx counts, the alerts and the error log."""
+    LOGGER.info("client disconnected during %s %s", request.method, request.url.path)
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
     LOGGER.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(request.url.path, 500, "internal_error", "internal server error; see the server log")
@@ -66,4 +76,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(MixinferError, _on_mixinfer_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(ClientDisconnect, _on_client_disconnect)
     app.add_exception_handler(Exception, _on_unexpected)
