@@ -7,8 +7,10 @@ After the corpus the server must still be up, must not have answered any 5xx, an
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 from corpus import C, Case, H, W, base_image, build_corpus, chw, encode
 from PIL import Image
-from relserver import Proc, start_serve
+from relserver import Proc, raw_post, read_response, start_serve
 from tinybundle import make_tiny_bundle
 
 pytestmark = pytest.mark.integration
@@ -112,6 +114,60 @@ def test_hostile_input(corpus_server: tuple[Proc, Path], case: Case) -> None:
         got = served_probs(case, payload)
         np.testing.assert_allclose(got, want, atol=2e-6, err_msg=f"{case.name}: the model saw other pixels")
     assert served.alive(), f"server died on {case.name}: {served.log()[-2000:]}"
+
+
+def test_slow_and_abandoned_bodies_do_not_block_others(corpus_server: tuple[Proc, Path]) -> None:
+    """8 clients drip a valid PNG over ~2 s, 4 send half a body and vanish; meanwhile 40 normal requests are all
+    answered before the first slow body is even complete, and the slow ones get correct answers at the end."""
+    served, _ = corpus_server
+    png = encode(Image.fromarray(base_image()), "PNG")
+    request = raw_post(f"127.0.0.1:{served.port}", "/predict", png, "image/png")
+    events: list[tuple[str, float]] = []
+
+    async def slow() -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        step = max(1, len(request) // 20)
+        for i in range(0, len(request), step):
+            writer.write(request[i : i + step])
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        events.append(("slow_sent", time.perf_counter()))
+        status, _, _ = await read_response(reader)
+        writer.close()
+        return status
+
+    async def abandoned() -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        writer.write(request[: len(request) // 2])
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.close()
+
+    async def fast() -> list[int]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        statuses = []
+        for _ in range(40):
+            writer.write(request)
+            statuses.append((await read_response(reader))[0])
+        events.append(("fast_done", time.perf_counter()))
+        writer.close()
+        return statuses
+
+    async def main() -> tuple[list[int], list[int]]:
+        slow_tasks = [asyncio.ensure_future(slow()) for _ in range(8)]
+        abandon = [asyncio.ensure_future(abandoned()) for _ in range(4)]
+        await asyncio.sleep(0.2)
+        fast_statuses = await fast()
+        await asyncio.gather(*abandon)
+        return fast_statuses, list(await asyncio.wait_for(asyncio.gather(*slow_tasks), timeout=60))
+
+    fast_statuses, slow_statuses = asyncio.run(main())
+    assert fast_statuses == [200] * 40
+    assert slow_statuses == [200] * 8
+    first_slow_done = min(t for e, t in events if e == "slow_sent")
+    fast_done = next(t for e, t in events if e == "fast_done")
+    assert fast_done < first_slow_done, "normal requests waited for the slow bodies"
+    assert served.alive()
 
 
 def test_server_survives_the_corpus(corpus_server: tuple[Proc, Path]) -> None:
