@@ -104,3 +104,31 @@ def test_live_metrics_pass_promtool(server, promtool):
         [promtool, "check", "metrics"], input=text.content, capture_output=True, timeout=60, check=False
     )
     assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()
+
+
+def test_each_stage_is_timed_where_it_runs(server):
+    def counts() -> dict[str, float]:
+        return {
+            s: server.metric("mixinfer_stage_duration_seconds_count", stage=s)
+            for s in ("decode", "queue", "clean", "mix_pl", "mix_ol")
+        }
+
+    before = counts()
+    assert server.client.post("/predict?mode=pl", json=one_image(1)).status_code == 200
+    after_pl = counts()
+    assert {s: after_pl[s] - before[s] for s in before} == {
+        "decode": 1,
+        "queue": 1,
+        "clean": 1,
+        "mix_pl": 1,
+        "mix_ol": 0,
+    }
+    assert server.client.post("/predict?mode=ol", json=one_image(2)).status_code == 200
+    after_ol = counts()
+    assert {s: after_ol[s] - after_pl[s] for s in before} == {
+        "decode": 1,
+        "queue": 1,
+        "clean": 1,
+        "mix_pl": 0,
+        "mix_ol": 1,
+    }
