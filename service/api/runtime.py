@@ -43,6 +43,10 @@ class TimedBackend:
         self._metrics = metrics
         self._stages: Iterator[str] = iter(())
 
+    def attach_metrics(self, metrics: Metrics | None) -> None:
+        """Start timing into ``metrics`` (after warm-up, so warm-up calls are not counted)."""
+        self._metrics = metrics
+
     def expect(self, mode: Mode) -> None:
         self._stages = iter(("mix_ol",) if mode is Mode.OL else ("mix_pl", "mix_ol"))
 
@@ -119,7 +123,7 @@ def load_model(
     for mode in (Mode.COMBINED, Mode.OL):  # every engine path once, OL at full width
         backend.expect(mode)
         engine(np.zeros((sizes[-1], *m.input.shape), dtype=np.float32), mode)
-    backend._metrics = metrics
+    backend.attach_metrics(metrics)
     c, h, w = m.input.shape
     spec = ImageSpec(c, h, w, strict_size=settings.strict_size, max_pixels=settings.max_pixels)
     LOGGER.info(
