@@ -39,7 +39,11 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     overrides: dict[str, Any] = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if overrides:
-        settings = settings.model_copy(update=overrides)
+        try:
+            settings = Settings.model_validate({**settings.model_dump(), **overrides})
+        except ValidationError as exc:
+            LOGGER.error("refusing to start, invalid --host/--port:\n%s", exc)
+            return 2
     configure_logging(settings.log_json, logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
     try:
         from service.store import load_bundle, resolve_bundle
