@@ -120,9 +120,10 @@ def load_model(
     engine = MIEngine(backend, bundle.pool_labels, m.mi, seed=settings.seed)
     sizes = tuple(sorted({1, settings.max_batch_images}))
     backend.warmup(sizes)
+    warmup_rng = np.random.default_rng(0)  # keeps a seeded engine's own stream untouched by warm-up
     for mode in (Mode.COMBINED, Mode.OL):  # every engine path once, OL at full width
         backend.expect(mode)
-        engine(np.zeros((sizes[-1], *m.input.shape), dtype=np.float32), mode)
+        engine(np.zeros((sizes[-1], *m.input.shape), dtype=np.float32), mode, rng=warmup_rng)
     backend.attach_metrics(metrics)
     c, h, w = m.input.shape
     spec = ImageSpec(c, h, w, strict_size=settings.strict_size, max_pixels=settings.max_pixels)
