@@ -73,9 +73,11 @@ def test_labelled_series_start_at_zero():
 
 
 def test_gap_buckets_are_0_01_wide_to_0_3_then_0_05():
-    assert GAP_BUCKETS[0] == -0.1 and GAP_BUCKETS[40] == 0.3 and GAP_BUCKETS[-1] == 1.0
-    np.testing.assert_allclose(np.diff(GAP_BUCKETS[:41]), 0.01, atol=1e-9)
-    np.testing.assert_allclose(np.diff(GAP_BUCKETS[40:]), 0.05, atol=1e-9)
+    assert GAP_BUCKETS[:5] == (-1.0, -0.5, -0.3, -0.2, -0.15)
+    fine = GAP_BUCKETS[5:]
+    assert fine[0] == -0.1 and fine[40] == 0.3 and fine[-1] == 1.0
+    np.testing.assert_allclose(np.diff(fine[:41]), 0.01, atol=1e-9)
+    np.testing.assert_allclose(np.diff(fine[40:]), 0.05, atol=1e-9)
 
 
 def test_every_computed_gap_is_observed_and_nan_is_not():
