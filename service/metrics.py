@@ -34,9 +34,13 @@ UNMATCHED_ROUTE = "unmatched"
 #: 0.01 wide in [-0.1, 0.3], 0.05 wide above; a few coarse buckets below -0.1, because a clean gap can be negative
 #: (blending can raise confidence) and the drift alert compares the median with calibrated quantiles down there.
 GAP_BUCKETS = (
-    (-1.0, -0.5, -0.3, -0.2, -0.15)
-    + tuple(round(-0.1 + 0.01 * i, 2) for i in range(41))
-    + tuple(round(0.35 + 0.05 * i, 2) for i in range(14))
+    -1.0,
+    -0.5,
+    -0.3,
+    -0.2,
+    -0.15,
+    *(round(-0.1 + 0.01 * i, 2) for i in range(41)),
+    *(round(0.35 + 0.05 * i, 2) for i in range(14)),
 )
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STAGE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
