@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="server seeds (default: fresh from OS entropy)")
     p.add_argument("--data-root", type=Path, default=None, help="dataset directory (CIFAR batches, image folders)")
     p.add_argument("--only", nargs="+", default=None, help="run only attacks whose name starts with these prefixes")
+    p.add_argument(
+        "--eps", type=float, default=None, help="headline eps of the adaptive rows (default: 0.3 MNIST, 8/255 CIFAR)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -56,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         data_root=args.data_root,
         only=tuple(args.only) if args.only else None,
+        eps=args.eps,
         show_progress=not args.no_progress,
     )
     paths = write_report(res, out)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +279,7 @@ def run_evaluation(
     seeds: list[int] | None = None,
     data_root: Path | None = None,
     only: tuple[str, ...] | None = None,
+    eps: float | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a loaded bundle (with weights) under ``budget``; returns the results (see ``report.write_report``).
@@ -289,6 +290,7 @@ def run_evaluation(
         seeds: server seeds of the scoring (default: ``budget.seeds`` fresh seeds from OS entropy, recorded).
         data_root: dataset directory (CIFAR, image folders).
         only: run only the attacks whose name starts with one of these prefixes.
+        eps: override the headline eps of the targeted, transfer, adaptive, black-box and cross-check rows.
         show_progress: tqdm progress bars on stderr.
     """
     from tqdm import tqdm
@@ -301,6 +303,8 @@ def run_evaluation(
     mi = DifferentiableMI.from_bundle(bundle)
     scorer = ServedScorer.from_bundle(bundle, seeds)
     threat = threat_for(tuple(bundle.manifest.input.shape))
+    if eps is not None:
+        threat = replace(threat, eps=eps)
     ctx = Context(mi, scorer, budget, threat, gen)
     x_np, y_np, idx = load_split(bundle, "test", budget.n_images, data_root)
     x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)

@@ -184,7 +184,13 @@ def make_plots(res: dict[str, Any], out_dir: Path) -> list[Path]:
     clean_gap = np.asarray(res["clean_gap"], dtype=float)
     headline = [r for r in rows if abs(r["eps"] - t["eps"]) < 1e-12 and r["group"] != "cross-check"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    bins = np.linspace(min(-0.1, np.nanmin(clean_gap)), 1.0, 45)
+    shown = [
+        np.asarray(r["gap"], dtype=float)
+        for r in headline
+        if r["name"].startswith(("pgd-gt", "eot-combined", "pl-aware"))
+    ]
+    lo = min([-0.1, float(np.nanmin(clean_gap))] + [float(np.nanmin(g)) for g in shown if np.isfinite(g).any()])
+    bins = np.linspace(lo, 1.0, 45)
     ax.hist(clean_gap[np.isfinite(clean_gap)], bins=bins, alpha=0.6, density=True, label="clean")
     for r in headline:
         if r["name"].startswith(("pgd-gt", "eot-combined", "pl-aware")):
