@@ -28,7 +28,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--out", type=Path, default=None, help="output directory (default: docs/robustness/<name>)")
     p.add_argument("--n-images", type=int, default=None, help="override the budget's number of test images")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="server seeds (default: fresh from OS entropy)")
-    p.add_argument("--data-root", type=Path, default=None, help="dataset directory (CIFAR batches, image folders)")
+    p.add_argument(
+        "--data-dir",
+        "--data-root",
+        dest="data_dir",
+        type=Path,
+        default=None,
+        help="dataset directory (CIFAR python batches, image folders); not used by mnist5k",
+    )
     p.add_argument("--only", nargs="+", default=None, help="run only attacks whose name starts with these prefixes")
     p.add_argument(
         "--eps", type=float, default=None, help="headline eps of the adaptive rows (default: 0.3 MNIST, 8/255 CIFAR)"
@@ -57,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         bundle,
         budget,
         seeds=args.seeds,
-        data_root=args.data_root,
+        data_root=args.data_dir,
         only=tuple(args.only) if args.only else None,
         eps=args.eps,
         show_progress=not args.no_progress,
