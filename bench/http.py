@@ -87,6 +87,11 @@ class ClosedLoopRow:
     wall_s: float
 
     @property
+    def cpu_ms_per_request(self) -> float:
+        """Server CPU milliseconds per request: less sensitive to other load on a shared machine than req/s."""
+        return 1000 * self.server_cpu_s / self.requests if self.requests else float("nan")
+
+    @property
     def client_share(self) -> float:
         """The load generator's share of the CPU time spent by client and server together."""
         total = self.client_cpu_s + self.server_cpu_s
@@ -293,6 +298,12 @@ def ratio(a: float, b: float) -> float:
     return a / b if b and np.isfinite(b) and np.isfinite(a) else float("nan")
 
 
+def cpu_ratio(r: Report, bundle: str, base: str, server: str, conns: int = 32) -> float:
+    """CPU per request of ``base`` over that of ``server`` at ``conns`` (> 1: ``server`` is cheaper per request)."""
+    a, b = r.row(bundle, base, conns), r.row(bundle, server, conns)
+    return ratio(a.cpu_ms_per_request, b.cpu_ms_per_request) if a and b else float("nan")
+
+
 def summary(report: Report) -> dict[str, Any]:
     r = report
     floor32 = r.rps("default", "io_floor", 32)
@@ -310,6 +321,10 @@ def summary(report: Report) -> dict[str, Any]:
         "naive_vs_io_floor_default": ratio(r.rps("default", "naive", 32), floor32),
         "http_vs_naive_default": ratio(mix_default32, r.rps("default", "naive", 32)),
         "p99_at_half_load_over_p50": ratio(half.p99_ms, p50_single) if half else float("nan"),
+        # CPU per request instead of requests/s: what each server costs, whatever share of a busy machine it got
+        "http_vs_io_floor_cpu": cpu_ratio(r, "default", "io_floor", "mixinfer"),
+        "http_vs_naive_cpu": cpu_ratio(r, "throughput", "naive", "mixinfer"),
+        "http_vs_naive_default_cpu": cpu_ratio(r, "default", "naive", "mixinfer"),
         "p99_at_half_load_ms": half.p99_ms if half else float("nan"),
         "single_client_p50_ms": p50_single,
         "max_rps_default": best,
@@ -317,7 +332,9 @@ def summary(report: Report) -> dict[str, Any]:
         "knee_fraction_of_max": (k.offered_rps / best) if k else float("nan"),
         "machine": r.machine,
         "bundles": r.bundles,
-        "closed_loop": [{**asdict(x), "client_share": x.client_share} for x in r.closed],
+        "closed_loop": [
+            {**asdict(x), "client_share": x.client_share, "cpu_ms_per_request": x.cpu_ms_per_request} for x in r.closed
+        ],
         "engine": r.engine,
         "open_loop": [asdict(x) for x in r.open_loop],
         "rss_mib": r.rss_mib,
@@ -351,12 +368,18 @@ def markdown(report: Report, s: dict[str, Any], args: argparse.Namespace) -> str
         f"| mixinfer / naive (throughput bundle) | {fmt(s['http_vs_naive'], 2)} | >= 1.2 on CPU, >= 2 on GPU |",
         f"| mixinfer / naive (default bundle) | {fmt(s['http_vs_naive_default'], 2)} | |",
         f"| p99 at 50 % of max throughput / single-client p50 | {fmt(s['p99_at_half_load_over_p50'], 2)} | <= 3 |",
+        f"| CPU/request: I/O floor / mixinfer (default bundle) | {fmt(s['http_vs_io_floor_cpu'], 2)} | |",
+        f"| CPU/request: naive / mixinfer (throughput bundle) | {fmt(s['http_vs_naive_cpu'], 2)} | |",
+        f"| CPU/request: naive / mixinfer (default bundle) | {fmt(s['http_vs_naive_default_cpu'], 2)} | |",
+        "",
+        "The CPU rows divide server CPU time per request (from /proc, whole process): on a shared machine they "
+        "say what each server costs, while requests/s also depend on the share of the cores each one got.",
         "",
         "## Closed loop: requests/s by concurrent connections",
         "",
         "| bundle | server | " + " | ".join(f"{c} conn" for c in args.connections)
-        + " | p50 ms @1 | p99 ms @32 | non-2xx | wrk CPU share @32 |",
-        "|---|---|" + "---|" * len(args.connections) + "---|---|---|---|",
+        + " | p50 ms @1 | p99 ms @32 | server CPU ms/req @32 | server cores @32 | non-2xx | wrk CPU share @32 |",
+        "|---|---|" + "---|" * len(args.connections) + "---|---|---|---|---|---|",
     ]  # fmt: skip
     for b in ("default", "throughput"):
         for kind in args.servers:
@@ -367,7 +390,9 @@ def markdown(report: Report, s: dict[str, Any], args: argparse.Namespace) -> str
             non2xx = sum(r.non_2xx + r.socket_errors for r in rows if r)
             lines.append(
                 f"| {b} | {kind} | " + " | ".join(fmt(r.rps, 0) if r else "–" for r in rows)
-                + f" | {fmt(r1.p50_ms if r1 else None, 2)} | {fmt(r32.p99_ms if r32 else None, 1)} | {non2xx} | "
+                + f" | {fmt(r1.p50_ms if r1 else None, 2)} | {fmt(r32.p99_ms if r32 else None, 1)} | "
+                f"{fmt(r32.cpu_ms_per_request if r32 else None, 2)} | "
+                f"{fmt(r32.server_cpu_s / r32.wall_s if r32 else None, 2)} | {non2xx} | "
                 f"{fmt(100 * r32.client_share if r32 else None, 0)} % |"
             )  # fmt: skip
     lines += [
