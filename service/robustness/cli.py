@@ -9,7 +9,7 @@ from pathlib import Path
 LOGGER = logging.getLogger(__name__)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``mixinfer evaluate`` to the dispatcher."""
     from service.robustness.budgets import BUDGETS
 

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,21 @@ def step_for(step: float, eps: float, steps: int) -> float:
     return max(step, 2.5 * eps / steps)
 
 
+def _oblivious(
+    ctx: Context, eps: float, step: float, which: str
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Oblivious untargeted PGD on the base model; label = clean prediction (``pred``) or ground truth (``gt``)."""
+    b, mi = ctx.budget, ctx.mi
+
+    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        label = mi.logits(x).argmax(1).detach() if which == "pred" else y
+        return pgd.pgd_untargeted(
+            mi.logits, x, label, eps=eps, step=step, steps=b.oblivious_steps, restarts=b.restarts, progress=ctx.progress
+        )
+
+    return run
+
+
 def attack_plan(ctx: Context, targets: torch.Tensor) -> list[AttackSpec]:
     """The attacks of one evaluation, in report order (budget and threat model from ``ctx``).
 
@@ -92,19 +108,7 @@ def attack_plan(ctx: Context, targets: torch.Tensor) -> list[AttackSpec]:
                     eps,
                     f"oblivious PGD on the base model, {b.oblivious_steps} steps of {step:.3g}, label = "
                     + ("the clean prediction (paper)" if which == "pred" else "the ground truth"),
-                    _batched(
-                        ctx,
-                        lambda x, y, eps=eps, which=which, step=step: pgd.pgd_untargeted(
-                            mi.logits,
-                            x,
-                            mi.logits(x).argmax(1).detach() if which == "pred" else y,
-                            eps=eps,
-                            step=step,
-                            steps=b.oblivious_steps,
-                            restarts=b.restarts,
-                            progress=ctx.progress,
-                        ),
-                    ),
+                    _batched(ctx, _oblivious(ctx, eps, step, which)),
                     baselines=True,
                 )
             )
@@ -162,7 +166,7 @@ def attack_plan(ctx: Context, targets: torch.Tensor) -> list[AttackSpec]:
                 ADAPTIVE,
                 e,
                 f"{what}, {steps_txt}, ground-truth label",
-                _batched(ctx, lambda x, y, fn=fn: fn(mi, x, y, gen=ctx.gen, progress=ctx.progress, **adaptive_kw)),
+                _batched(ctx, partial(fn, mi, gen=ctx.gen, progress=ctx.progress, **adaptive_kw)),
             )
         )
     specs.append(
@@ -302,7 +306,7 @@ def run_evaluation(
     gen = np.random.default_rng(np.random.SeedSequence())
     mi = DifferentiableMI.from_bundle(bundle)
     scorer = ServedScorer.from_bundle(bundle, seeds)
-    threat = threat_for(tuple(bundle.manifest.input.shape))
+    threat = threat_for(bundle.manifest.input.shape)
     if eps is not None:
         threat = replace(threat, eps=eps)
     ctx = Context(mi, scorer, budget, threat, gen)

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     adv_flags, _ = flag_counts(engine, x_adv, args.runs)
     wrong = backend.probs(x_adv).argmax(1) != y_np
     used: set[int] = set()
-    for i in np.flatnonzero((adv_flags >= args.runs) & wrong):
+    for i in np.flatnonzero((adv_flags >= args.runs) & wrong).tolist():
         if kept >= args.n_adversarial:
             break
         if int(y_np[i]) in used:  # one per true class

@@ -192,7 +192,7 @@ def make_plots(res: dict[str, Any], out_dir: Path) -> list[Path]:
     lo = min([-0.1, float(np.nanmin(clean_gap))] + [float(np.nanmin(g)) for g in shown if np.isfinite(g).any()])
     finite = [float(np.nanmax(g)) for g in [clean_gap, *shown] if np.isfinite(g).any()]
     hi = max([tau * 1.5, *finite]) + 0.02
-    bins = np.linspace(lo, hi, 45)
+    bins = np.linspace(lo, hi, 45).tolist()
     ax.hist(clean_gap[np.isfinite(clean_gap)], bins=bins, alpha=0.6, density=True, label="clean")
     for r in headline:
         if r["name"].startswith(("pgd-gt", "eot-combined", "pl-aware")):

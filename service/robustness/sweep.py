@@ -66,7 +66,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     if args.bundle is None:
         raise SystemExit("mixinfer calibrate --sweep: --bundle is required")
     bundle = load_bundle(Path(args.bundle), require_weights=True)
-    threat = threat_for(tuple(bundle.manifest.input.shape))
+    threat = threat_for(bundle.manifest.input.shape)
     eps = args.sweep_eps if args.sweep_eps is not None else threat.eps_curve[0]
     step = max(threat.step, 2.5 * eps / args.sweep_steps)
     x_np, y_np, _ = load_split(bundle, "calibration", args.sweep_images, getattr(args, "data_dir", None))
