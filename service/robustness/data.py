@@ -17,10 +17,17 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 
 
+#: seed of the subset an evaluation takes from a split (fixed: every budget and bundle sees the same images)
+SUBSET_SEED = 0
+
+
 def load_split(
     bundle: Bundle, split: str = "test", n: int | None = None, data_root: Path | None = None
 ) -> tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.int64]]:
-    """Images and labels of one recorded split, in split order (the first ``n`` when given).
+    """Images and labels of one recorded split; with ``n``, a fixed seeded random subset of n images.
+
+    Split indices are stored sorted and datasets such as mnist5k are sorted by class, so "the first n" would be
+    one or two classes only: the subset is the first n of a permutation seeded with :data:`SUBSET_SEED`.
 
     Args:
         bundle: a verified bundle.
@@ -30,6 +37,7 @@ def load_split(
 
     Returns:
         (float32 (n, C, H, W) in [0, 1] on the 8-bit grid, int64 labels (n,), int64 dataset indices (n,)).
+        Several classes appear even for small n (a test checks the subset is not class-sorted).
 
     Raises:
         BundleError: the dataset's hash differs from the manifest's, or the split is empty.
@@ -43,8 +51,8 @@ def load_split(
             f"dataset {info.name!r} at {data_root}: sha256 {ds.sha256} differs from the manifest's {info.sha256}"
         )
     idx = bundle.splits[split]
-    if n is not None:
-        idx = idx[:n]
+    if n is not None and n < idx.size:
+        idx = idx[np.random.default_rng(SUBSET_SEED).permutation(idx.size)[:n]]
     if idx.size == 0:
         raise BundleError(f"split {split!r} of {bundle.path} is empty, expected >= 1 image")
     images = ds.images[idx].astype(np.float32) / np.float32(255.0)

@@ -118,3 +118,11 @@ def test_eot_attack_through_mi_lowers_served_mi_accuracy(mnist_bundle, twin, dat
     adv = (scorer.score(quantize(x_adv, x, 0.3).numpy(), Mode.COMBINED).label == y.numpy()).all(axis=0).mean()
     # the fixture model is not mixup-trained, so MI's clean accuracy is modest; the attack must still halve it
     assert clean >= 0.2 and adv <= 0.5 * clean, (clean, adv)
+
+
+def test_evaluation_subsets_cover_every_class_although_splits_are_class_sorted(mnist_bundle):
+    # mnist5k rows are sorted by class and split indices are stored sorted: the first 30 would be all zeros
+    _, y, idx = load_split(mnist_bundle, "test", 30)
+    assert np.unique(y).size >= 7
+    _, y_again, idx_again = load_split(mnist_bundle, "test", 30)
+    np.testing.assert_array_equal(idx, idx_again)  # fixed seed: every run sees the same images
