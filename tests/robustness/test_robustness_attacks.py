@@ -124,5 +124,5 @@ def test_evaluation_subsets_cover_every_class_although_splits_are_class_sorted(m
     # mnist5k rows are sorted by class and split indices are stored sorted: the first 30 would be all zeros
     _, y, idx = load_split(mnist_bundle, "test", 30)
     assert np.unique(y).size >= 7
-    _, y_again, idx_again = load_split(mnist_bundle, "test", 30)
+    _, _, idx_again = load_split(mnist_bundle, "test", 30)
     np.testing.assert_array_equal(idx, idx_again)  # fixed seed: every run sees the same images
