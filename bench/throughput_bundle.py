@@ -198,12 +198,12 @@ def build(recipe: Recipe, *, force: bool = False) -> BenchBundle:
     return BenchBundle(STORE, recipe.name, bundle_dir, inputs, threshold, flagged)
 
 
-def default_bundle_inputs(bundle_dir: Path, n: int = 64, seed: int = 0) -> list[Path]:
-    """Bench inputs for a real bundle: ``n`` pool images (real data), written once as PNGs under runs/bench."""
+def default_bundle_inputs(bundle_dir: Path, n: int = 64, seed: int = 0, directory: Path | None = None) -> list[Path]:
+    """Bench inputs for a real bundle: ``n`` pool images (real data), written once as PNGs (default: under
+    ``runs/bench/inputs/<name>-<version>``)."""
     from service.store import load_bundle
 
-    name = f"{bundle_dir.parent.name}-{bundle_dir.name}"
-    directory = INPUTS / name
+    directory = directory or INPUTS / f"{bundle_dir.parent.name}-{bundle_dir.name}"
     existing = sorted(directory.glob("input_*.png"))
     if len(existing) == n:
         return existing
