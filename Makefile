@@ -35,10 +35,10 @@ install: $(VENV)/.installed  ## create .venv with .[serve,cpu,train,eval,dev]
 serve: $(SERVE_VENV)/.installed  ## serve the default bundle on $MIXINFER_HOST:$MIXINFER_PORT (lean env, no torch)
 	$(SERVE_VENV)/bin/mixinfer serve
 
-system-deps:  ## Debian's prometheus (promtool) and docker-compose, for the deploy tests
-	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null || ! command -v docker-compose >/dev/null; then \
+system-deps:  ## Debian's prometheus (promtool), docker-compose and wrk, for the deploy tests and benchmarks
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null || ! command -v docker-compose >/dev/null || ! command -v wrk >/dev/null; then \
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus docker-compose >/dev/null; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus docker-compose wrk >/dev/null; \
 	fi
 
 lint: install  ## ruff, import contracts
@@ -53,7 +53,7 @@ format: install
 test: install $(SERVE_VENV)/.installed system-deps lint  ## install what the tests need, then run the whole suite
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-bench: install  ## benchmarks; writes bench/results.md
+bench: install system-deps  ## benchmarks; writes bench/results.md
 	$(PY) bench/engine.py
 	$(PY) bench/http.py
 
