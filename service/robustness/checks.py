@@ -23,7 +23,9 @@ def _warn(messages: list[str], text: str) -> None:
     messages.append(text)
 
 
-def check_adaptive_vs_oblivious(acc: Mapping[str, float], oblivious: str, adaptive: tuple[str, ...]) -> list[str]:
+def check_adaptive_vs_oblivious(
+    acc: Mapping[str, float], oblivious: str, adaptive: tuple[str, ...], defence: str = "MI-Combined"
+) -> list[str]:
     """Adaptive attacks should be at least as strong as the oblivious one on the defended model."""
     out: list[str] = []
     if oblivious not in acc:
@@ -32,7 +34,7 @@ def check_adaptive_vs_oblivious(acc: Mapping[str, float], oblivious: str, adapti
     if best is not None and best > acc[oblivious] + 1e-9:
         _warn(
             out,
-            f"adaptive attacks are weaker than the oblivious one on MI-Combined (best adaptive accuracy {best:.3f} > "
+            f"adaptive attacks are weaker than the oblivious one on {defence} (best adaptive accuracy {best:.3f} > "
             f"oblivious {acc[oblivious]:.3f}): the adaptive attacks are probably under-optimised (more steps, EOT "
             "draws or restarts, or a different loss); treat the adaptive numbers as upper bounds",
         )

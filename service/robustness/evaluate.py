@@ -169,6 +169,21 @@ def attack_plan(ctx: Context, targets: torch.Tensor) -> list[AttackSpec]:
                 _batched(ctx, partial(fn, mi, gen=ctx.gen, progress=ctx.progress, **adaptive_kw)),
             )
         )
+    standalone = mi.params.ol_standalone
+    specs.append(
+        AttackSpec(
+            f"ol-standalone@{e:.3g}",
+            ADAPTIVE,
+            e,
+            f"direct EOT-PGD on the stand-alone MI-OL mode (λ {standalone.lam}, N {standalone.n}), {steps_txt}",
+            _batched(
+                ctx,
+                partial(
+                    ol_direct.ol_direct_pgd, mi, gen=ctx.gen, progress=ctx.progress, ol_spec=standalone, **adaptive_kw
+                ),
+            ),
+        )
+    )
     specs.append(
         AttackSpec(
             f"square@{e:.3g}",
@@ -361,6 +376,9 @@ def run_evaluation(
     acc_comb = {r["name"].split("@")[0]: r["accuracy"]["combined"]["worst"] for r in rows if r["eps"] == threat.eps}
     acc_comb["pgd"] = min(acc_comb.get("pgd-pred", 1.0), acc_comb.get("pgd-gt", 1.0))
     warnings += checks.check_adaptive_vs_oblivious(acc_comb, "pgd", ("eot-combined", "pl-aware", "ol-direct"))
+    acc_ol = {r["name"].split("@")[0]: r["accuracy"]["ol"]["worst"] for r in rows if r["eps"] == threat.eps}
+    acc_ol["pgd"] = min(acc_ol.get("pgd-pred", 1.0), acc_ol.get("pgd-gt", 1.0))
+    warnings += checks.check_adaptive_vs_oblivious(acc_ol, "pgd", ("ol-standalone",), defence="MI-OL")
     warnings += checks.check_blackbox_vs_whitebox(
         acc_comb, "square", ("eot-combined", "pl-aware", "ol-direct", "transfer", "apgd-eot", "autoattack-rand")
     )

@@ -62,6 +62,7 @@ def test_evaluate_quick_runs_end_to_end_and_writes_a_well_formed_report(mnist_bu
         "eot-combined",
         "pl-aware",
         "ol-direct",
+        "ol-standalone",
         "square",
         "apgd-eot",
     ):
