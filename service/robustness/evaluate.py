@@ -45,6 +45,10 @@ class Context:
     gen: np.random.Generator
     progress: Callable[[int], None] = field(default=lambda n: None)
 
+    def step(self, n: int) -> None:
+        """Advance the current attack's progress bar (looked up at call time: bars change per attack)."""
+        self.progress(n)
+
 
 @dataclass(frozen=True)
 class AttackSpec:
@@ -166,7 +170,7 @@ def attack_plan(ctx: Context, targets: torch.Tensor) -> list[AttackSpec]:
                 ADAPTIVE,
                 e,
                 f"{what}, {steps_txt}, ground-truth label",
-                _batched(ctx, partial(fn, mi, gen=ctx.gen, progress=ctx.progress, **adaptive_kw)),
+                _batched(ctx, partial(fn, mi, gen=ctx.gen, progress=ctx.step, **adaptive_kw)),
             )
         )
     standalone = mi.params.ol_standalone
@@ -178,9 +182,7 @@ def attack_plan(ctx: Context, targets: torch.Tensor) -> list[AttackSpec]:
             f"direct EOT-PGD on the stand-alone MI-OL mode (λ {standalone.lam}, N {standalone.n}), {steps_txt}",
             _batched(
                 ctx,
-                partial(
-                    ol_direct.ol_direct_pgd, mi, gen=ctx.gen, progress=ctx.progress, ol_spec=standalone, **adaptive_kw
-                ),
+                partial(ol_direct.ol_direct_pgd, mi, gen=ctx.gen, progress=ctx.step, ol_spec=standalone, **adaptive_kw),
             ),
         )
     )
