@@ -11,7 +11,7 @@ MIXINFER_MODEL_DIR ?= model_store
 export MIXINFER_HOST MIXINFER_PORT MIXINFER_MODEL_DIR
 PYTEST_ARGS ?=
 
-.PHONY: help install serve test lint format bench bundle bundle-iat evaluate system-deps schema clean
+.PHONY: help install serve test lint format bench bundle bundle-iat evaluate evaluate-iat examples system-deps schema clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -63,8 +63,14 @@ bundle: install  ## rebuild model_store/mnist-mixup/1 end to end on CPU
 bundle-iat: install  ## an interpolated-adversarial-training MNIST bundle next to it
 	$(VENV)/bin/mixinfer bundle --dataset mnist5k --name mnist-iat --version 1 --training iat --target-fpr 0.05 --force
 
-evaluate: install  ## robustness report of the default bundle with the cpu budget
-	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/1 --budget cpu --out docs/robustness/mnist-mixup
+evaluate: install  ## robustness report of the default bundle with the cpu budget (adaptive rows at eps 0.1)
+	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/1 --budget cpu --eps 0.1 --out docs/robustness/mnist-mixup
+
+evaluate-iat: install  ## robustness report of the interpolated-AT bundle with the cpu budget (eps 0.3)
+	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/1 --budget cpu --out docs/robustness/mnist-iat
+
+examples: install  ## regenerate examples/ (clean digits, adversarial ones the server flags)
+	$(PY) -m service.robustness.examples --bundle model_store/mnist-mixup/1 --out examples
 
 schema: install  ## regenerate model_store/manifest.schema.json
 	$(PY) -c 'from pathlib import Path; from service.manifest import write_json_schema; write_json_schema(Path("model_store/manifest.schema.json"))'
