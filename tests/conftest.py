@@ -1,4 +1,4 @@
-"""Shared test plumbing: the gpu marker, tools that must exist under CI, and the tiny real model bundle.
+"""Shared test plumbing: the gpu marker and the tiny real model bundle (``require_tool``/``IN_CI``: ``testtools``).
 
 Fixtures:
     tiny_bundle: Path of a fresh, verified bundle ``<tmp>/store/tiny/1`` (4 classes, (1, 8, 8) images, 6 pool
@@ -9,25 +9,11 @@ Fixtures:
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 from tinybundle import make_tiny_bundle
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def require_tool(name: str) -> str:
-    """Path of an external tool; skip locally when missing, fail under CI (where `make test` installs it)."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"required tool {name!r} not found on PATH (`make system-deps` installs it)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def _cuda_available() -> bool:

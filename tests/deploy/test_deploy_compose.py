@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import require_tool
 from deploy_support import COMPOSE_CPU, COMPOSE_FILES, COMPOSE_GPU, REPO, Stage, load_yaml, parse_dockerfile
+from testtools import require_tool
 
 IMAGE_TAG = re.compile(r"^[\w./-]+:(v?\d+\.\d+\.\d+[\w.-]*)$")
 SERVICES = {

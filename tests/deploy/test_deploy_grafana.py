@@ -8,7 +8,6 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import require_tool
 from deploy_support import (
     ALERTS,
     COMPOSE_GPU,
@@ -22,6 +21,7 @@ from deploy_support import (
     panel_queries,
     substitute_grafana_variables,
 )
+from testtools import require_tool
 
 # the panels issue 6 asks for: a title fragment (lower case) each
 REQUIRED_PANELS = (

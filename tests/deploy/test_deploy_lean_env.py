@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import IN_CI, require_tool
 from deploy_support import REPO
+from testtools import IN_CI, require_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -32,8 +32,8 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from conftest import IN_CI, require_tool
 from deploy_support import ALERTS, REPO, dashboard, dashboard_panels, substitute_grafana_variables
+from testtools import IN_CI, require_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import require_tool
 from deploy_support import (
     ALERT_TESTS,
     ALERTS,
@@ -20,6 +19,7 @@ from deploy_support import (
     architecture_metric_names,
     load_yaml,
 )
+from testtools import require_tool
 
 NEVER = "vector(1) < 0"
 

@@ -1,32 +1,14 @@
-"""Fixtures of the HTTP tests: a tiny real model store and a shared real server (helpers live in mixserver.py).
-
-pytest imports every ``conftest.py`` under the module name ``conftest``; tests elsewhere do
-``from conftest import require_tool, IN_CI``, so this file re-exports those names from ``tests/conftest.py``.
-"""
+"""Fixtures of the HTTP tests: a tiny real model store and a shared real server (helpers live in mixserver.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from mixserver import ADMIN_KEY, Served, run_server, settings_for
+from testtools import require_tool
 from tinybundle import make_tiny_bundle
-
-
-def _root_conftest():
-    path = Path(__file__).resolve().parent.parent / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_mixinfer_root_conftest", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_root = _root_conftest()
-IN_CI = _root.IN_CI
-require_tool = _root.require_tool
 
 
 @pytest.fixture(scope="session")

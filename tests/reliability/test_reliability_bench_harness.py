@@ -62,7 +62,7 @@ def test_open_loop_counts_refused_connections() -> None:
 
 
 def test_wrk_script_reports_requests_and_errors(floor: tuple[Server, list[Path]]) -> None:
-    from conftest import require_tool
+    from testtools import require_tool
 
     require_tool("wrk")
     from bench.http import BundleUnderTest, wrk
