@@ -1,4 +1,5 @@
-"""The L-inf PGD loop, the EOT gradient, the eps-ball projection and the 8-bit rounding shared by the attacks."""
+"""The L-inf PGD loop, the EOT gradient and EOT-PGD, the eps-ball projection and the 8-bit rounding shared by the
+attacks."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import TypeAlias
 
+import numpy as np
 import torch
 
 LOGGER = logging.getLogger(__name__)
@@ -106,3 +108,36 @@ def pgd_linf(
         best[better] = x_adv[better]
         best_obj = torch.where(better, obj, best_obj)
     return best
+
+
+def eot_pgd_linf(
+    loss_fn: DrawLoss,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step: float,
+    steps: int,
+    eot: int,
+    restarts: int,
+    gen: np.random.Generator,
+    draw_chunk: int,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Untargeted :func:`pgd_linf` ascending the :func:`eot_gradient` of ``loss_fn`` (``eot`` draws per step).
+
+    The random starts come from a torch generator seeded with one draw of ``gen``; ``loss_fn`` keeps drawing
+    its partners from ``gen`` itself.
+    """
+    tgen = torch.Generator().manual_seed(int(gen.integers(2**31)))
+    return pgd_linf(
+        x,
+        y,
+        lambda xa, ya: eot_gradient(loss_fn, xa, ya, eot, draw_chunk),
+        eps=eps,
+        step=step,
+        steps=steps,
+        restarts=restarts,
+        gen=tgen,
+        progress=progress,
+    )

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from service.mi.params import Mode
-from service.robustness.attacks.core import DrawLoss, eot_gradient, pgd_linf
+from service.robustness.attacks.core import DrawLoss, eot_pgd_linf
 from service.robustness.pipeline import DifferentiableMI
 
 #: floor inside the log of averaged probabilities (they can be exactly 0 in float32)
@@ -60,15 +60,16 @@ def eot_pgd_combined(
 ) -> torch.Tensor:
     """Untargeted EOT-PGD on MI-Combined's returned probabilities (ground-truth ``y``)."""
     loss_fn = combined_loss(mi, gen)
-    tgen = torch.Generator().manual_seed(int(gen.integers(2**31)))
-    return pgd_linf(
+    return eot_pgd_linf(
+        loss_fn,
         x,
         y,
-        lambda xa, ya: eot_gradient(loss_fn, xa, ya, eot, draw_chunk),
         eps=eps,
         step=step,
         steps=steps,
+        eot=eot,
         restarts=restarts,
-        gen=tgen,
+        gen=gen,
+        draw_chunk=draw_chunk,
         progress=progress,
     )

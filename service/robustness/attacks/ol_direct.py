@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from service.mi.params import MixSpec, Mode
-from service.robustness.attacks.core import DrawLoss, eot_gradient, pgd_linf
+from service.robustness.attacks.core import DrawLoss, eot_pgd_linf
 from service.robustness.attacks.eot_combined import nll
 from service.robustness.pipeline import DifferentiableMI
 
@@ -52,15 +52,16 @@ def ol_direct_pgd(
 ) -> torch.Tensor:
     """Untargeted EOT-PGD on MI-OL (default: the branch MI-Combined answers flagged inputs with)."""
     loss_fn = ol_loss(mi, gen, ol_spec if ol_spec is not None else mi.params.ol_combined)
-    tgen = torch.Generator().manual_seed(int(gen.integers(2**31)))
-    return pgd_linf(
+    return eot_pgd_linf(
+        loss_fn,
         x,
         y,
-        lambda xa, ya: eot_gradient(loss_fn, xa, ya, eot, draw_chunk),
         eps=eps,
         step=step,
         steps=steps,
+        eot=eot,
         restarts=restarts,
-        gen=tgen,
+        gen=gen,
+        draw_chunk=draw_chunk,
         progress=progress,
     )

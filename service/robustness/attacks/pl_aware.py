@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from service.mi.params import Mode
-from service.robustness.attacks.core import DrawLoss, eot_gradient, pgd_linf
+from service.robustness.attacks.core import DrawLoss, eot_pgd_linf
 from service.robustness.attacks.eot_combined import nll
 from service.robustness.pipeline import DifferentiableMI
 
@@ -55,15 +55,16 @@ def pl_aware_pgd(
 ) -> torch.Tensor:
     """Untargeted detector-aware EOT-PGD on the PL branch."""
     loss_fn = pl_aware_loss(mi, gen, kappa, margin)
-    tgen = torch.Generator().manual_seed(int(gen.integers(2**31)))
-    return pgd_linf(
+    return eot_pgd_linf(
+        loss_fn,
         x,
         y,
-        lambda xa, ya: eot_gradient(loss_fn, xa, ya, eot, draw_chunk),
         eps=eps,
         step=step,
         steps=steps,
+        eot=eot,
         restarts=restarts,
-        gen=tgen,
+        gen=gen,
+        draw_chunk=draw_chunk,
         progress=progress,
     )
