@@ -91,6 +91,29 @@ def _deep_update(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, A
     return out
 
 
+def bundle_mi_fields() -> dict[str, Any]:
+    """The manifest ``mi`` section of the test bundles: fixed threshold 0.2, paper-like lambdas and N."""
+    return {
+        "lam_pl": 0.5,
+        "n_pl": 5,
+        "threshold": 0.2,
+        "threshold_rule": "fixed=0.2",
+        "ol_combined": {"lam": 0.4, "n": 15},
+        "ol_standalone": {"lam": 0.5, "n": 30},
+    }
+
+
+def placeholder_calibration_fields(n_cal: int, seed: int) -> dict[str, Any]:
+    """A placeholder manifest ``calibration`` section (fixed quantiles) for a calibration split of ``n_cal``."""
+    return {
+        "split": "calibration",
+        "n_images": n_cal,
+        "seed": seed,
+        "gap_quantiles": {"0.05": 0.0, "0.5": 0.05, "0.95": 0.2},
+        "false_flag_rate": 0.05,
+    }
+
+
 def make_tiny_bundle(
     directory: Path,
     *,
@@ -159,22 +182,9 @@ def make_tiny_bundle(
             "sha256": hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest(),
             "n_images": n_images,
         },
-        "mi": {
-            "lam_pl": 0.5,
-            "n_pl": 5,
-            "threshold": 0.2,
-            "threshold_rule": "fixed=0.2",
-            "ol_combined": {"lam": 0.4, "n": 15},
-            "ol_standalone": {"lam": 0.5, "n": 30},
-        },
+        "mi": bundle_mi_fields(),
         "splits": {"train": n_train, "pool": n_pool, "calibration": n_cal, "test": n_test},
-        "calibration": {
-            "split": "calibration",
-            "n_images": n_cal,
-            "seed": seed,
-            "gap_quantiles": {"0.05": 0.0, "0.5": 0.05, "0.95": 0.2},
-            "false_flag_rate": 0.05,
-        },
+        "calibration": placeholder_calibration_fields(n_cal, seed),
         "accuracy": {"split": "test", "n_images": n_test, "seed": seed, "plain": 0.5, "mi_combined": 0.5},
         "recipe": {"command": "tests.tinybundle.make_tiny_bundle", "seed": seed, "mixinfer_version": "0.1.0"},
     }

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tinybundle import bundle_mi_fields, placeholder_calibration_fields
 
 
 def build_mnist_bundle(store: Path, *, name: str = "mnist-test", seed: int = 0, epochs: int = 1) -> Path:
@@ -70,22 +71,9 @@ def build_mnist_bundle(store: Path, *, name: str = "mnist-test", seed: int = 0, 
             "class_names": [str(k) for k in range(10)],
             "input": {"name": "images", "shape": [1, 28, 28], "range": [0.0, 1.0], "output_name": "logits"},
             "dataset": {"name": "mnist5k", "sha256": ds.sha256, "n_images": int(ds.images.shape[0])},
-            "mi": {
-                "lam_pl": 0.5,
-                "n_pl": 5,
-                "threshold": 0.2,
-                "threshold_rule": "fixed=0.2",
-                "ol_combined": {"lam": 0.4, "n": 15},
-                "ol_standalone": {"lam": 0.5, "n": 30},
-            },
+            "mi": bundle_mi_fields(),
             "splits": {"train": train.size, "pool": pool.size, "calibration": cal.size, "test": test.size},
-            "calibration": {
-                "split": "calibration",
-                "n_images": cal.size,
-                "seed": seed,
-                "gap_quantiles": {"0.05": 0.0, "0.5": 0.05, "0.95": 0.2},
-                "false_flag_rate": 0.05,
-            },
+            "calibration": placeholder_calibration_fields(cal.size, seed),
             "accuracy": {"split": "test", "n_images": test.size, "seed": seed, "plain": 0.9, "mi_combined": 0.9},
             "recipe": {"command": "tests/robustness/conftest.py", "seed": seed, "mixinfer_version": "0.1.0"},
         },
