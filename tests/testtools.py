@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -20,3 +24,17 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def serve_until_exit(env: dict[str, str], timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m service.cli serve`` from the repository root until it exits (the start-up refusals); its
+    stdout and stderr come back as text, and a non-zero exit is the caller's to check."""
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )

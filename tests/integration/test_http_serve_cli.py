@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from testtools import serve_until_exit
 
 pytestmark = pytest.mark.integration
 
@@ -87,15 +88,7 @@ def test_serve_runs_uvicorn_on_the_configured_address(http_store):
 )
 def test_serve_refuses_to_start_on_bad_settings_or_bundles(http_store, extra, needle):
     env = env_for(http_store, MIXINFER_PORT=str(free_port()), **extra)
-    out = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    out = serve_until_exit(env, timeout_s=60)
     assert out.returncode == 2, out.stderr
     assert "refusing to start" in out.stderr and needle in out.stderr
 
@@ -129,14 +122,6 @@ def test_serving_path_never_imports_torch(http_store):
 
 def test_serve_stops_when_the_backend_cannot_be_created(http_store):
     env = env_for(http_store, MIXINFER_PORT=str(free_port()), MIXINFER_PROVIDERS="NoSuchExecutionProvider")
-    out = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    out = serve_until_exit(env, timeout_s=60)
     assert out.returncode != 0
     assert "model load failed, stopping the server" in out.stderr and "NoSuchExecutionProvider" in out.stderr

@@ -10,8 +10,6 @@ import io
 import json
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -23,7 +21,8 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from relserver import ADMIN_KEY, ROOT, Proc, free_port, raw_post, read_response, serve_env, start_serve
+from relserver import ADMIN_KEY, Proc, free_port, raw_post, read_response, serve_env, start_serve
+from testtools import serve_until_exit
 from tinybundle import make_tiny_bundle, rehash
 
 pytestmark = pytest.mark.integration
@@ -79,15 +78,7 @@ def test_broken_bundle_refused_at_start(tmp_path: Path, fault: str) -> None:
     breaker, words = BROKEN[fault]
     breaker(bundle)
     env = serve_env(tmp_path / "store", "tiny", free_port())
-    proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = serve_until_exit(env, timeout_s=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, f"{fault}: exit {proc.returncode}, log:\n{out[-2000:]}"
     assert "refusing to start" in out
@@ -99,15 +90,7 @@ def test_broken_bundle_refused_at_start(tmp_path: Path, fault: str) -> None:
 def test_missing_bundle_refused_at_start(tmp_path: Path) -> None:
     make_tiny_bundle(tmp_path / "store")
     env = serve_env(tmp_path / "store", "nosuchmodel", free_port())
-    proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = serve_until_exit(env, timeout_s=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "refusing to start" in out and "nosuchmodel" in out, out[-2000:]
 
