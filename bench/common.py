@@ -180,6 +180,22 @@ class Server:
         return self.proc.returncode
 
 
+def run_baseline_server(app: Any, port: int) -> None:
+    """Serve a baseline app (I/O floor, naive server) on ``127.0.0.1:port`` until stopped: uvloop and httptools
+    with no access log, as ``mixinfer serve`` runs, so that the comparison is about the app; warnings only."""
+    import uvicorn
+
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+    )
+
+
 def http_get(url: str, timeout_s: float = 2.0) -> tuple[int, bytes]:
     """GET ``url``; returns (status, body); connection errors raise OSError."""
     try:

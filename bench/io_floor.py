@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request, Response
 
+from bench.common import run_baseline_server
 from service.errors import MixinferError
 from service.manifest import MANIFEST_FILE
 from service.preprocess import ImageSpec, decode_image
@@ -76,17 +77,7 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, required=True, help="bundle directory (its manifest gives the shape)")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    import uvicorn
-
-    uvicorn.run(
-        create_app(args.bundle),
-        host="127.0.0.1",
-        port=args.port,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        access_log=False,
-    )
+    run_baseline_server(create_app(args.bundle), args.port)
 
 
 if __name__ == "__main__":

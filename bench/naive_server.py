@@ -26,6 +26,7 @@ import orjson
 from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from bench.common import run_baseline_server
 from service.errors import MixinferError
 from service.mi.params import Mode
 from service.preprocess import ImageSpec, decode_image
@@ -106,17 +107,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--intra-op-threads", type=int, default=None, help="ONNX Runtime threads (default: ORT's)")
     args = parser.parse_args()
-    import uvicorn
-
-    uvicorn.run(
-        create_app(args.bundle, args.intra_op_threads),
-        host="127.0.0.1",
-        port=args.port,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        access_log=False,
-    )
+    run_baseline_server(create_app(args.bundle, args.intra_op_threads), args.port)
 
 
 if __name__ == "__main__":
