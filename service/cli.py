@@ -31,6 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: third-party modules of the optional extras, and the extra that brings each
+EXTRA_OF_MODULE = {
+    "torch": "train",
+    "torchvision": "train",
+    "onnxscript": "train",
+    "mlxtend": "train",
+    "safetensors": "train",
+    "tqdm": "train",
+    "matplotlib": "eval",
+    "scipy": "eval",
+    "torchattacks": "eval",
+    "onnxruntime": "cpu",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``mixinfer``; returns the process exit code."""
     args = build_parser().parse_args(argv)
@@ -39,7 +54,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top not in EXTRA_OF_MODULE:
+            raise
+        extra = EXTRA_OF_MODULE[top]
+        hint = "torchattacks: pip install --no-deps torchattacks==3.5.1" if top == "torchattacks" else ""
+        print(
+            f"mixinfer {args.command}: needs the '{extra}' extra, missing module {top!r}; "
+            f"install it with `pip install -e '.[{extra}]'` (or `make install`). {hint}".rstrip(),
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -62,6 +62,21 @@ def test_lean_env_has_no_torch_and_exactly_one_onnxruntime(lean_python: Path):
     assert check.returncode == 0, check.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "extra"),
+    [
+        (["train", "--dataset", "mnist5k", "--run-dir", "runs/never"], "train"),
+        (["evaluate", "--bundle", "model_store/mnist-mixup/1", "--budget", "quick"], "train"),
+    ],
+)
+def test_commands_that_need_torch_say_which_extra_in_the_lean_env(lean_python: Path, args: list[str], extra: str):
+    mixinfer = SERVE_VENV / "bin" / "mixinfer"
+    done = subprocess.run([str(mixinfer), *args], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2, done.stderr
+    assert f"needs the '{extra}' extra, missing module 'torch'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
