@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,15 @@ def serve_until_exit(env: dict[str, str], timeout_s: float) -> subprocess.Comple
         timeout=timeout_s,
         check=False,
     )
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 15.0, kill_timeout_s: float = 5.0) -> int:
+    """SIGTERM a still-running process, SIGKILL it if it has not exited within ``timeout_s``; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=kill_timeout_s)
+    return int(proc.returncode)

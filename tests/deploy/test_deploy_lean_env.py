@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from deploy_support import REPO
-from testtools import IN_CI, require_tool
+from testtools import IN_CI, require_tool, stop_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -125,12 +124,7 @@ def _serve_and_predict(command: list[str], env: dict[str, str], store: Path, log
         if maps.exists():
             assert "libtorch" not in maps.read_text()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc)
     return proc
 
 

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import numpy as np
 import pytest
 import yaml
 from deploy_support import ALERTS, REPO, dashboard, dashboard_panels, substitute_grafana_variables
-from testtools import IN_CI, require_tool
+from testtools import IN_CI, require_tool, stop_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -81,16 +80,6 @@ def _wait_for(what: str, ok, timeout_s: float, proc: subprocess.Popen | None = N
         time.sleep(0.2)
     tail = log.read_text()[-4000:] if log else ""
     pytest.fail(f"{what}: not reached within {timeout_s} s\n{tail}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 # --- fixtures ----------------------------------------------------------------------------------------------------
@@ -224,8 +213,8 @@ def stack(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         _wait_for("mixinfer scraped", lambda: _instant(stack, 'up{job="mixinfer"}') == [1.0], 20, prometheus, prom_log)
         yield stack
     finally:
-        _stop(server)
-        _stop(prometheus)
+        stop_process(server)
+        stop_process(prometheus)
         dcgm.shutdown()
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from testtools import stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -95,14 +95,7 @@ class Proc:
 
     def stop(self, timeout_s: float = 30.0) -> int:
         self.client.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return int(self.proc.returncode)
+        return stop_process(self.proc, timeout_s, kill_timeout_s=10.0)
 
 
 def start_serve(
