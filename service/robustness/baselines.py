@@ -2,7 +2,8 @@
 
 Each baseline maps a batch (M, C, H, W) in [0, 1] to one random transform per image, vectorised (per-image
 parameters are tensors, transforms are gathers or ``grid_sample``). ``predict_baseline`` averages the softmax over
-``draws`` independent transforms per image, in one batched call per chunk of draws.
+``draws`` independent transforms per image, in one batched call per chunk of draws. Random parameters come from a
+CPU generator (the same draws on any device) and are moved to the input's device.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def _crop_range(h: int) -> tuple[int, int]:
 
 def gaussian_noise(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """x + N(0, 0.025^2), not clipped (as the reference)."""
-    return x + NOISE_STD * torch.randn(x.shape, generator=gen)
+    return x + NOISE_STD * torch.randn(x.shape, generator=gen).to(x.device)
 
 
 def random_rotation(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -41,7 +42,7 @@ def random_rotation(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     theta = (torch.rand(m, generator=gen) * 2.0 - 1.0) * math.radians(ROTATION_DEG)
     cos, sin = torch.cos(theta), torch.sin(theta)
     zeros = torch.zeros(m)
-    affine = torch.stack([torch.stack([cos, -sin, zeros], 1), torch.stack([sin, cos, zeros], 1)], 1)
+    affine = torch.stack([torch.stack([cos, -sin, zeros], 1), torch.stack([sin, cos, zeros], 1)], 1).to(x.device)
     grid = F.affine_grid(affine, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -62,8 +63,8 @@ def crop_pad(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     cc = jj - dst_c.view(m, 1, 1)
     inside = (rr >= 0) & (rr < s.view(m, 1, 1)) & (cc >= 0) & (cc < s.view(m, 1, 1))
     src = ((rr + src_r.view(m, 1, 1)).clamp(0, h - 1) * w + (cc + src_c.view(m, 1, 1)).clamp(0, w - 1)).view(m, 1, -1)
-    out = x.reshape(m, c, h * w).gather(2, src.expand(m, c, h * w)).view(m, c, h, w)
-    return out * inside.unsqueeze(1)
+    out = x.reshape(m, c, h * w).gather(2, src.to(x.device).expand(m, c, h * w)).view(m, c, h, w)
+    return out * inside.to(x.device).unsqueeze(1)
 
 
 def crop_resize(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -78,7 +79,7 @@ def crop_resize(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     ty = (2 * top + s) / h - 1
     tx = (2 * left + s) / w - 1
     zeros = torch.zeros(m)
-    affine = torch.stack([torch.stack([scale_x, zeros, tx], 1), torch.stack([zeros, scale_y, ty], 1)], 1)
+    affine = torch.stack([torch.stack([scale_x, zeros, tx], 1), torch.stack([zeros, scale_y, ty], 1)], 1).to(x.device)
     grid = F.affine_grid(affine, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 

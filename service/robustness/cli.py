@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Attack exactly what is served (same bundle, pool, N, lambda, threshold) and write results.json, "
             "report.md and plots. Torch supplies gradients only; final adversarial inputs are rounded to 8-bit "
             "pixels and scored by the served ONNX engine under several fresh server seeds (broken if any seed is "
-            "wrong). Budgets: quick (tests, ~20 images), cpu (this machine, < 1 h), paper (SPEC 9.3, GPU-sized)."
+            "wrong). Budgets: quick (tests, ~20 images), cpu (the committed reports, 100 images: minutes on a GPU, "
+            "~80 min on 2 CPU cores), paper (SPEC 9.3)."
         ),
     )
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory, e.g. model_store/mnist-mixup/1")
@@ -40,6 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--eps", type=float, default=None, help="headline eps of the adaptive rows (default: 0.3 MNIST, 8/255 CIFAR)"
     )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="torch device of the gradients: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ... "
+        "(scoring always runs the served ONNX engine on the CPU provider)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -56,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        LOGGER.error("--device %s: torch sees no CUDA device (torch %s)", device, torch.__version__)
+        return 2
     overrides = {"n_images": args.n_images} if args.n_images else {}
     budget = get_budget(args.budget, **overrides)
     bundle = load_bundle(args.bundle, require_weights=True)
@@ -67,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         data_root=args.data_dir,
         only=tuple(args.only) if args.only else None,
         eps=args.eps,
+        device=device,
         show_progress=not args.no_progress,
     )
     paths = write_report(res, out)

@@ -8,6 +8,8 @@ under several fresh seeds -> metrics -> checks -> ``results.json``, ``report.md`
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -195,8 +197,8 @@ def attack_plan(ctx: Context, targets: torch.Tensor) -> list[AttackSpec]:
             lambda c, x, y: torch.from_numpy(
                 square.square_linf(
                     c.scorer.fresh_probs,
-                    x.numpy(),
-                    y.numpy(),
+                    x.cpu().numpy(),
+                    y.cpu().numpy(),
                     eps=e,
                     queries=b.square_queries,
                     gen=c.gen,
@@ -240,9 +242,9 @@ def score_inputs(ctx: Context, x_adv: NDArray[np.float32]) -> dict[str, SeedScor
 def baseline_probs(ctx: Context, x: NDArray[np.float32]) -> dict[str, NDArray[np.float32]]:
     """Softmax averaged over ``baseline_draws`` random transforms, per baseline."""
     tgen = torch.Generator().manual_seed(int(ctx.gen.integers(2**31)))
-    xt = torch.from_numpy(x)
+    xt = torch.from_numpy(x).to(ctx.mi.device)
     return {
-        name: predict_baseline(ctx.mi.logits, fn, xt, ctx.budget.baseline_draws, gen=tgen).numpy()
+        name: predict_baseline(ctx.mi.logits, fn, xt, ctx.budget.baseline_draws, gen=tgen).cpu().numpy()
         for name, fn in BASELINES.items()
     }
 
@@ -301,6 +303,7 @@ def run_evaluation(
     data_root: Path | None = None,
     only: tuple[str, ...] | None = None,
     eps: float | None = None,
+    device: str = "cpu",
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a loaded bundle (with weights) under ``budget``; returns the results (see ``report.write_report``).
@@ -312,6 +315,8 @@ def run_evaluation(
         data_root: dataset directory (CIFAR, image folders).
         only: run only the attacks whose name starts with one of these prefixes.
         eps: override the headline eps of the targeted, transfer, adaptive, black-box and cross-check rows.
+        device: torch device of the differentiable twin (gradients); scoring always runs the served ONNX engine on
+            the CPU provider, so the numbers do not depend on it.
         show_progress: tqdm progress bars on stderr.
     """
     from tqdm import tqdm
@@ -321,15 +326,16 @@ def run_evaluation(
     started = time.time()
     seeds = seeds if seeds is not None else [int(s) for s in np.random.SeedSequence().generate_state(budget.seeds)]
     gen = np.random.default_rng(np.random.SeedSequence())
-    mi = DifferentiableMI.from_bundle(bundle)
+    mi = DifferentiableMI.from_bundle(bundle, device=device)
     scorer = ServedScorer.from_bundle(bundle, seeds)
     threat = threat_for(bundle.manifest.input.shape)
     if eps is not None:
         threat = replace(threat, eps=eps)
     ctx = Context(mi, scorer, budget, threat, gen)
     x_np, y_np, idx = load_split(bundle, "test", budget.n_images, data_root)
-    x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
+    x, y = torch.from_numpy(x_np).to(mi.device), torch.from_numpy(y_np).to(mi.device)
     targets = pgd.random_targets(y, mi.n_classes, gen)
+    targets_np = targets.cpu().numpy()
 
     clean_scores = score_inputs(ctx, x_np)
     clean = summarise(clean_scores, baseline_probs(ctx, x_np), y_np, None)
@@ -337,7 +343,7 @@ def run_evaluation(
     clean["gap_auroc"] = None
     warnings = checks.check_randomness(clean_scores[str(Mode.COMBINED)].label, budget.eot, len(seeds))
     _, grad = eot_gradient(eot_combined.combined_loss(mi, gen), x, y, budget.eot, 8)
-    warnings += checks.check_zero_gradients(grad.flatten(1).abs().sum(1).numpy())
+    warnings += checks.check_zero_gradients(grad.flatten(1).abs().sum(1).cpu().numpy())
 
     rows: list[dict[str, Any]] = []
     plan = [s for s in attack_plan(ctx, targets) if only is None or s.name.startswith(only)]
@@ -346,14 +352,14 @@ def run_evaluation(
         t0 = time.time()
         with tqdm(total=_steps_of(spec, budget, n), desc=spec.name, leave=False, disable=not show_progress) as bar:
             ctx.progress = bar.update
-            x_adv = quantize(spec.run(ctx, x[:n], y[:n]), x[:n], spec.eps).numpy()
+            x_adv = quantize(spec.run(ctx, x[:n], y[:n]), x[:n], spec.eps).cpu().numpy()
         attack_s = time.time() - t0
         delta = np.abs(x_adv - x_np[:n]).max()
         if delta > spec.eps + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:
             raise AssertionError(f"{spec.name}: perturbation {delta} exceeds eps {spec.eps} or leaves [0, 1]")
         scores = score_inputs(ctx, x_adv)
         base = baseline_probs(ctx, x_adv) if spec.baselines else {}
-        row = summarise(scores, base, y_np[:n], clean_gap[:, :n], targets[:n].numpy() if spec.targets else None)
+        row = summarise(scores, base, y_np[:n], clean_gap[:, :n], targets_np[:n] if spec.targets else None)
         row.update(
             name=spec.name,
             group=spec.group,
@@ -408,8 +414,24 @@ def run_evaluation(
         "attacks": rows,
         "worst_case": worst,
         "warnings": warnings,
+        "environment": environment(mi.device),
         "runtime_seconds": round(time.time() - started, 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Where the numbers came from: the twin's device, the scoring runtime, library versions, the host."""
+    import onnxruntime
+
+    return {
+        "torch_device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "scoring": "ONNX Runtime CPU provider",
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores",
+        "torch_threads": torch.get_num_threads(),
     }
 
 

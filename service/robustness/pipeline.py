@@ -60,6 +60,8 @@ class DifferentiableMI:
         pool_labels: int64 (P,), sorted ascending.
         params: the bundle's MI parameters.
         max_mixes_per_call: largest batch given to the network in one call (bounds memory).
+        device: torch device of the network, the pool and every tensor the pipeline makes (inputs must be on it);
+            partners are still drawn on the host by the engine's samplers.
 
     Example:
         >>> mi = DifferentiableMI.from_bundle(load_bundle(path, require_weights=True))
@@ -74,12 +76,14 @@ class DifferentiableMI:
         params: MIParams,
         *,
         max_mixes_per_call: int = 4096,
+        device: torch.device | str = "cpu",
     ) -> None:
-        self.model = model.eval()
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.params = params
-        self.pool_x = torch.from_numpy(np.array(pool_images, dtype=np.float32)).div_(255.0)
+        self.pool_x = torch.from_numpy(np.array(pool_images, dtype=np.float32)).to(self.device).div_(255.0)
         self.input_shape: tuple[int, int, int] = tuple(int(s) for s in pool_images.shape[1:])  # type: ignore[assignment]
         with torch.no_grad():
             self.n_classes = int(self.model(self.pool_x[:1]).shape[1])
@@ -87,12 +91,21 @@ class DifferentiableMI:
         self.max_mixes_per_call = max_mixes_per_call
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, **kwargs: int) -> DifferentiableMI:
+    def from_bundle(
+        cls, bundle: Bundle, *, device: torch.device | str = "cpu", max_mixes_per_call: int = 4096
+    ) -> DifferentiableMI:
         """Build from a loaded bundle: its weights, pool and manifest parameters (nothing else)."""
         from service.training.models import load_bundle_model
 
         model = load_bundle_model(bundle)
-        return cls(model, bundle.pool_images, bundle.pool_labels, bundle.manifest.mi, **kwargs)
+        return cls(
+            model,
+            bundle.pool_images,
+            bundle.pool_labels,
+            bundle.manifest.mi,
+            max_mixes_per_call=max_mixes_per_call,
+            device=device,
+        )
 
     # --- network calls -------------------------------------------------------------------------------------
     def logits(self, x: TImages) -> torch.Tensor:
@@ -120,6 +133,9 @@ class DifferentiableMI:
         blends = lam * x[:, None] + (1.0 - lam) * self.pool_x[partners]
         probs = torch.softmax(self.logits(blends.reshape(b * n, *x.shape[1:])), dim=1)
         return probs.view(b, n, -1).mean(dim=1)
+
+    def _on_device(self, indices: NDArray[np.int64]) -> torch.Tensor:
+        return torch.from_numpy(indices).to(self.device)
 
     # --- draws ----------------------------------------------------------------------------------------------
     def draw(self, y_hat: NDArray[np.int64], n: int, draws: int, same: bool, gen: np.random.Generator) -> DrawIndices:
@@ -161,13 +177,13 @@ class DifferentiableMI:
         gen = gen if gen is not None else np.random.default_rng()
         b = x.shape[0]
         clean = self.clean_probs(x)
-        y_hat = clean.detach().argmax(dim=1).numpy().astype(np.int64)
+        y_hat = clean.detach().argmax(dim=1).cpu().numpy().astype(np.int64)
         if pl_partners is not None:
             draws = pl_partners.shape[0]
         elif ol_partners is not None:
             draws = ol_partners.shape[0]
         k = clean.shape[1]
-        flagged = torch.zeros(draws, b, dtype=torch.bool)
+        flagged = torch.zeros(draws, b, dtype=torch.bool, device=x.device)
         if mode is Mode.OFF:
             probs = clean.unsqueeze(0).expand(draws, b, k)
             return MIOutput(probs, clean, None, None, None, flagged)
@@ -177,7 +193,7 @@ class DifferentiableMI:
         gap: torch.Tensor | None = None
         if mode in (Mode.COMBINED, Mode.PL):
             pl = pl_partners if pl_partners is not None else self.draw(y_hat, p.n_pl, draws, True, gen)
-            q_pl = self.mix_probs(x_rep, torch.from_numpy(pl.reshape(draws * b, -1)), p.lam_pl).view(draws, b, k)
+            q_pl = self.mix_probs(x_rep, self._on_device(pl.reshape(draws * b, -1)), p.lam_pl).view(draws, b, k)
             gap = clean.max(dim=1).values.unsqueeze(0) - q_pl.max(dim=2).values
             if mode is Mode.PL:
                 return MIOutput(q_pl, clean, q_pl, None, gap, flagged)
@@ -185,7 +201,7 @@ class DifferentiableMI:
 
         spec = ol_spec if ol_spec is not None else (p.ol_standalone if mode is Mode.OL else p.ol_combined)
         ol = ol_partners if ol_partners is not None else self.draw(y_hat, spec.n, draws, False, gen)
-        ol_flat = torch.from_numpy(ol.reshape(draws * b, -1))
+        ol_flat = self._on_device(ol.reshape(draws * b, -1))
         if mode is Mode.OL:
             q_ol = self.mix_probs(x_rep, ol_flat, spec.lam).view(draws, b, k)
             return MIOutput(q_ol, clean, None, q_ol, None, flagged)

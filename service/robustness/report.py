@@ -58,6 +58,17 @@ def _attack_table(rows: list[dict[str, Any]], with_baselines: bool) -> list[str]
     return lines
 
 
+def _where(env: dict[str, Any] | None) -> str:
+    """Where the gradients and the scores were computed (reports written before this was recorded say less)."""
+    if not env:
+        return "torch twin on the CPU"
+    twin = f"{env['torch_device']} ({env['gpu']})" if env.get("gpu") else env["torch_device"]
+    return (
+        f"torch {env['torch']} twin on {twin}, scoring by onnxruntime {env['onnxruntime']} ({env['scoring']}), "
+        f"host {env['host']}"
+    )
+
+
 def render_markdown(res: dict[str, Any]) -> str:
     """The human report (tables in percent; MI numbers are mean ± std over server seeds, then all-seeds)."""
     b, t = res["bundle"], res["threat"]
@@ -76,7 +87,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         f"{len(res['seeds'])} fresh server seeds ({', '.join(str(s) for s in res['seeds'])}). Cells read "
         "`mean ± std over seeds (all seeds right)`; the last figure counts an image only if every seed classified "
         "it correctly. Baselines average the softmax over random transforms.",
-        f"- Runtime {res['runtime_seconds'] / 60:.1f} min on this machine; created {res['created']}.",
+        f"- Runtime {res['runtime_seconds'] / 60:.1f} min; {_where(res.get('environment'))}; created {res['created']}.",
         "",
         "## Clean accuracy (%)",
         "",

@@ -12,7 +12,12 @@ from service.mi.engine import MIEngine, Partners
 from service.mi.params import MIParams, Mode
 from service.store import load_bundle
 
-pytestmark = pytest.mark.gpu
+ort = pytest.importorskip("onnxruntime")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(CUDA not in ort.get_available_providers(), reason="needs onnxruntime-gpu's CUDA provider"),
+]
 
 #: CUDA convolutions may use TF32 / other reduction orders: compare probabilities loosely
 ATOL = 2e-3

@@ -38,6 +38,8 @@ def test_evaluate_quick_runs_end_to_end_and_writes_a_well_formed_report(mnist_bu
             "--no-progress",
             "--threads",
             "1",
+            "--device",
+            "cpu",
             "--seeds",
             "1",
             "2",
@@ -49,6 +51,8 @@ def test_evaluate_quick_runs_end_to_end_and_writes_a_well_formed_report(mnist_bu
     res = json.loads((out / "results.json").read_text())
     assert res["budget"]["name"] == "quick" and res["seeds"] == [1, 2, 3]
     assert res["bundle"]["mi"]["n_pl"] == 5  # the served parameters, from the manifest
+    env = res["environment"]
+    assert env["torch_device"] == "cpu" and env["gpu"] is None and env["scoring"] == "ONNX Runtime CPU provider"
     n = res["budget"]["n_images"]
     assert len(res["test_indices"]) == n and len(res["clean_gap"]) == 3 * n
     groups = {r["group"] for r in res["attacks"]}
@@ -83,9 +87,21 @@ def test_evaluate_quick_runs_end_to_end_and_writes_a_well_formed_report(mnist_bu
         assert 0.0 <= w["all_attacks"] <= w["non_oblivious"] <= 1.0
     md = (out / "report.md").read_text()
     assert "budget `quick`" in md and "## Per-image worst case" in md and "MI-Combined" in md
+    assert "twin on cpu, scoring by onnxruntime" in md
     for plot in PLOTS:
         with Image.open(out / plot) as im:
             assert im.format == "PNG" and im.size[0] > 300
+
+
+def test_evaluate_refuses_a_cuda_device_that_torch_cannot_see(mnist_bundle_dir: Path, tmp_path: Path, caplog):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc = main(["evaluate", "--bundle", str(mnist_bundle_dir), "--device", "cuda", "--out", str(tmp_path / "r")])
+    assert rc == 2
+    assert "torch sees no CUDA device" in caplog.text
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.slow

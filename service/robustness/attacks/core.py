@@ -26,8 +26,8 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
 def quantize(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     """Round to 8-bit pixels while staying within ``eps`` of ``x`` and in [0, 1].
 
-    ``x`` must lie on the 8-bit grid (it comes from uint8 images); the perturbation is rounded in whole grey
-    levels and clipped to ``floor(eps * 255)`` levels, so rounding can never leave the ball.
+    Works on any device. ``x`` must lie on the 8-bit grid (it comes from uint8 images); the perturbation is rounded in
+    whole grey levels and clipped to ``floor(eps * 255)`` levels, so rounding can never leave the ball.
     """
     x255 = torch.round(x * 255.0)
     limit = float(torch.floor(torch.tensor(eps * 255.0 + 1e-6)))
@@ -46,7 +46,7 @@ def eot_gradient(
     Returns:
         (mean loss (B,), mean gradient (B, C, H, W)).
     """
-    total_loss = torch.zeros(x.shape[0])
+    total_loss = torch.zeros(x.shape[0], device=x.device)
     total_grad = torch.zeros_like(x)
     done = 0
     while done < eot:
@@ -93,9 +93,9 @@ def pgd_linf(
     """
     sign = -1.0 if targeted else 1.0
     best = x.clone()
-    best_obj = torch.full((x.shape[0],), -float("inf"))
+    best_obj = torch.full((x.shape[0],), -float("inf"), device=x.device)
     for _ in range(restarts):
-        noise = (torch.rand(x.shape, generator=gen) * 2.0 - 1.0) * eps
+        noise = (torch.rand(x.shape, generator=gen).to(x.device) * 2.0 - 1.0) * eps
         x_adv = project(x + noise, x, eps)
         for _ in range(steps):
             _, grad = grad_fn(x_adv, y)

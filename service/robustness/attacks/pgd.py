@@ -55,7 +55,7 @@ def pgd_untargeted(
 def random_targets(y: torch.Tensor, n_classes: int, gen: np.random.Generator) -> torch.Tensor:
     """One target per image, uniform over the classes other than ``y`` (closed form, no rejection loop)."""
     u = gen.integers(0, n_classes - 1, size=y.shape[0])
-    return (y + 1 + torch.from_numpy(u)) % n_classes
+    return (y + 1 + torch.from_numpy(u).to(y.device)) % n_classes
 
 
 def pgd_targeted(
