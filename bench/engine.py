@@ -122,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-seconds", type=float, default=0.4, help="minimum time per repeat")
     parser.add_argument("--reference-images", type=int, default=24, help="images through the per-image loops")
     parser.add_argument("--mixing", default="auto", choices=["auto", "host", "fused"])
+    parser.add_argument(
+        "--providers",
+        default="CPUExecutionProvider",
+        help="ONNX Runtime providers of the engine and the floor, in order (e.g. CUDAExecutionProvider)",
+    )
+    parser.add_argument("--torch-device", default="cpu", help="device of the reference-style torch loop (cpu, cuda)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     args = parser.parse_args(argv)
 
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         backend = OrtBackend(
             s.model_path,
             s.pool_images,
-            providers=["CPUExecutionProvider"],
+            providers=args.providers,
             mixing=args.mixing,
             intra_op_threads=args.threads,
             inter_op_threads=1,
@@ -153,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         # --- per-image loops (both branches always, as the reference code) ----------------------------------------
         xr = pick(args.reference_images)
 
+        torch_model = s.torch_model.to(args.torch_device)
+
         def torch_logits(x: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
-                return s.torch_model(torch.from_numpy(x)).numpy()
+                return torch_model(torch.from_numpy(x).to(args.torch_device)).cpu().numpy()
 
         def ref_torch() -> object:
             return reference_mi(
@@ -233,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         "mixing": backend.mixing,
         "provider": backend.provider,
         "threads": args.threads,
+        "reference_device": args.torch_device,
         "machine": f"{platform.machine()} {os.cpu_count()} cores (shared; figures are noisy)",
         "params": {"n_pl": p.n_pl, "n_ol": p.ol_combined.n, "threshold": p.threshold},
         "reference_img_s": reference,
@@ -251,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| implementation | batch | img/s clean | img/s all flagged | flag rate | floor (clean) | vs floor |")
     print("|---|---|---|---|---|---|---|")
     print(
-        f"| reference-style (torch eager, per image, both branches, {ref_threads} thread(s)) | 1 | {reference:.1f} | "
+        f"| reference-style (torch eager on {args.torch_device}, per image, both branches, {ref_threads} thread(s)) "
+        f"| 1 | {reference:.1f} | "
         f"{reference:.1f} | - | - | - |"
     )
     print(
