@@ -35,6 +35,30 @@ def test_predict_needs_a_configured_key(keyed):
         assert c.post("/predict", json=BODY, headers=bearer(key)).status_code == 200
 
 
+def test_openapi_declares_bearer_security_on_keyed_routes(keyed):
+    doc = keyed.client.get("/openapi.json").json()
+    scheme = {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"}
+    assert doc["components"]["securitySchemes"] == {"HTTPBearer": scheme}
+    keyed_ops = [
+        ("/predict", "post"),
+        ("/v2/models/{name}", "get"),
+        ("/v2/models/{name}/infer", "post"),
+        ("/v2/models/{name}/versions/{version}/infer", "post"),
+        ("/v2/repository/models/{name}/load", "post"),
+    ]
+    for path, method in keyed_ops:
+        assert doc["paths"][path][method]["security"] == [{"HTTPBearer": []}], path
+    for path in ("/health/live", "/health/ready", "/metrics", "/v2/health/ready"):
+        assert "security" not in doc["paths"][path]["get"], path
+
+
+def test_keyed_metadata_route_and_lowercase_scheme(keyed):
+    url = "/v2/models/tiny"
+    assert keyed.client.get(url).status_code == 401
+    assert keyed.client.get(url, headers={"authorization": f"Basic {KEYS[0]}"}).status_code == 401
+    assert keyed.client.get(url, headers={"authorization": f"bearer {KEYS[0]}"}).status_code == 200
+
+
 def test_health_and_metrics_stay_open(keyed):
     for path in ("/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready", "/metrics", "/v2"):
         assert keyed.client.get(path).status_code == 200, path

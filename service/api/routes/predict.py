@@ -11,7 +11,7 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
-from service.api.deps import ApiKeyDep, HolderDep, MetricsDep, SettingsDep, resolve_mode
+from service.api.deps import ServedDep, resolve_mode
 from service.api.inference import Answer, run_inference
 from service.api.inputs import read_images
 from service.api.responses import OrjsonResponse
@@ -64,20 +64,20 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 async def predict(
     request: Request,
     *,
-    holder: HolderDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-    _caller: ApiKeyDep,
+    served: ServedDep,
     top_k: Annotated[int | None, Query(ge=1, le=100_000, description="return the k most probable classes")] = None,
     mode: Annotated[Mode | None, Query(description="combined (default); others need ALLOW_MODE_OVERRIDE")] = None,
 ) -> Response:
     """Classify images with Mixup Inference; flags inputs whose detection gap reaches the threshold."""
+    settings = served.settings
     chosen = resolve_mode(mode, settings)
-    model = holder.model
+    model = served.holder.model
     t0 = time.perf_counter()
     images = await read_images(request, model.spec, settings.max_images_per_request)
-    metrics.observe_stage("decode", time.perf_counter() - t0)
-    answer = await run_inference(request, holder=holder, metrics=metrics, settings=settings, images=images, mode=chosen)
+    served.metrics.observe_stage("decode", time.perf_counter() - t0)
+    answer = await run_inference(
+        request, holder=served.holder, metrics=served.metrics, settings=settings, images=images, mode=chosen
+    )
     return OrjsonResponse(render_predictions(answer, top_k))
 
 

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Path, Request
 from starlette.responses import Response
 
 from service import __version__
-from service.api.deps import ApiKeyDep, HolderDep, MetricsDep, SettingsDep, resolve_mode
+from service.api.deps import HolderDep, ServedDep, resolve_mode
 from service.api.inference import run_inference
 from service.api.oip import HEADER_LENGTH, encode_infer, parse_infer
 from service.api.responses import OrjsonResponse
@@ -92,19 +92,17 @@ async def v2_ready(holder: HolderDep) -> Response:
 
 @router.get("/models/{name}", response_model=ModelMetadata, responses=ERRORS)
 @router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=ERRORS)
-async def model_metadata(
-    holder: HolderDep, settings: SettingsDep, _caller: ApiKeyDep, name: ModelName, version: Version | None = None
-) -> Response:
+async def model_metadata(served: ServedDep, name: ModelName, version: Version | None = None) -> Response:
     """Model metadata: input [-1, C, H, W] FP32 in [0, 1]; outputs probabilities, label, adversarial, gap."""
     from service.store import list_versions
 
-    model = _served(holder, name, version)
+    model = _served(served.holder, name, version)
     c, h, w = model.spec.shape
     k = len(model.class_names)
     return OrjsonResponse(
         {
             "name": model.name,
-            "versions": list_versions(settings.model_dir, model.name) or [model.version],
+            "versions": list_versions(served.settings.model_dir, model.name) or [model.version],
             "platform": "mixinfer_onnxruntime",
             "inputs": [{"name": model.manifest.input.name, "datatype": "FP32", "shape": [-1, c, h, w]}],
             "outputs": [
@@ -138,15 +136,13 @@ async def model_ready(holder: HolderDep, name: ModelName, version: Version | Non
 async def infer(
     request: Request,
     *,
-    holder: HolderDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-    _caller: ApiKeyDep,
+    served: ServedDep,
     name: ModelName,
     version: Version | None = None,
 ) -> Response:
     """Classify a [B, C, H, W] tensor with Mixup Inference (Triton/KServe clients, JSON or binary tensors)."""
-    model = _served(holder, name, version)
+    settings, metrics = served.settings, served.metrics
+    model = _served(served.holder, name, version)
     t0 = time.perf_counter()
     parsed = parse_infer(await request.body(), request.headers.get(HEADER_LENGTH), model.manifest.input.name)
     mode_param = parsed.parameters.get("mode")
@@ -165,16 +161,18 @@ async def infer(
             f"the request holds {images.shape[0]} images, the limit is {settings.max_images_per_request} per request"
         )
     metrics.observe_stage("decode", time.perf_counter() - t0)
-    answer = await run_inference(request, holder=holder, metrics=metrics, settings=settings, images=images, mode=mode)
-    served, res = answer.model, answer.result
-    names = np.array([n.encode() for n in served.class_names], dtype=object)
+    answer = await run_inference(
+        request, holder=served.holder, metrics=metrics, settings=settings, images=images, mode=mode
+    )
+    res = answer.result
+    names = np.array([n.encode() for n in answer.model.class_names], dtype=object)
     tensors = {
         "probabilities": ("FP32", res.probs),
         "label": ("BYTES", names[res.label]),
         "adversarial": ("BOOL", np.array([bool(a) for a in answer.adversarial], dtype=bool)),
         "detection_gap": ("FP32", res.gap),
     }
-    header: dict[str, Any] = {"model_name": served.name, "model_version": served.version}
+    header: dict[str, Any] = {"model_name": answer.model.name, "model_version": answer.model.version}
     if parsed.request_id is not None:
         header["id"] = parsed.request_id
     body, header_len = encode_infer(header, tensors, parsed.outputs)
