@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import iter_route_contexts
+from pydantic import TypeAdapter
 
 from service import __version__
 from service.api.deps import RateLimiter
@@ -25,6 +26,7 @@ from service.api.runtime import BackendWrapper, ModelHolder
 from service.api.schemas import InferRequest, PredictJsonBody
 from service.config import Settings
 from service.metrics import Metrics
+from service.mi.params import Mode
 
 LOGGER = logging.getLogger(__name__)
 
@@ -101,7 +103,8 @@ def _report_load(task: asyncio.Task[None], *, exit_process: bool) -> None:
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus the body models that routes read by hand (for speed and streaming limits)."""
+    """FastAPI's schema plus the body models and query parameter types that routes read by hand (for speed and
+    streaming limits)."""
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
@@ -110,5 +113,6 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(body.pop("$defs", {}))
         components[model.__name__] = body
+    components.setdefault("Mode", TypeAdapter(Mode).json_schema())  # /predict's hand-declared ?mode=
     app.openapi_schema = schema
     return schema

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import Annotated
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from fastapi import FastAPI, Query
 from mixserver import png_bytes
 from PIL import Image
+
+from service.api.app import create_app
+from service.config import Settings
+from service.mi.params import Mode
 
 pytestmark = pytest.mark.integration
 
@@ -180,6 +186,50 @@ def test_invalid_query_is_422_in_the_same_error_shape(server):
     assert r.json()["error"]["code"] == "validation_error" and "top_k" in r.json()["error"]["message"]
     r = server.client.post("/predict?mode=fast", content=png_bytes(digit()), headers={"content-type": "image/png"})
     assert r.status_code == 422 and "mode" in r.json()["error"]["message"]
+
+
+QUERY_422 = {
+    "top_k=0": "query.top_k: Input should be greater than or equal to 1",
+    "top_k=100001": "query.top_k: Input should be less than or equal to 100000",
+    "top_k=": "query.top_k: Input should be a valid integer, unable to parse string as an integer",
+    "top_k=1.5": "query.top_k: Input should be a valid integer, unable to parse string as an integer",
+    "mode=OFF": "query.mode: Input should be 'combined', 'pl', 'ol' or 'off'",
+    "mode=fast&top_k=0": "query.top_k: Input should be greater than or equal to 1; "
+    "query.mode: Input should be 'combined', 'pl', 'ol' or 'off'",
+    "top_k=2&top_k=0": "query.top_k: Input should be greater than or equal to 1",  # the last value counts
+}
+
+
+@pytest.mark.parametrize("query", sorted(QUERY_422))
+def test_query_messages_are_fastapis(server, query):
+    """The hand-parsed query gives the messages FastAPI gave for declared Query parameters (recorded from it)."""
+    r = server.client.post(f"/predict?{query}", json={"instances": [(digit() / 255.0).tolist()]})
+    assert r.status_code == 422
+    assert r.json()["error"] == {"code": "validation_error", "message": QUERY_422[query]}
+
+
+def test_query_values_that_fastapi_accepts(server):
+    one = {"instances": [(digit() / 255.0).tolist()]}
+    for query, k in (("top_k=0&top_k=2", 2), ("top_k=%201", 1), ("top_k=+3", 3), ("top_k=3&other=1", 3)):
+        r = server.client.post(f"/predict?{query}", json=one)
+        assert r.status_code == 200 and len(r.json()["predictions"][0]["probabilities"]) == k, query
+
+
+def test_hand_declared_query_parameters_match_fastapis_declaration():
+    """/predict parses its query by hand (speed); its OpenAPI entry must equal what FastAPI declares for Query()."""
+    ref = FastAPI()
+
+    @ref.post("/predict")
+    async def predict(
+        top_k: Annotated[int | None, Query(ge=1, le=100_000, description="return the k most probable classes")] = None,
+        mode: Annotated[Mode | None, Query(description="combined (default); others need ALLOW_MODE_OVERRIDE")] = None,
+    ) -> None:
+        return None
+
+    expected = ref.openapi()
+    got = create_app(Settings(providers=("CPUExecutionProvider",))).openapi()
+    assert got["paths"]["/predict"]["post"]["parameters"] == expected["paths"]["/predict"]["post"]["parameters"]
+    assert got["components"]["schemas"]["Mode"] == expected["components"]["schemas"]["Mode"]
 
 
 def test_too_many_images_is_413(http_store):
