@@ -126,6 +126,13 @@ class Metrics:
         )
         self._build_labels: tuple[str, str, str] | None = None
         self._class_names: tuple[str, ...] = ()
+        # Labelled children, looked up once: ``.labels()`` takes a lock and builds a tuple per call, which was a
+        # measurable part of the event loop's CPU per request. Plain dicts: a racing first lookup from two threads
+        # gets the same child from prometheus-client, so at worst it is stored twice.
+        self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._stage_children: dict[str, Histogram] = {}
+        self._prediction_children: dict[tuple[str, bool | None], Counter] = {}
+        self._class_children: tuple[Counter, ...] = ()
 
         self.queue_capacity.set(queue_capacity)
         self.ready.set(0)
@@ -134,9 +141,9 @@ class Metrics:
             for code in COMMON_CODES:
                 self.requests.labels(route=route, code=code)
         for stage in STAGES:
-            self.stage_duration.labels(stage=stage)
-        for branch, adversarial in (("pl", "false"), ("ol", "true"), ("pl", "none"), ("ol", "none"), ("off", "none")):
-            self.predictions.labels(branch=branch, adversarial=adversarial)
+            self._stage_children[stage] = self.stage_duration.labels(stage=stage)
+        for branch, adversarial in (("pl", False), ("ol", True), ("pl", None), ("ol", None), ("off", None)):
+            self._prediction_child(branch, adversarial)
 
     # --- model ------------------------------------------------------------------------------------------------
     def set_model(
@@ -162,23 +169,31 @@ class Metrics:
             self.calibrated_gap.labels(q=q).set(gap_quantiles[q])
         self.pool_images.set(pool_images)
         self._class_names = tuple(class_names)
-        for cls in self._class_names[:MAX_CLASS_SERIES]:
-            self.predicted_class.labels(**{"class": cls})
+        self._class_children = tuple(
+            self.predicted_class.labels(**{"class": cls}) for cls in self._class_names[:MAX_CLASS_SERIES]
+        )
 
     # --- per request / batch ----------------------------------------------------------------------------------
     def observe_request(self, route: str, code: int, seconds: float) -> None:
-        self.requests.labels(route=route, code=str(code)).inc()
-        self.request_duration.labels(route=route).observe(seconds)
+        children = self._request_children.get((route, code))
+        if children is None:  # route templates and status codes are few: the cache stays small
+            children = (self.requests.labels(route=route, code=str(code)), self.request_duration.labels(route=route))
+            self._request_children[(route, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
-        self.stage_duration.labels(stage=stage).observe(seconds)
+        child = self._stage_children.get(stage)
+        if child is None:
+            child = self._stage_children[stage] = self.stage_duration.labels(stage=stage)
+        child.observe(seconds)
 
     def queue_changed(self, images: int) -> None:
         self.queue_images.set(images)
 
     def batch_started(self, images: int, waited_s: list[float]) -> None:
         self.batch_images.observe(images)
-        queue = self.stage_duration.labels(stage="queue")
+        queue = self._stage_children["queue"]
         for w in waited_s:
             queue.observe(w)
 
@@ -190,13 +205,24 @@ class Metrics:
         gap: NDArray[np.float32],
     ) -> None:
         """Count answered images and observe every computed (finite) gap."""
+        classes = self._class_children
         for k, b, adv in zip(class_index.tolist(), branch, adversarial, strict=True):
-            self.predictions.labels(branch=b, adversarial="none" if adv is None else str(adv).lower()).inc()
-            if k < min(len(self._class_names), MAX_CLASS_SERIES):
-                self.predicted_class.labels(**{"class": self._class_names[k]}).inc()
+            child = self._prediction_children.get((b, adv))
+            if child is None:
+                child = self._prediction_child(b, adv)
+            child.inc()
+            if k < len(classes):
+                classes[k].inc()
         for g in gap.tolist():
             if not math.isnan(g):
                 self.detection_gap.observe(g)
+
+    def _prediction_child(self, branch: str, adversarial: bool | None) -> Counter:
+        child = self.predictions.labels(
+            branch=branch, adversarial="none" if adversarial is None else str(adversarial).lower()
+        )
+        self._prediction_children[(branch, adversarial)] = child
+        return child
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

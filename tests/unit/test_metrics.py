@@ -117,3 +117,23 @@ def test_class_series_are_capped_at_100_classes():
     m.observe_predictions(np.array([120, 5]), ["pl", "pl"], [False, False], np.zeros(2, np.float32))
     classes = [k for k in samples(m) if k[0] == "mixinfer_predicted_class_total"]
     assert len(classes) == 100
+
+
+def test_cached_children_count_into_the_labelled_series():
+    """Per-request paths reuse labelled children; repeated and first-seen label values land in the right series."""
+    m = loaded(n_classes=3)
+    for _ in range(2):
+        m.observe_request("/predict", 200, 0.001)
+        m.observe_request("/predict", 418, 0.001)  # a code outside COMMON_CODES: created on first use
+        m.observe_stage("decode", 0.0001)
+        m.observe_predictions(np.array([2, 0]), ["pl", "ol"], [False, True], np.array([0.01, 0.5], dtype=np.float32))
+    got = samples(m)
+    assert got[("mixinfer_requests_total", (("code", "200"), ("route", "/predict")))] == 2
+    assert got[("mixinfer_requests_total", (("code", "418"), ("route", "/predict")))] == 2
+    assert got[("mixinfer_request_duration_seconds_count", (("route", "/predict"),))] == 4
+    assert got[("mixinfer_stage_duration_seconds_count", (("stage", "decode"),))] == 2
+    assert got[("mixinfer_predictions_total", (("adversarial", "false"), ("branch", "pl")))] == 2
+    assert got[("mixinfer_predictions_total", (("adversarial", "true"), ("branch", "ol")))] == 2
+    names = m._class_names
+    assert got[("mixinfer_predicted_class_total", (("class", names[2]),))] == 2
+    assert got[("mixinfer_predicted_class_total", (("class", names[1]),))] == 0
