@@ -15,9 +15,16 @@ LOGGER = logging.getLogger(__name__)
 class JsonFormatter(logging.Formatter):
     """``{"ts", "level", "logger", "msg", ...}``; access records add their fields (never pool indices)."""
 
+    _second: int = -1
+    _second_text: str = ""
+
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:  # one strftime per second, not per line (handlers format under their lock)
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
         out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": f"{self._second_text}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
