@@ -352,7 +352,7 @@ def run_evaluation(
         t0 = time.time()
         with tqdm(total=_steps_of(spec, budget, n), desc=spec.name, leave=False, disable=not show_progress) as bar:
             ctx.progress = bar.update
-            x_adv = quantize(spec.run(ctx, x[:n], y[:n]), x[:n], spec.eps).cpu().numpy()
+            x_adv = quantize(spec.run(ctx, x[:n], y[:n]).to(x.device), x[:n], spec.eps).cpu().numpy()
         attack_s = time.time() - t0
         delta = np.abs(x_adv - x_np[:n]).max()
         if delta > spec.eps + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:

@@ -3,6 +3,7 @@ same partners, same gradients as on the CPU, and attacks that stay on the device
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +82,14 @@ def test_eot_attack_and_baselines_run_on_the_device_within_eps(bundle) -> None: 
     for name, transform in BASELINES.items():
         p = predict_baseline(twin.logits, transform, x, 3, gen=gen)
         assert p.is_cuda and torch.allclose(p.sum(1), torch.ones(32, device="cuda"), atol=1e-4), name
+
+
+def test_evaluate_quick_runs_on_cuda(tmp_path: Path) -> None:
+    from service.cli import main
+
+    out = tmp_path / "report"
+    argv = ["evaluate", "--bundle", str(BUNDLE), "--budget", "quick", "--device", "cuda", "--out", str(out)]
+    assert main([*argv, "--no-progress", "--seeds", "1", "2", "3"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["environment"]["torch_device"] == "cuda" and res["environment"]["gpu"]
+    assert all(r["max_perturbation"] <= r["eps"] + 1e-6 for r in res["attacks"])
