@@ -3,6 +3,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 PYTHON ?= python3
 VENV := .venv
+DEVICE ?= auto
 SERVE_VENV := .venv-serve
 PY := $(VENV)/bin/python
 MIXINFER_HOST ?= 127.0.0.1
@@ -63,11 +64,12 @@ bundle: install  ## rebuild model_store/mnist-mixup/1 end to end on CPU
 bundle-iat: install  ## an interpolated-adversarial-training MNIST bundle next to it
 	$(VENV)/bin/mixinfer bundle --dataset mnist5k --name mnist-iat --version 1 --training iat --target-fpr 0.05 --force
 
-evaluate: install  ## robustness report of the default bundle with the cpu budget (adaptive rows at eps 0.1)
-	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/1 --budget cpu --eps 0.1 --out docs/robustness/mnist-mixup
+evaluate: install  ## robustness reports of the default bundle, cpu budget (eps 0.3 and 0.1); DEVICE=cuda for a GPU
+	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/1 --budget cpu --device $(DEVICE) --out docs/robustness/mnist-mixup
+	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/1 --budget cpu --device $(DEVICE) --eps 0.1 --out docs/robustness/mnist-mixup-eps0.1
 
-evaluate-iat: install  ## robustness report of the interpolated-AT bundle with the cpu budget (eps 0.3)
-	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/1 --budget cpu --out docs/robustness/mnist-iat
+evaluate-iat: install  ## robustness report of the interpolated-AT bundle, cpu budget (eps 0.3); DEVICE=cuda for a GPU
+	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/1 --budget cpu --device $(DEVICE) --out docs/robustness/mnist-iat
 
 examples: install  ## regenerate examples/ (clean digits, adversarial ones the server flags)
 	$(PY) -m service.robustness.examples --bundle model_store/mnist-mixup/1 --out examples
