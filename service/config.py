@@ -40,6 +40,9 @@ class Settings(BaseSettings):
         description="ONNX Runtime execution providers in order of preference (comma-separated)",
     )
     mixing: Literal["auto", "host", "fused"] = Field(default="auto", description="where blends are formed (backend)")
+    static_shapes: Literal["auto", "on", "off"] = Field(
+        default="auto", description="pad calls to power-of-two row buckets, one session each (auto: on GPU providers)"
+    )
     intra_op_threads: int | None = Field(default=None, ge=1, le=256, description="ONNX Runtime intra-op threads")
     seed: int | None = Field(
         default=None, ge=0, description="fixed engine seed: tests and evaluation only; unset = OS entropy"

@@ -62,8 +62,8 @@ class TimedBackend:
         self._observe(next(self._stages, "mix_ol"), t0)
         return out
 
-    def warmup(self, batch_sizes: tuple[int, ...]) -> None:
-        self.inner.warmup(batch_sizes)
+    def warmup(self, batch_sizes: tuple[int, ...], mixes_per_image: tuple[int, ...] = (1,)) -> None:
+        self.inner.warmup(batch_sizes, mixes_per_image)
 
     def _observe(self, stage: str, t0: float) -> None:
         if self._metrics is not None:
@@ -110,6 +110,7 @@ def load_model(
         bundle,
         providers=settings.providers,
         mixing=settings.mixing,
+        static_shapes=settings.static_shapes,
         max_mixes_per_call=settings.max_mixes_per_call,
         intra_op_threads=settings.intra_op_threads,
     )
@@ -119,7 +120,7 @@ def load_model(
     m = bundle.manifest
     engine = MIEngine(backend, bundle.pool_labels, m.mi, seed=settings.seed)
     sizes = tuple(sorted({1, settings.max_batch_images}))
-    backend.warmup(sizes)
+    engine.warmup(sizes)
     warmup_rng = np.random.default_rng(0)  # keeps a seeded engine's own stream untouched by warm-up
     for mode in (Mode.COMBINED, Mode.OL):  # every engine path once, OL at full width
         backend.expect(mode)

@@ -47,6 +47,7 @@ class MixingBackend(Protocol):
         """
         ...
 
-    def warmup(self, batch_sizes: tuple[int, ...]) -> None:
-        """Run every code path once at each batch size so the first request pays no initialisation."""
+    def warmup(self, batch_sizes: tuple[int, ...], mixes_per_image: tuple[int, ...] = (1,)) -> None:
+        """Run every code path once at each batch size (mix path: with each N) so the first request pays no
+        initialisation."""
         ...

@@ -174,13 +174,8 @@ class MIEngine:
         Uses fixed partners (index 0), so the engine's random stream is not advanced: a seeded engine gives the
         same draws with or without warm-up.
         """
-        self.backend.warmup(batch_sizes)
         p = self.params
-        branches = {(p.n_pl, p.lam_pl), (p.ol_combined.n, p.ol_combined.lam), (p.ol_standalone.n, p.ol_standalone.lam)}
-        for b in batch_sizes:
-            x = np.zeros((b, *self.backend.input_shape), dtype=np.float32)
-            for n, lam in sorted(branches):
-                self.backend.mean_mix_probs(x, np.zeros((b, n), dtype=np.int64), lam)
+        self.backend.warmup(batch_sizes, tuple(sorted({p.n_pl, p.ol_combined.n, p.ol_standalone.n})))
         LOGGER.info("engine warmed up at batch sizes %s", batch_sizes)
 
     # ---------------------------------------------------------------------------------------------------------

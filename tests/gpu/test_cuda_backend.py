@@ -1,4 +1,5 @@
-"""The CUDA path: the session really runs on CUDA, the fused device-resident path is chosen, numbers match the CPU."""
+"""The CUDA path: the session really runs on CUDA, the fused device-resident path and static shapes are chosen, numbers
+match the CPU."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def test_cuda_session_uses_cuda_and_the_fused_device_path(tiny_bundle: Path) -> 
     assert gpu.provider == CUDA
     assert gpu.mixing == "fused"
     assert gpu._fused is not None and gpu._fused.get_providers()[0] == CUDA
+    assert gpu.static_shapes  # on by default on CUDA: every session only ever sees one input shape
     gpu.warmup((1, 8), mixes_per_image=(5, 15))
+    assert {("classifier", 8, 1), ("fused", 1, 5), ("fused", 8, 15)} <= set(gpu.static_sessions)
 
 
 @pytest.mark.parametrize("mixing", ["fused", "host"])

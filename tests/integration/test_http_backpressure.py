@@ -40,10 +40,10 @@ class Gate:
             def mean_mix_probs(self, x, p, lam):
                 return inner.mean_mix_probs(x, p, lam)
 
-            def warmup(self, sizes):
+            def warmup(self, sizes, mixes=(1,)):
                 if gate.hold_warmup:
                     assert gate.warm.wait(30), "test never released the warm-up"
-                inner.warmup(sizes)
+                inner.warmup(sizes, mixes)
 
         return Gated()
 

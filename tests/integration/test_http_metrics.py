@@ -74,8 +74,8 @@ def test_concurrent_clients_are_batched(http_store):
             def mean_mix_probs(self, x, p, lam):
                 return inner.mean_mix_probs(x, p, lam)
 
-            def warmup(self, sizes):
-                inner.warmup(sizes)
+            def warmup(self, sizes, mixes=(1,)):
+                inner.warmup(sizes, mixes)
 
         return Slow()
 

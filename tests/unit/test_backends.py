@@ -125,6 +125,46 @@ def test_warmup_runs_every_path_at_each_batch_size(bundle: Bundle) -> None:
         be.warmup((0,))
 
 
+# --- static shapes: one session per (graph, row bucket, N), padded calls ------------------------------------------
+@pytest.mark.parametrize("mixing", ["host", "fused"])
+def test_static_shapes_give_the_unpadded_numbers_for_every_batch_size(bundle: Bundle, mixing: str) -> None:
+    plain = OrtBackend.from_bundle(bundle, mixing=mixing, static_shapes="off", max_mixes_per_call=40)
+    static = OrtBackend.from_bundle(bundle, mixing=mixing, static_shapes="on", max_mixes_per_call=40)
+    assert static.static_shapes and not plain.static_shapes
+    rng = np.random.default_rng(4)
+    for b in (1, 2, 3, 5, 8, 13, 40, 41, 100):
+        x = _x(b)
+        np.testing.assert_allclose(static.probs(x), plain.probs(x), atol=1e-6)
+        for n in (1, 5, 7):
+            partners = rng.integers(0, 24, size=(b, n))
+            got = static.mean_mix_probs(x, partners, 0.4)
+            np.testing.assert_allclose(got, plain.mean_mix_probs(x, partners, 0.4), atol=1e-6)
+    # every session saw one shape: its rows are a power of two or the per-call cap (40 blends // N)
+    for graph, rows, n in static.static_sessions:
+        assert rows & (rows - 1) == 0 or rows == 40 // n, (graph, rows, n)
+
+
+def test_static_shape_warmup_makes_every_bucket_up_to_the_largest_batch(bundle: Bundle) -> None:
+    be = OrtBackend.from_bundle(bundle, mixing="fused", static_shapes="on")
+    be.warmup((1, 12), mixes_per_image=(5, 15))
+    buckets = (1, 2, 4, 8, 16)  # 1..12 rows land in one of these (12 pads to 16)
+    expected = {("classifier", r, 1) for r in buckets} | {("fused", r, n) for r in buckets for n in (5, 15)}
+    assert set(be.static_sessions) == expected
+    made = list(be.static_sessions)
+    rng = np.random.default_rng(0)
+    for b in range(1, 13):  # any batch size up to the warmed one, any N warmed: no new session at request time
+        be.probs(_x(b))
+        be.mean_mix_probs(_x(b), rng.integers(0, 24, size=(b, 15)), 0.4)
+    assert be.static_sessions == made
+
+
+def test_static_shapes_are_off_on_the_cpu_provider_unless_asked(bundle: Bundle) -> None:
+    be = OrtBackend.from_bundle(bundle)
+    assert be.provider == CPU and not be.static_shapes
+    be.probs(_x(3))
+    assert be.static_sessions == []
+
+
 def test_thread_counts_are_applied(bundle: Bundle) -> None:
     be = OrtBackend.from_bundle(bundle, intra_op_threads=1, inter_op_threads=1)
     assert be._options.intra_op_num_threads == 1 and be._options.inter_op_num_threads == 1
@@ -167,6 +207,7 @@ def test_refuses_a_model_with_a_different_input_name(bundle: Bundle, tmp_path: P
     [
         ({"mixing": "gpu"}, "mixing must be one of 'auto', 'host', 'fused', got 'gpu'"),
         ({"max_mixes_per_call": 0}, "max_mixes_per_call must be >= 1, got 0"),
+        ({"static_shapes": "yes"}, "static_shapes must be one of 'auto', 'on', 'off', got 'yes'"),
         ({"intra_op_threads": -1}, r"intra_op_threads must be >= 0 \(0: ONNX Runtime's default\), got -1"),
         ({"providers": " , "}, "providers must name at least one"),
     ],
