@@ -15,6 +15,7 @@ from starlette.types import Receive
 from service.api.errors import ClientGoneError
 from service.api.middleware import LOG_KEY, START_KEY
 from service.api.runtime import LoadedModel, ModelHolder
+from service.batching import WithdrawnError
 from service.config import Settings
 from service.metrics import Metrics
 from service.mi.engine import MIResult
@@ -43,20 +44,13 @@ async def _submit_while_connected(
     request: Request, holder: ModelHolder, images: NDArray[np.float32], mode: Mode, deadline: float
 ) -> tuple[LoadedModel, MIResult]:
     """Wait for the batcher, but withdraw the images if the client disconnects first (no work for nobody)."""
-    submit = asyncio.ensure_future(holder.batcher.submit(images, mode, deadline))
     watch = asyncio.ensure_future(_until_disconnect(request.receive))
     try:
-        await asyncio.wait((submit, watch), return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        submit.cancel()
+        return await holder.batcher.submit(images, mode, deadline, withdraw_on=watch)
+    except WithdrawnError:
+        raise ClientGoneError("the client closed the connection before the answer was ready") from None
+    finally:
         watch.cancel()
-        raise
-    watch.cancel()
-    if not submit.done():  # the client left: its queued images leave the queue
-        submit.cancel()
-        await asyncio.wait((submit,))
-        raise ClientGoneError("the client closed the connection before the answer was ready")
-    return submit.result()
 
 
 async def run_inference(

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from service.batching import MicroBatcher
+from service.batching import MicroBatcher, WithdrawnError
 from service.errors import DeadlineExceededError, OverloadedError
 from service.mi.engine import MIResult
 from service.mi.params import Branch, Mode
@@ -214,6 +214,83 @@ def test_a_client_that_leaves_while_running_does_not_hurt_the_others():
         return res
 
     assert asyncio.run(main()).label.tolist() == [2]
+
+
+def test_an_idle_engine_gets_the_batch_without_a_loop_turn():
+    async def main():
+        eng = Engine(gated=True)
+        b = make(eng)
+        first = asyncio.create_task(b.submit(images(0), Mode.COMBINED, far()))
+        await asyncio.sleep(0)  # the submit runs up to its first wait: it has sealed the batch itself
+        sealed_at_once = b.inflight_batches
+        eng.gate.set()
+        await first
+        await b.close()
+        return sealed_at_once
+
+    assert asyncio.run(main()) == 1
+
+
+def test_withdraw_on_takes_queued_images_out_and_raises():
+    async def main():
+        eng = Engine(gated=True)
+        b = make(eng, max_batch_images=8)
+        first = asyncio.create_task(b.submit(images(0), Mode.COMBINED, far()))
+        await until(eng.started.is_set)
+        gone = asyncio.get_running_loop().create_future()
+        leave = asyncio.create_task(b.submit(images(5, 6), Mode.COMBINED, far(), withdraw_on=gone))
+        stay = asyncio.create_task(b.submit(images(7), Mode.COMBINED, far()))
+        await until(lambda: b.queued_images == 3)
+        gone.set_result(None)
+        with pytest.raises(WithdrawnError):
+            await leave
+        assert b.queued_images == 1
+        eng.gate.set()
+        outs = await asyncio.gather(first, stay)
+        await b.close()
+        return eng, outs
+
+    eng, outs = asyncio.run(main())
+    assert [r.label.tolist() for _, r in outs] == [[0], [7]]
+    assert [ids for ids, _ in eng.calls] == [[0], [7]]
+
+
+def test_withdraw_while_running_drops_only_that_answer():
+    async def main():
+        eng = Engine(gated=True)
+        b = make(eng, max_batch_images=2)
+        gone = asyncio.get_running_loop().create_future()
+        first = asyncio.create_task(b.submit(images(0), Mode.COMBINED, far()))
+        await until(eng.started.is_set)
+        both = [
+            asyncio.create_task(b.submit(images(1), Mode.COMBINED, far(), withdraw_on=gone)),
+            asyncio.create_task(b.submit(images(2), Mode.COMBINED, far())),
+        ]
+        await until(lambda: b.inflight_batches == 2)  # sealed together (full) behind the running batch
+        gone.set_result(None)
+        eng.gate.set()
+        outs = await asyncio.gather(first, *both, return_exceptions=True)
+        await b.close()
+        return eng, outs
+
+    eng, (first, leave, stay) = asyncio.run(main())
+    assert isinstance(leave, WithdrawnError)
+    assert first[1].label.tolist() == [0] and stay[1].label.tolist() == [2]
+    assert [ids for ids, _ in eng.calls] == [[0], [1, 2]]
+
+
+def test_a_deadline_already_passed_is_refused_before_queueing():
+    async def main():
+        eng = Engine()
+        b = make(eng)
+        with pytest.raises(DeadlineExceededError):
+            await b.submit(images(1), Mode.COMBINED, time.monotonic() - 0.001)
+        queued = b.queued_images
+        await b.close()
+        return eng, queued
+
+    eng, queued = asyncio.run(main())
+    assert queued == 0 and eng.calls == []
 
 
 def test_large_requests_are_split_into_pieces_and_reassembled_in_order():
