@@ -72,7 +72,8 @@ def decode_image(data: bytes, spec: ImageSpec) -> Image3D:
                 )
             im.seek(0)
             im.load()
-            im = _to_model_mode(ImageOps.exif_transpose(im), spec.channels)
+            ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an upright image
+            im = _to_model_mode(im, spec.channels)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PayloadTooLargeError(f"image refused as a decompression bomb: {exc}") from None
     except UnidentifiedImageError:
