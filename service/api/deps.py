@@ -175,5 +175,7 @@ def resolve_mode(requested: Mode | None, settings: Settings) -> Mode:
     return requested
 
 
-ServedDep = Annotated[Served, Depends(ApiKeyScheme())]
+#: the scheme instance: a dependency of the OIP v2 model routes, awaited by hand in /predict (see there)
+API_KEY = ApiKeyScheme()
+ServedDep = Annotated[Served, Depends(API_KEY)]
 AdminDep = Annotated[None, Depends(require_admin)]
