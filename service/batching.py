@@ -201,7 +201,11 @@ class MicroBatcher(Generic[T]):
         self._queue.extend(pieces)
         self._queued_images += n
         self._observer.queue_changed(self._queued_images)
-        self._pump()
+        try:
+            self._pump()
+        except BaseException:
+            self._abandon(pieces)
+            raise
         timer = loop.call_later(timeout, self._fail, pieces, _deadline_error(timeout))
 
         def withdraw(_: object) -> None:
@@ -320,7 +324,12 @@ class MicroBatcher(Generic[T]):
     def _finish(self, job: concurrent.futures.Future[tuple[T, MIResult]], batch: list[_Piece]) -> None:
         self._inflight -= 1
         self.batches_done += 1
-        self._pump()  # the engine's next batch first, then the answers
+        try:
+            self._pump()  # the engine's next batch first, then the answers (even if sealing failed)
+        finally:
+            self._answer(job, batch)
+
+    def _answer(self, job: concurrent.futures.Future[tuple[T, MIResult]], batch: list[_Piece]) -> None:
         exc: BaseException | None = (
             NotReadyError("the engine worker stopped before the batch ran") if job.cancelled() else job.exception()
         )

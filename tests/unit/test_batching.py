@@ -293,6 +293,29 @@ def test_a_deadline_already_passed_is_refused_before_queueing():
     assert queued == 0 and eng.calls == []
 
 
+def test_a_failure_to_seal_the_next_batch_still_answers_the_finished_one():
+    async def main():
+        eng = Engine(gated=True)
+        b = make(eng, max_batch_images=1)
+        first = asyncio.create_task(b.submit(images(0), Mode.COMBINED, far()))
+        await until(eng.started.is_set)
+        second = asyncio.create_task(b.submit(images(1), Mode.COMBINED, far()))
+        third = asyncio.create_task(b.submit(images(2), Mode.COMBINED, time.monotonic() + 0.3))
+        await until(lambda: b.queued_images == 1)
+
+        def broken() -> None:
+            raise RuntimeError("cannot seal")
+
+        b._seal = broken  # the batch behind the running one finishes, then sealing the third fails
+        eng.gate.set()
+        outs = await asyncio.gather(first, second, third, return_exceptions=True)
+        return outs
+
+    first, second, third = asyncio.run(main())
+    assert first[1].label.tolist() == [0] and second[1].label.tolist() == [1]
+    assert isinstance(third, DeadlineExceededError)  # never sealed: its deadline answers it, nothing hangs
+
+
 def test_large_requests_are_split_into_pieces_and_reassembled_in_order():
     async def main():
         eng = Engine()
