@@ -84,7 +84,7 @@ class ThreatModel:
 
 #: SPEC 9.3 minimums are `paper`. `cpu` is the budget of the committed reports: 100 images, 100 adaptive steps x EOT 8,
 #: 1 restart, Square 1,000 queries, cross-checks on all 100 images. Its gradients are cheap on any CUDA GPU (minutes,
-#: `--device cuda`); on 2 CPU cores it takes about 80 min per MNIST bundle, most of it the two OL attacks
+#: `--device cuda`); on 2 CPU cores it took 41 min for the default MNIST bundle, most of it the two OL attacks
 #: (8 draws x 15-30 blends per image per step).
 BUDGETS: dict[str, Budget] = {
     "quick": Budget(

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "report.md and plots. Torch supplies gradients only; final adversarial inputs are rounded to 8-bit "
             "pixels and scored by the served ONNX engine under several fresh server seeds (broken if any seed is "
             "wrong). Budgets: quick (tests, ~20 images), cpu (the committed reports, 100 images: minutes on a GPU, "
-            "~80 min on 2 CPU cores), paper (SPEC 9.3)."
+            "~40 min on 2 CPU cores), paper (SPEC 9.3)."
         ),
     )
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory, e.g. model_store/mnist-mixup/1")
