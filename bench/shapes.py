@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ if __name__ == "__main__":  # `python bench/x.py` puts bench/ first on sys.path,
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from bench.common import emit_json, log, machine_info
+from bench.engine import rate
 from service.backends.onnx import OrtBackend
 from service.mi.engine import MIEngine
 from service.mi.params import Mode
@@ -43,11 +43,7 @@ def per_call_ms(fn: Callable[[], object], seconds: float) -> float:
     """Mean wall time of ``fn`` in ms over at least ``seconds`` (after two warm calls)."""
     fn()
     fn()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        fn()
-        n += 1
-    return (time.perf_counter() - t0) / n * 1e3
+    return 1e3 / rate(fn, 1, seconds)
 
 
 def measure(path: Path, providers: str, static: str, seconds: float) -> dict[str, Any]:
