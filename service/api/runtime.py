@@ -122,7 +122,8 @@ def load_model(
     sizes = tuple(sorted({1, settings.max_batch_images}))
     engine.warmup(sizes)
     warmup_rng = np.random.default_rng(0)  # keeps a seeded engine's own stream untouched by warm-up
-    for mode in (Mode.COMBINED, Mode.OL):  # every engine path once, OL at full width
+    # engine.warmup ran the backend at every N and batch size; this runs the engine's own code once per mode
+    for mode in (Mode.COMBINED, Mode.OL):
         backend.expect(mode)
         engine(np.zeros((sizes[-1], *m.input.shape), dtype=np.float32), mode, rng=warmup_rng)
     backend.attach_metrics(metrics)
