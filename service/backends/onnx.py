@@ -464,7 +464,9 @@ class OrtBackend:
         if len(dims) == 2 and isinstance(dims[1], int):
             k = int(dims[1])
         else:
-            probe = self._run_classifier(np.zeros((1, *self.input_shape), dtype=np.float32))
+            # a symbolic class axis (e.g. a Reshape to [batch, -1]): one forward of the plain session tells K
+            feed = {self.input_name: np.zeros((1, *self.input_shape), dtype=np.float32)}
+            probe = np.asarray(self._session.run([self.output_name], feed)[0])
             if probe.ndim != 2:
                 raise BackendError(f"{self.model_path}: output must be (B, K) logits, got shape {probe.shape}")
             k = int(probe.shape[1])

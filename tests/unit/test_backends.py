@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from tinybundle import make_tiny_bundle, tiny_onnx_model, tiny_weights
+from tinybundle import make_tiny_bundle, rehash, tiny_onnx_model, tiny_weights
 
 from service.backends.base import Classifier, MixingBackend
 from service.backends.fused import FUSED_OUTPUT, build_fused_model
@@ -169,6 +169,46 @@ def test_thread_counts_are_applied(bundle: Bundle) -> None:
     be = OrtBackend.from_bundle(bundle, intra_op_threads=1, inter_op_threads=1)
     assert be._options.intra_op_num_threads == 1 and be._options.inter_op_num_threads == 1
     assert be.probs(_x(2)).shape == (2, 4)
+
+
+def _symbolic_class_model() -> onnx.ModelProto:
+    """The tiny CNN with its logits reshaped to [batch, -1] by a runtime shape, so ONNX Runtime only knows the class
+    axis as the symbol ``k`` (a constant [0, -1] would let its shape inference fill in 4)."""
+    from onnx import helper, numpy_helper
+
+    model = tiny_onnx_model(tiny_weights(4, (1, 8, 8), 0), (1, 8, 8), 4)
+    graph = model.graph
+    graph.node[-1].output[0] = "fc_out"
+    for name, value in (("zero", 0), ("one", 1), ("minus_one", -1)):
+        graph.initializer.append(numpy_helper.from_array(np.array([value], dtype=np.int64), name))
+    graph.node.extend(
+        [
+            helper.make_node("Shape", ["fc_out"], ["fc_shape"]),
+            helper.make_node("Slice", ["fc_shape", "zero", "one"], ["batch_dim"]),
+            helper.make_node("Concat", ["batch_dim", "minus_one"], ["flat_shape"], axis=0),
+            helper.make_node("Reshape", ["fc_out", "flat_shape"], ["logits"]),
+        ]
+    )
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", "k"]))
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize(("mixing", "static_shapes"), [("host", "off"), ("host", "on"), ("fused", "on")])
+def test_a_model_with_a_symbolic_class_dimension_is_served(tiny_bundle: Path, mixing: str, static_shapes: str) -> None:
+    onnx.save_model(_symbolic_class_model(), str(tiny_bundle / "model.onnx"))
+    rehash(tiny_bundle)
+    bundle = load_bundle(tiny_bundle)  # the store accepts it, so the backend must serve it
+    be = OrtBackend.from_bundle(bundle, mixing=mixing, static_shapes=static_shapes)
+    assert be.n_classes == 4
+    x = _x(3)
+    weights = tiny_weights(4, (1, 8, 8), 0)
+    np.testing.assert_allclose(be.probs(x), _softmax64(_numpy_tiny_cnn(x, weights)), atol=1e-5)
+    partners = np.array([[0, 5], [7, 23], [11, 11]])
+    blends = 0.5 * x[:, None].astype(np.float64) + 0.5 * bundle.pool_images[partners].astype(np.float64) / 255.0
+    mixed = _softmax64(_numpy_tiny_cnn(blends.reshape(6, 1, 8, 8), weights)).reshape(3, 2, 4).mean(axis=1)
+    np.testing.assert_allclose(be.mean_mix_probs(x, partners, 0.5), mixed, atol=1e-5)
 
 
 # --- refusals ----------------------------------------------------------------------------------------------------
