@@ -11,6 +11,10 @@ be sealed is sealed inline, by the request that arrives or the batch that finish
 wakes for the delay timer and for shutdown; the worker's result comes back with one ``call_soon_threadsafe``; a
 request waits on its piece's own future, with its deadline and its withdrawal as callbacks on that future rather
 than extra tasks.
+
+A failure while sealing (joining the pieces, handing them to the worker) fails exactly the pieces of that batch,
+takes no slot, is logged with its traceback and leaves the dispatcher running; :meth:`MicroBatcher.close` shuts
+the worker down whatever happened.
 """
 
 from __future__ import annotations
@@ -157,9 +161,11 @@ class MicroBatcher(Generic[T]):
         """Finish what was accepted, then stop (nothing accepted is lost)."""
         self._closed = True
         self._changed.set()
-        if self._task is not None:
-            await self._task
-        self._executor.shutdown(wait=True)
+        try:
+            if self._task is not None:
+                await self._task
+        finally:
+            self._executor.shutdown(wait=True)
 
     async def submit(
         self,
@@ -245,9 +251,7 @@ class MicroBatcher(Generic[T]):
     def _fail(self, pieces: list[_Piece], exc: BaseException) -> None:
         """Fail the pieces not yet answered with ``exc`` (deadline or withdrawal): queued ones leave the queue, a
         sealed one's result is dropped when its batch finishes (the others in that batch are not affected)."""
-        for p in pieces:
-            if not p.future.done():
-                p.future.set_exception(exc)
+        _fail_pieces(pieces, exc)
         self._abandon(pieces)
 
     def _pump(self) -> None:
@@ -267,7 +271,7 @@ class MicroBatcher(Generic[T]):
                 await self._changed.wait()
                 continue
             if self._inflight == 0 or (self._inflight == 1 and self._ready_to_seal()):
-                self._seal()
+                self._seal()  # never raises: a failure fails the pieces concerned
                 continue
             self._changed.clear()
             wait_s = None
@@ -302,13 +306,19 @@ class MicroBatcher(Generic[T]):
         keep.extend(self._queue)
         self._queue = keep
         self._queued_images = sum(p.n for p in keep)
-        self._observer.queue_changed(self._queued_images)
         if not batch:
+            self._observer.queue_changed(self._queued_images)
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            self._observer.queue_changed(self._queued_images)
+            images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
+            job = self._executor.submit(self._run_batch, images, mode, batch)
+        except Exception as exc:  # these pieces fail; no slot was taken, the batcher goes on
+            LOGGER.exception("could not seal a batch of %d pieces (%d images)", len(batch), total)
+            _fail_pieces(batch, exc)
             return
         self._inflight += 1
-        loop = asyncio.get_running_loop()
-        images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
-        job = self._executor.submit(self._run_batch, images, mode, batch)
 
         def done(_: concurrent.futures.Future[tuple[T, MIResult]]) -> None:  # on the worker thread
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
@@ -339,10 +349,8 @@ class MicroBatcher(Generic[T]):
             if len(res) != total:
                 exc = RuntimeError(f"engine returned {len(res)} results for a batch of {total} images")
         if exc is not None:
-            LOGGER.error("batch of %d pieces failed: %s", len(batch), exc)
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(exc)
+            LOGGER.error("batch of %d pieces failed: %s", len(batch), exc, exc_info=exc)
+            _fail_pieces(batch, exc)
             return
         start = 0
         for p in batch:
@@ -350,6 +358,13 @@ class MicroBatcher(Generic[T]):
             if not p.future.done():  # a client that left does not poison the others
                 p.future.set_result((tag, slice_result(res, start, stop)))
             start = stop
+
+
+def _fail_pieces(pieces: list[_Piece], exc: BaseException) -> None:
+    """Set ``exc`` on every piece not answered yet (a piece whose client left is done already)."""
+    for p in pieces:
+        if not p.future.done():
+            p.future.set_exception(exc)
 
 
 def _deadline_error(left_s: float) -> DeadlineExceededError:

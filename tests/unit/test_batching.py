@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -293,27 +294,70 @@ def test_a_deadline_already_passed_is_refused_before_queueing():
     assert queued == 0 and eng.calls == []
 
 
-def test_a_failure_to_seal_the_next_batch_still_answers_the_finished_one():
+def odd(*ids: int) -> np.ndarray:
+    """Like :func:`images` but (1,3,3): co-batched with (1,2,2) images, ``np.concatenate`` fails while sealing."""
+    return np.stack([np.full((1, 3, 3), i, np.float32) for i in ids])
+
+
+def test_a_failure_while_sealing_fails_those_pieces_releases_the_slot_and_keeps_the_fast_path(caplog):
     async def main():
         eng = Engine(gated=True)
-        b = make(eng, max_batch_images=1)
+        b = make(eng, max_batch_images=4)
         first = asyncio.create_task(b.submit(images(0), Mode.COMBINED, far()))
         await until(eng.started.is_set)
-        second = asyncio.create_task(b.submit(images(1), Mode.COMBINED, far()))
-        third = asyncio.create_task(b.submit(images(2), Mode.COMBINED, time.monotonic() + 0.3))
-        await until(lambda: b.queued_images == 1)
-
-        def broken() -> None:
-            raise RuntimeError("cannot seal")
-
-        b._seal = broken  # the batch behind the running one finishes, then sealing the third fails
+        # sealed together when the first batch finishes: concatenating (1,2,2) with (1,3,3) images fails
+        bad = [asyncio.create_task(b.submit(x, Mode.COMBINED, far())) for x in (images(1), odd(2))]
+        await until(lambda: b.queued_images == 2)
         eng.gate.set()
-        outs = await asyncio.gather(first, second, third, return_exceptions=True)
-        return outs
+        async with asyncio.timeout(5):  # the pieces concerned fail at once, they do not wait for their deadline
+            outs = await asyncio.gather(first, *bad, return_exceptions=True)
+        await until(lambda: b.inflight_batches == 0)
+        eng.gate.clear()
+        eng.started.clear()
+        later = asyncio.create_task(b.submit(images(3), Mode.COMBINED, far()))
+        await asyncio.sleep(0)  # idle again: the request seals its batch itself, without a loop turn
+        sealed_at_once = b.inflight_batches
+        eng.gate.set()
+        _, res = await later
+        async with asyncio.timeout(5):
+            await b.close()
+        return eng, outs, sealed_at_once, res
 
-    first, second, third = asyncio.run(main())
-    assert first[1].label.tolist() == [0] and second[1].label.tolist() == [1]
-    assert isinstance(third, DeadlineExceededError)  # never sealed: its deadline answers it, nothing hangs
+    with caplog.at_level(logging.ERROR, logger="service.batching"):
+        eng, (first, one, two), sealed_at_once, res = asyncio.run(main())
+    assert first[1].label.tolist() == [0]
+    assert isinstance(one, ValueError) and isinstance(two, ValueError)
+    assert sealed_at_once == 1 and res.label.tolist() == [3]
+    assert [ids for ids, _ in eng.calls] == [[0], [3]]
+    sealing = [r for r in caplog.records if "seal" in r.getMessage()]
+    assert sealing and sealing[0].exc_info is not None  # logged with its traceback
+
+
+def test_a_failure_while_the_dispatcher_seals_keeps_it_alive_and_close_shuts_the_worker_down():
+    async def main():
+        eng = Engine(gated=True)
+        b = make(eng, max_batch_images=8, max_delay_s=0.02)
+        first = asyncio.create_task(b.submit(images(0), Mode.COMBINED, far()))
+        await until(eng.started.is_set)
+        # the engine is busy: the dispatcher seals these after the delay, and concatenating them fails
+        bad = [asyncio.create_task(b.submit(x, Mode.COMBINED, far())) for x in (images(1), odd(2))]
+        async with asyncio.timeout(5):
+            outs = await asyncio.gather(*bad, return_exceptions=True)
+        assert b.inflight_batches == 1  # only the running batch holds a slot
+        # the dispatcher still runs the delay timer: this one is sealed behind the running batch
+        late = asyncio.create_task(b.submit(images(4), Mode.COMBINED, far()))
+        await until(lambda: b.inflight_batches == 2)
+        eng.gate.set()
+        done = await asyncio.gather(first, late)
+        async with asyncio.timeout(5):
+            await b.close()
+        return outs, done, b
+
+    outs, done, b = asyncio.run(main())
+    assert all(isinstance(o, ValueError) for o in outs)
+    assert [r.label.tolist() for _, r in done] == [[0], [4]]
+    with pytest.raises(RuntimeError, match="shutdown"):  # close() shut the worker down
+        b._executor.submit(int)
 
 
 def test_large_requests_are_split_into_pieces_and_reassembled_in_order():
