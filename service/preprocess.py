@@ -135,19 +135,6 @@ def array_to_image(values: object, spec: ImageSpec) -> Image3D:
     return np.ascontiguousarray(arr)
 
 
-def batch_from_tensor(arr: NDArray[np.generic], spec: ImageSpec) -> NDArray[np.float32]:
-    """An OIP v2 input tensor (B, C, H, W): FP32/FP64 in [0, 1], or UINT8 in [0, 255] (scaled by 1/255)."""
-    if arr.ndim != 4 or tuple(arr.shape[1:]) != spec.shape or arr.shape[0] < 1:
-        raise InvalidInputError(
-            f"input tensor must be shaped [-1, {', '.join(map(str, spec.shape))}], got {list(arr.shape)}"
-        )
-    if arr.dtype == np.uint8:
-        return np.ascontiguousarray(arr, dtype=np.float32) * np.float32(1.0 / 255.0)
-    out = np.ascontiguousarray(arr, dtype=np.float32)
-    check_pixel_values(out)
-    return out
-
-
 def check_pixel_values(arr: NDArray[np.float32]) -> None:
     """Refuse NaN, infinities and values outside [0, 1], saying how many and where."""
     finite = np.isfinite(arr)

@@ -9,6 +9,8 @@ length + bytes per element).
 from __future__ import annotations
 
 import logging
+import math
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -16,113 +18,137 @@ from typing import Any
 import numpy as np
 import orjson
 from numpy.typing import NDArray
+from pydantic import ValidationError
 
-from service.errors import InvalidInputError
+from service.api.schemas import InferRequest, InferRequestedOutput
+from service.errors import InvalidInputError, PayloadTooLargeError
+from service.mi.params import Mode
+from service.preprocess import ImageSpec, check_pixel_values
 
 LOGGER = logging.getLogger(__name__)
 
 HEADER_LENGTH = "inference-header-content-length"
-_NUMPY: dict[str, np.dtype[Any]] = {
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    "FP16": np.dtype("<f2"),
-    "UINT8": np.dtype("u1"),
-}
+#: ASCII digits only (``str.isdigit`` also takes "²"); 12 digits is far beyond any body limit
+_LENGTH = re.compile(r"[0-9]{1,12}")
+_FP32 = np.dtype("<f4")
 OUTPUT_NAMES = ("probabilities", "label", "adversarial", "detection_gap")
+#: at most this many characters of a refused value are quoted back in an error message
+_QUOTE_CHARS = 60
 
 
 @dataclass(frozen=True)
 class ParsedInfer:
-    """One decoded inference request."""
+    """One validated inference request: a float32 (B, C, H, W) batch in [0, 1] and what to answer."""
 
     request_id: str | None
-    tensor: NDArray[Any]
-    parameters: dict[str, Any]
+    images: NDArray[np.float32]
+    mode: Mode | None
     outputs: list[tuple[str, bool]]  #: (name, binary) in the order to return
 
 
-def parse_infer(body: bytes, header_length: str | None, input_name: str) -> ParsedInfer:
-    """Decode an infer request body (JSON or JSON + binary tensors) into the single image tensor it carries.
+def parse_infer(
+    body: bytes, header_length: str | None, input_name: str, spec: ImageSpec, max_images: int
+) -> ParsedInfer:
+    """Validate an infer request body (JSON, or JSON header + binary tensors) and convert its one input.
+
+    The JSON header is validated as data (:class:`~service.api.schemas.InferRequest`), then the shape against the
+    model and ``max_images``; only then is any tensor data converted.
 
     Raises:
-        InvalidInputError: malformed JSON, wrong input name, datatype, shape or binary sizes.
+        InvalidInputError: malformed header, wrong types, input name, datatype, shape, sizes or pixel values.
+        PayloadTooLargeError: ``shape[0]`` over ``max_images``.
     """
-    if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+    head, rest = _split(body, header_length)
+    request = _validate_header(head)
+    inp = request.inputs[0]
+    if inp.name != input_name:
+        raise InvalidInputError(f"input must be named {input_name!r}, got {inp.name!r}")
+    count = _check_shape(inp.shape, spec, max_images)
+    binary_size = inp.parameters.binary_data_size if inp.parameters is not None else None
+    if binary_size is not None:
+        if binary_size != len(rest):
+            raise InvalidInputError(f"binary_data_size is {binary_size} but {len(rest)} binary bytes follow the header")
+        if binary_size != count * _FP32.itemsize:
             raise InvalidInputError(
-                f"Inference-Header-Content-Length must be an integer <= the body size {len(body)}, "
-                f"got {header_length!r}"
+                f"binary input of shape {inp.shape} FP32 needs {count * _FP32.itemsize} bytes, got {binary_size}"
             )
-        split = int(header_length)
-        head, rest = body[:split], memoryview(body)[split:]
+        images = np.frombuffer(rest, dtype=_FP32).astype(np.float32, copy=False).reshape(inp.shape)
     else:
-        head, rest = body, memoryview(b"")
+        if rest:
+            raise InvalidInputError("binary bytes follow the header but the input declares no binary_data_size")
+        if inp.data is None:
+            raise InvalidInputError("input needs 'data' (or parameters.binary_data_size with binary bytes)")
+        try:
+            flat = np.asarray(inp.data, dtype=np.float32).reshape(-1)
+        except (ValueError, TypeError) as exc:
+            raise InvalidInputError(f"input data is not a numeric array of FP32: {exc}") from None
+        if flat.size != count:
+            raise InvalidInputError(f"input shape {inp.shape} needs {count} values, got {flat.size}")
+        images = flat.reshape(inp.shape)
+    check_pixel_values(images)
+    params = request.parameters
+    binary_default = params.binary_data_output if params is not None else False
+    return ParsedInfer(
+        request.id,
+        images,
+        params.mode if params is not None else None,
+        _requested_outputs(request.outputs, binary_default),
+    )
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """The JSON header and the binary part, split at ``Inference-Header-Content-Length``."""
+    if header_length is None:
+        return body, memoryview(b"")
+    if not _LENGTH.fullmatch(header_length) or int(header_length) > len(body):
+        raise InvalidInputError(
+            f"Inference-Header-Content-Length must be ASCII digits giving a length <= the body size {len(body)}, "
+            f"got {_quote(header_length)}"
+        )
+    split = int(header_length)
+    return body[:split], memoryview(body)[split:]
+
+
+def _validate_header(head: bytes) -> InferRequest:
     try:
         doc = orjson.loads(head)
     except orjson.JSONDecodeError as exc:
         raise InvalidInputError(f"inference header is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
-        raise InvalidInputError("inference request must be a JSON object")
-    inputs = doc.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise InvalidInputError(f"inference request must have exactly 1 input named {input_name!r}")
-    inp = inputs[0]
-    if inp.get("name") != input_name:
-        raise InvalidInputError(f"input must be named {input_name!r}, got {inp.get('name')!r}")
-    datatype = inp.get("datatype")
-    if datatype not in _NUMPY:
-        raise InvalidInputError(f"input datatype must be one of {sorted(_NUMPY)}, got {datatype!r}")
-    shape = inp.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise InvalidInputError(f"input shape must be a list of non-negative integers, got {shape!r}")
-    count = int(np.prod(shape)) if shape else 1
-    dtype = _NUMPY[datatype]
-    params = inp.get("parameters") or {}
-    binary_size = params.get("binary_data_size") if isinstance(params, dict) else None
-    if binary_size is not None:
-        if not isinstance(binary_size, int) or binary_size != len(rest):
-            raise InvalidInputError(
-                f"binary_data_size is {binary_size!r} but {len(rest)} binary bytes follow the header"
-            )
-        if binary_size != count * dtype.itemsize:
-            raise InvalidInputError(
-                f"binary input of shape {shape} {datatype} needs {count * dtype.itemsize} bytes, got {binary_size}"
-            )
-        tensor = np.frombuffer(rest, dtype=dtype).reshape(shape)
-    else:
-        if rest:
-            raise InvalidInputError("binary bytes follow the header but the input declares no binary_data_size")
-        data = inp.get("data")
-        if not isinstance(data, list):
-            raise InvalidInputError("input needs 'data' (or parameters.binary_data_size with binary bytes)")
-        try:
-            flat = np.asarray(data, dtype=dtype).reshape(-1)
-        except (ValueError, TypeError) as exc:
-            raise InvalidInputError(f"input data is not a numeric array of {datatype}: {exc}") from None
-        if flat.size != count:
-            raise InvalidInputError(f"input shape {shape} needs {count} values, got {flat.size}")
-        tensor = flat.reshape(shape)
-
-    req_params = doc.get("parameters") or {}
-    if not isinstance(req_params, dict):
-        raise InvalidInputError("request 'parameters' must be an object")
-    outputs = _requested_outputs(doc.get("outputs"), bool(req_params.get("binary_data_output", False)))
-    rid = doc.get("id")
-    return ParsedInfer(str(rid) if rid is not None else None, tensor, req_params, outputs)
+        raise InvalidInputError(f"inference request must be a JSON object, got {type(doc).__name__}")
+    try:
+        return InferRequest.model_validate(doc)
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}, got {_quote(err['input'])}"
+            for err in exc.errors(include_url=False)[:5]
+        ]
+        raise InvalidInputError("; ".join(problems)) from None
 
 
-def _requested_outputs(requested: Any, binary_default: bool) -> list[tuple[str, bool]]:
+def _check_shape(shape: list[int], spec: ImageSpec, max_images: int) -> int:
+    """The number of values of a [B, C, H, W] input shaped for the model with 1 <= B <= ``max_images``."""
+    if len(shape) != 4 or tuple(shape[1:]) != spec.shape or shape[0] < 1:
+        raise InvalidInputError(
+            f"input shape must be [-1, {', '.join(map(str, spec.shape))}] with at least 1 image, got {shape}"
+        )
+    if shape[0] > max_images:
+        raise PayloadTooLargeError(f"the request holds {shape[0]} images, the limit is {max_images} per request")
+    return math.prod(shape)
+
+
+def _quote(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _QUOTE_CHARS else text[: _QUOTE_CHARS - 3] + "..."
+
+
+def _requested_outputs(requested: list[InferRequestedOutput] | None, binary_default: bool) -> list[tuple[str, bool]]:
     if requested is None:
         return [(name, binary_default) for name in OUTPUT_NAMES]
-    if not isinstance(requested, list):
-        raise InvalidInputError("'outputs' must be a list of {name, parameters}")
     out: list[tuple[str, bool]] = []
     for item in requested:
-        name = item.get("name") if isinstance(item, dict) else None
-        if name not in OUTPUT_NAMES:
-            raise InvalidInputError(f"unknown output {name!r}; outputs are {list(OUTPUT_NAMES)}")
-        params = item.get("parameters") or {}
-        out.append((name, bool(params.get("binary_data", binary_default)) if isinstance(params, dict) else False))
+        binary = item.parameters.binary_data if item.parameters is not None else None
+        out.append((item.name, binary_default if binary is None else binary))
     return out
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from service.mi.params import Branch
+from service.mi.params import Branch, Mode
 
 
 # --- errors ---------------------------------------------------------------------------------------------------
@@ -94,24 +94,49 @@ class ModelMetadata(BaseModel):
     outputs: list[TensorMetadata]
 
 
+#: the one input datatype served: what the model metadata advertises and the only one accepted
+INPUT_DATATYPE = "FP32"
+#: shape dimensions are non-negative JSON integers (``true`` is not an integer here)
+Dim = Annotated[StrictInt, Field(ge=0)]
+
+
+class InferInputParameters(BaseModel):
+    binary_data_size: StrictInt | None = Field(
+        None, ge=0, description="bytes of this input in the binary part (binary tensor extension)"
+    )
+
+
 class InferInput(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: Literal["FP32", "FP64", "FP16", "UINT8"]
-    parameters: dict[str, Any] | None = Field(None, description="'binary_data_size' with the binary extension")
+    name: StrictStr
+    shape: list[Dim] = Field(max_length=16)
+    datatype: Literal["FP32"] = Field(description="FP32 pixels in [0, 1], as the model metadata advertises")
+    parameters: InferInputParameters | None = Field(None, description="'binary_data_size' with the binary extension")
     data: list[Any] | None = Field(None, description="row-major values (flat or nested); absent when binary")
+
+
+class InferOutputParameters(BaseModel):
+    binary_data: StrictBool | None = Field(None, description="true: return this output in the binary part")
 
 
 class InferRequestedOutput(BaseModel):
     name: Literal["probabilities", "label", "adversarial", "detection_gap"]
-    parameters: dict[str, Any] | None = Field(None, description="'binary_data': true for a binary output")
+    parameters: InferOutputParameters | None = None
+
+
+class InferParameters(BaseModel):
+    binary_data_output: StrictBool = Field(False, description="default 'binary_data' of every requested output")
+    mode: Mode | None = Field(None, description="combined (default); others need ALLOW_MODE_OVERRIDE")
 
 
 class InferRequest(BaseModel):
-    """``POST /v2/models/{name}/infer``: JSON, or JSON header + binary tensors (``Inference-Header-Content-Length``)."""
+    """``POST /v2/models/{name}/infer``: JSON, or JSON header + binary tensors (``Inference-Header-Content-Length``).
 
-    id: str | None = None
-    parameters: dict[str, Any] | None = Field(None, description="'binary_data_output', and 'mode' if allowed")
+    The server validates the JSON header with this model: unknown parameters are ignored, known ones must have
+    their type (a string ``"false"`` is not a boolean).
+    """
+
+    id: StrictStr | None = None
+    parameters: InferParameters | None = None
     inputs: list[InferInput] = Field(min_length=1, max_length=1)
     outputs: list[InferRequestedOutput] | None = None
 

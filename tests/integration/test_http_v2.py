@@ -72,19 +72,6 @@ def test_tritonclient_default_request_returns_every_output_binary(triton):
     assert all("binary_data_size" in o["parameters"] for o in result.get_response()["outputs"])
 
 
-def test_uint8_tensors_are_scaled(server):
-    x = (batch(1) * 255).round().astype(np.uint8)
-    body = {
-        "inputs": [{"name": "images", "shape": [1, 1, 8, 8], "datatype": "UINT8", "data": x.ravel().tolist()}],
-        "parameters": {"mode": "off"},
-    }
-    r = server.client.post("/v2/models/tiny/infer", json=body)
-    body["inputs"][0] |= {"datatype": "FP32", "data": (x / 255.0).ravel().tolist()}
-    r2 = server.client.post("/v2/models/tiny/infer", json=body)
-    assert r.status_code == r2.status_code == 200, r.text
-    assert r.json()["outputs"][0]["data"] == pytest.approx(r2.json()["outputs"][0]["data"], abs=1e-6)
-
-
 def test_versioned_route_and_unknown_models(triton, server):
     inp = tc.InferInput("images", [1, 1, 8, 8], "FP32")
     inp.set_data_from_numpy(batch(1))
@@ -105,13 +92,13 @@ def test_versioned_route_and_unknown_models(triton, server):
         ({"inputs": [{"name": "images", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 10}]}, "needs 64"),
         ({"inputs": [{"name": "images", "shape": [1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}]}, "[-1, 1, 8, 8]"),
         ({"inputs": [{"name": "images", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [2.0] * 64}]}, "[0, 1]"),
-        ({"inputs": []}, "exactly 1 input"),
+        ({"inputs": []}, "inputs: List should have at least 1 item"),
         (
             {
                 "inputs": [{"name": "images", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}],
                 "outputs": [{"name": "logits"}],
             },
-            "unknown output",
+            "outputs.0.name",
         ),
         (
             {

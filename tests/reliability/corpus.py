@@ -302,8 +302,8 @@ def build_corpus(max_body_bytes: int, max_images: int, oip_path: str) -> list[Ca
     good = (base_chw / 255.0).astype("<f4")
     add_oip("oip_json_ok", oip([1, C, H, W], good.reshape(-1).tolist(), mode="off"), ok, expect=base_chw)
     add_oip("oip_binary_ok", oip([1, C, H, W], binary=good.tobytes(), mode="off"), ok, expect=base_chw)
-    add_oip("oip_uint8_ok", oip([1, C, H, W], datatype="UINT8", binary=base_chw.tobytes(), mode="off"), ok,
-            expect=base_chw)  # fmt: skip
+    # FP32 is the one datatype the metadata advertises: every other one is refused, however well formed
+    add_oip("oip_uint8_refused", oip([1, C, H, W], datatype="UINT8", binary=base_chw.tobytes(), mode="off"))
     add_oip("oip_wrong_dtype_int64", oip([1, C, H, W], [0] * (C * H * W), datatype="INT64"))
     add_oip("oip_wrong_dtype_bytes", oip([1], ["abc"], datatype="BYTES"))
     add_oip("oip_wrong_shape", oip([1, 2, H, W], [0.0] * (2 * H * W)))
@@ -317,8 +317,8 @@ def build_corpus(max_body_bytes: int, max_images: int, oip_path: str) -> list[Ca
     add_oip("oip_binary_nan", oip([1, C, H, W], binary=nan.tobytes()))
     add_oip("oip_binary_inf", oip([1, C, H, W], binary=np.full_like(good, np.inf).tobytes()))
     add_oip("oip_out_of_range", oip([1, C, H, W], binary=np.full_like(good, 2.0).tobytes()))
-    add_oip("oip_fp64_ok", oip([1, C, H, W], binary=good.astype("<f8").tobytes(), datatype="FP64", mode="off"), ok,
-            expect=base_chw)  # fmt: skip
+    add_oip("oip_fp64_refused", oip([1, C, H, W], binary=good.astype("<f8").tobytes(), datatype="FP64", mode="off"))
+    add_oip("oip_fp16_refused", oip([1, C, H, W], binary=good.astype("<f2").tobytes(), datatype="FP16"))
     body, hdr = oip([1, C, H, W], binary=good.tobytes())
     add_oip("oip_binary_size_mismatch", (body[:-4], hdr))
     add_oip("oip_header_length_too_big", (body, {**hdr, "Inference-Header-Content-Length": str(len(body) + 10)}))
@@ -327,8 +327,25 @@ def build_corpus(max_body_bytes: int, max_images: int, oip_path: str) -> list[Ca
     add_oip("oip_strings_in_data", oip([1, C, H, W], ["x"] * (C * H * W)))
     add_oip("oip_no_inputs", (b'{"inputs": []}', {"Content-Type": "application/json"}))
     add_oip("oip_not_json", (b"\x00\x01\x02", {"Content-Type": "application/json"}))
-    add_oip("oip_too_many_images", oip([max_images + 1, C, H, W], datatype="UINT8",
-            binary=b"\x00" * ((max_images + 1) * C * H * W)), frozenset({413}))  # fmt: skip
+    add_oip("oip_too_many_images", oip([max_images + 1, C, H, W], binary=b"\x00" * ((max_images + 1) * C * H * W * 4)),
+            frozenset({413}))  # fmt: skip
+    # the image count is read from the shape, before the data: no data at all is still a 413
+    add_oip("oip_too_many_images_no_data", oip([max_images + 1, C, H, W], []), frozenset({413}))
+    # issue 13: each of these answered 500
+    add_oip("oip_bool_in_shape", oip([True, C, H, W], good.reshape(-1).tolist()))
+    add_oip("oip_float_in_shape", oip([1.0, C, H, W], good.reshape(-1).tolist()))
+    add_oip("oip_overflow_product_empty_data", oip([2**32, 2**32, 1, 1], []))
+    add_oip("oip_overflow_product_binary_0", oip([2**32, 2**32, 1, 1], binary=b""))
+    add_oip("oip_header_length_superscript_digit", (body, {**hdr, "Inference-Header-Content-Length": "\u00b2"}))
+    add_oip("oip_header_length_superscripts", (body, {**hdr, "Inference-Header-Content-Length": "\u00b9\u00b2"}))
+    flags = {"Content-Type": "application/json"}
+    for field_name, value in (("binary_data_output", "false"), ("binary_data_output", 1), ("mode", ["off"])):
+        doc = {"inputs": [{"name": OIP_INPUT, "datatype": "FP32", "shape": [1, C, H, W],
+                           "data": good.reshape(-1).tolist()}], "parameters": {field_name: value}}  # fmt: skip
+        add_oip(f"oip_param_{field_name}_{type(value).__name__}", (js(doc), flags))
+    doc = {"inputs": [{"name": OIP_INPUT, "datatype": "FP32", "shape": [1, C, H, W], "data": [0.5] * (C * H * W)}],
+           "outputs": [{"name": "label", "parameters": {"binary_data": "false"}}]}  # fmt: skip
+    add_oip("oip_output_binary_data_str", (js(doc), flags))
     return cases
 
 

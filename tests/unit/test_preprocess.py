@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from service.errors import InvalidInputError, PayloadTooLargeError
-from service.preprocess import ImageSpec, array_to_image, batch_from_tensor, decode_image
+from service.preprocess import ImageSpec, array_to_image, decode_image
 
 GRAY8 = ImageSpec(1, 8, 8)
 RGB8 = ImageSpec(3, 8, 8)
@@ -179,12 +179,3 @@ def test_non_finite_and_out_of_range_values_are_refused(bad, needle):
     px[3, 4] = bad
     with pytest.raises(InvalidInputError, match=needle):
         array_to_image(px.tolist(), GRAY8)
-
-
-def test_tensors_uint8_are_scaled_and_shapes_checked():
-    u8 = np.full((2, 1, 8, 8), 51, np.uint8)
-    np.testing.assert_allclose(batch_from_tensor(u8, GRAY8), 0.2, atol=1e-7)
-    with pytest.raises(InvalidInputError, match=r"\[-1, 1, 8, 8\]"):
-        batch_from_tensor(np.zeros((1, 8, 8), np.float32), GRAY8)
-    with pytest.raises(InvalidInputError, match=r"\[0, 1\]"):
-        batch_from_tensor(np.full((1, 1, 8, 8), 2.0, np.float32), GRAY8)

@@ -16,10 +16,8 @@ from service.api.inference import run_inference
 from service.api.oip import HEADER_LENGTH, encode_infer, parse_infer
 from service.api.responses import OrjsonResponse
 from service.api.runtime import LoadedModel, ModelHolder
-from service.api.schemas import InferResponse, ModelMetadata, OipErrorBody, ServerMetadata
-from service.errors import InvalidInputError, ModelNotFoundError, NotReadyError
-from service.mi.params import Mode
-from service.preprocess import batch_from_tensor
+from service.api.schemas import INPUT_DATATYPE, InferResponse, ModelMetadata, OipErrorBody, ServerMetadata
+from service.errors import ModelNotFoundError, NotReadyError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -104,7 +102,7 @@ async def model_metadata(served: ServedDep, name: ModelName, version: Version | 
             "name": model.name,
             "versions": list_versions(served.settings.model_dir, model.name) or [model.version],
             "platform": "mixinfer_onnxruntime",
-            "inputs": [{"name": model.manifest.input.name, "datatype": "FP32", "shape": [-1, c, h, w]}],
+            "inputs": [{"name": model.manifest.input.name, "datatype": INPUT_DATATYPE, "shape": [-1, c, h, w]}],
             "outputs": [
                 {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
                 {"name": "label", "datatype": "BYTES", "shape": [-1]},
@@ -144,22 +142,15 @@ async def infer(
     settings, metrics = served.settings, served.metrics
     model = _served(served.holder, name, version)
     t0 = time.perf_counter()
-    parsed = parse_infer(await request.body(), request.headers.get(HEADER_LENGTH), model.manifest.input.name)
-    mode_param = parsed.parameters.get("mode")
-    try:
-        requested = None if mode_param is None else Mode(str(mode_param))
-    except ValueError:
-        raise InvalidInputError(
-            f"parameters.mode must be one of {[m.value for m in Mode]}, got {mode_param!r}"
-        ) from None
-    mode = resolve_mode(requested, settings)
-    images = batch_from_tensor(parsed.tensor, model.spec)
-    if images.shape[0] > settings.max_images_per_request:
-        from service.errors import PayloadTooLargeError
-
-        raise PayloadTooLargeError(
-            f"the request holds {images.shape[0]} images, the limit is {settings.max_images_per_request} per request"
-        )
+    parsed = parse_infer(
+        await request.body(),
+        request.headers.get(HEADER_LENGTH),
+        model.manifest.input.name,
+        model.spec,
+        settings.max_images_per_request,
+    )
+    mode = resolve_mode(parsed.mode, settings)
+    images = parsed.images
     metrics.observe_stage("decode", time.perf_counter() - t0)
     answer = await run_inference(
         request, holder=served.holder, metrics=metrics, settings=settings, images=images, mode=mode
