@@ -20,7 +20,7 @@ help:  ## list targets
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[serve,cpu,train,eval,dev]'
+	$(VENV)/bin/pip install -q -e '.[serve,cpu,client,train,eval,dev]'
 	# torchattacks' own requirements would swap the torch build: install it alone.
 	$(VENV)/bin/pip install -q --no-deps torchattacks==3.5.1
 	touch $@
@@ -28,18 +28,18 @@ $(VENV)/.installed: pyproject.toml
 $(SERVE_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/pip install -q --upgrade pip
-	$(SERVE_VENV)/bin/pip install -q -e '.[serve,cpu]'
+	$(SERVE_VENV)/bin/pip install -q -e '.[serve,cpu,client]'
 	touch $@
 
-install: $(VENV)/.installed  ## create .venv with .[serve,cpu,train,eval,dev]
+install: $(VENV)/.installed  ## create .venv with .[serve,cpu,client,train,eval,dev]
 
 serve: $(SERVE_VENV)/.installed  ## serve the default bundle on $MIXINFER_HOST:$MIXINFER_PORT (lean env, no torch)
 	$(SERVE_VENV)/bin/mixinfer serve
 
-system-deps:  ## Debian's prometheus (promtool), docker-compose and wrk, for the deploy tests and benchmarks
-	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null || ! command -v docker-compose >/dev/null || ! command -v wrk >/dev/null; then \
+system-deps:  ## Debian's prometheus (promtool), docker-compose, wrk, chromium and its driver, for the tests and benchmarks
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null || ! command -v docker-compose >/dev/null || ! command -v wrk >/dev/null || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus docker-compose wrk >/dev/null; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus docker-compose wrk chromium chromium-driver >/dev/null; \
 	fi
 
 lint: install  ## ruff, import contracts

@@ -21,7 +21,7 @@ from service.api.deps import RateLimiter
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, ObserveMiddleware
 from service.api.responses import OrjsonResponse
-from service.api.routes import admin, health, predict, v2
+from service.api.routes import admin, health, info, page, predict, v2
 from service.api.runtime import BackendWrapper, ModelHolder
 from service.api.schemas import InferRequest, PredictJsonBody
 from service.config import Settings
@@ -53,7 +53,7 @@ def create_app(
         default_response_class=OrjsonResponse,
         lifespan=_lifespan,
     )
-    for router in (predict.router, v2.router, admin.router, health.router):
+    for router in (predict.router, v2.router, admin.router, health.router, info.router, page.router):
         app.include_router(router)
     # FastAPI >= 0.160 keeps included routers as groups in app.routes: flatten them to get every template
     routes = [rc.path or "" for rc in iter_route_contexts(app.routes) if getattr(rc.route, "include_in_schema", False)]

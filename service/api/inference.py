@@ -73,6 +73,7 @@ async def run_inference(
         adversarial = [None] * len(res)
     branches = [b.value for b in res.branch]
     metrics.observe_predictions(res.label, branches, adversarial, res.gap)
+    model.recent_gaps.extend(g for g in res.gap.tolist() if not math.isnan(g))
     facts = request.scope.get(LOG_KEY)
     if facts is not None:
         gaps = [None if math.isnan(g) else round(g, 5) for g in res.gap.tolist()]

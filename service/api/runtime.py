@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
@@ -25,6 +26,8 @@ LOGGER = logging.getLogger(__name__)
 
 #: wraps the real backend, e.g. to gate or slow it down in tests; identity by default
 BackendWrapper = Callable[[MixingBackend], MixingBackend]
+#: detection gaps kept per served version for ``GET /recent-gaps``
+RECENT_GAPS = 500
 
 
 class TimedBackend:
@@ -81,6 +84,8 @@ class LoadedModel:
     backend: TimedBackend
     spec: ImageSpec
     pool_size: int
+    #: the latest computed detection gaps (event loop only), oldest first; a swapped-in version starts empty
+    recent_gaps: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_GAPS), compare=False)
 
     @property
     def class_names(self) -> tuple[str, ...]:

@@ -64,6 +64,26 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction]
 
 
+# --- /info and /recent-gaps (the client's metadata, the browser page) ------------------------------------------
+class InfoResponse(BaseModel):
+    server_version: str = Field(description="mixinfer version of the server")
+    model: str = Field(description="the served model's name")
+    version: str = Field(description="the served version")
+    classes: list[str] = Field(description="class names in index order")
+    input_shape: list[int] = Field(description="one image as the model takes it: channels, height, width")
+    response_detail: Literal["label", "full"] = Field(
+        description="label: label, flag, top-3 probabilities; full: also gap, threshold, all probabilities"
+    )
+
+
+class RecentGapsResponse(BaseModel):
+    model: str
+    version: str
+    threshold: float = Field(description="the served model's detection threshold")
+    window: int = Field(description="how many of the latest computed gaps are kept")
+    gaps: list[float] = Field(description="the latest computed detection gaps of the served version, oldest first")
+
+
 # --- health ---------------------------------------------------------------------------------------------------
 class LiveResponse(BaseModel):
     live: bool
