@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     rate_limit_per_key: float | None = Field(
         default=None, gt=0.0, description="requests per second per key (or client)"
     )
+    latency_p99_target_s: float = Field(
+        default=1.0, gt=0.0, le=3600.0, description="p99 prediction latency the alert MixinferLatencyHigh holds to"
+    )
     log_json: bool = Field(default=True, description="JSON log lines (access log included)")
 
     @field_validator("providers", mode="before")

@@ -57,7 +57,7 @@ def create_app(
         app.include_router(router)
     # FastAPI >= 0.160 keeps included routers as groups in app.routes: flatten them to get every template
     routes = [rc.path or "" for rc in iter_route_contexts(app.routes) if getattr(rc.route, "include_in_schema", False)]
-    metrics = Metrics(routes, settings.max_queue_images)
+    metrics = Metrics(routes, settings.max_queue_images, settings.latency_p99_target_s)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.holder = ModelHolder(settings, metrics, wrap_backend)

@@ -72,7 +72,7 @@ async def run_inference(
     else:
         adversarial = [None] * len(res)
     branches = [b.value for b in res.branch]
-    metrics.observe_predictions(res.label, branches, adversarial, res.gap)
+    metrics.observe_predictions(res.label, branches, adversarial, res.gap, model=model.name, version=model.version)
     model.recent_gaps.extend(g for g in res.gap.tolist() if not math.isnan(g))
     facts = request.scope.get(LOG_KEY)
     if facts is not None:

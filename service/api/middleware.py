@@ -63,7 +63,7 @@ class ObserveMiddleware:
             elapsed = time.perf_counter() - t0
             route = scope.get("route") or _refused_route(scope)
             template = getattr(route, "path", None) or UNMATCHED_ROUTE
-            self.metrics.observe_request(template, status, elapsed)
+            self.metrics.observe_request(template, status, elapsed, facts.get("model"), facts.get("version"))
             if ACCESS.isEnabledFor(logging.INFO):
                 # makeRecord + handle is Logger.info without its caller lookup (a stack walk per request)
                 record = ACCESS.makeRecord(

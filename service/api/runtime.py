@@ -185,7 +185,7 @@ class ModelHolder:
             provider=model.backend.provider,
             class_names=m.class_names,
             threshold=m.mi.threshold,
-            flag_rate=m.calibration.false_flag_rate,
+            flag_ratio=m.calibration.false_flag_rate,
             gap_quantiles=m.calibration.gap_quantiles,
             pool_images=model.pool_size,
         )

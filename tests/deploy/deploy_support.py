@@ -147,4 +147,4 @@ def architecture_metric_names() -> set[str]:
     """The metric names fixed in docs/architecture.md (the contract with service/metrics.py)."""
     text = ARCHITECTURE.read_text()
     section = text.split("## Metric names", 1)[1].split("\n## ", 1)[0]
-    return set(re.findall(r"\b(mixinfer_[a-z_]+)", section))
+    return set(re.findall(r"\b(mixinfer_[a-z0-9_]+)", section))

@@ -94,7 +94,7 @@ def test_unit_tests_catch_an_alert_that_never_fires(alert, tmp_path):
 def test_alert_rules_only_use_contract_metric_names():
     known = architecture_metric_names() | {"up"}
     for name, rule in _alerts().items():
-        for metric in re.findall(r"\b(mixinfer_[a-z_]+|up)\b(?=\s*[{\[])", rule["expr"]):
+        for metric in re.findall(r"\b(mixinfer_[a-z0-9_]+|up)\b(?=\s*[{\[])", rule["expr"]):
             base = re.sub(r"_(bucket|sum|count)$", "", metric)
             assert base in known, f"{name} uses {metric}, not in docs/architecture.md"
 

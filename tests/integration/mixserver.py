@@ -35,15 +35,21 @@ class Served:
         return self.app.state.holder
 
     def metric(self, name: str, **labels: str) -> float:
-        """Current value of one sample from /metrics (0 if absent)."""
+        """Sum of the samples of ``name`` from one scrape of /metrics whose labels include ``labels`` (0 if none);
+        a sum because most series exist once per model version."""
+        return sum(self.metric_by_version(name, **labels).values())
+
+    def metric_by_version(self, name: str, **labels: str) -> dict[tuple[str, str], float]:
+        """One scrape: (model, version) -> sum of the matching samples of ``name``."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        text = self.client.get("/metrics").text
-        for fam in text_string_to_metric_families(text):
+        out: dict[tuple[str, str], float] = {}
+        for fam in text_string_to_metric_families(self.client.get("/metrics").text):
             for s in fam.samples:
                 if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    return float(s.value)
-        return 0.0
+                    key = (s.labels.get("model", ""), s.labels.get("version", ""))
+                    out[key] = out.get(key, 0.0) + float(s.value)
+        return out
 
 
 def wait_until(cond, limit_s: float = 20.0, what: str = "condition") -> None:

@@ -64,6 +64,11 @@ def test_swap_under_traffic_loses_no_request(store):
             versions = [v for _, v in per_client]
             assert versions == sorted(versions)  # 1 ... 1 2 ... 2 for every client: the swap is atomic
         assert {v for per_client in seen for _, v in per_client} == {"1", "2"}
+        # each version's gap series counts exactly the answers it gave; the next scrape drops the idle version 1
+        answered = {v: sum(ver == v for per_client in seen for _, ver in per_client) for v in ("1", "2")}
+        gaps = srv.metric_by_version("mixinfer_detection_gap_count")
+        assert gaps == {("tiny", "1"): answered["1"], ("tiny", "2"): answered["2"]}
+        assert srv.metric_by_version("mixinfer_detection_gap_count") == {("tiny", "2"): answered["2"]}
 
         r = srv.client.post("/predict?mode=off", json={"instances": [X.tolist()]})
         got = np.array(list(r.json()["predictions"][0]["probabilities"].values()))

@@ -50,11 +50,12 @@ def _requests(host_port: str) -> list[bytes]:
 
 
 def _counts(served: Proc) -> dict[str, float]:
-    return {
-        labels["code"]: value
-        for labels, value in served.metric_samples("mixinfer_requests_total")
-        if labels["route"] == "/predict"
-    }
+    """/predict requests by code, summed over model versions."""
+    out: dict[str, float] = {}
+    for labels, value in served.metric_samples("mixinfer_requests_total"):
+        if labels["route"] == "/predict":
+            out[labels["code"]] = out.get(labels["code"], 0.0) + value
+    return out
 
 
 def test_soak(soak_server: Proc) -> None:
