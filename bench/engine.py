@@ -67,7 +67,7 @@ class Setup:
 
             b = load_bundle(bundle, require_weights=True)
             self.source = f"bundle {bundle.relative_to(REPO) if bundle.is_relative_to(REPO) else bundle}"
-            self.model_path = b.model_path
+            self.model_bytes = b.model_bytes
             self.torch_model = load_bundle_model(b)
             self.pool_images, self.pool_labels = b.pool_images, b.pool_labels
             self.params = b.manifest.mi
@@ -78,8 +78,8 @@ class Setup:
 
             torch.manual_seed(0)
             self.torch_model = build_model("mnist_cnn", 10, 1).eval()
-            self.model_path = tmp / "model.onnx"
-            export_onnx(self.torch_model, self.model_path, (1, 28, 28))
+            export_onnx(self.torch_model, tmp / "model.onnx", (1, 28, 28))
+            self.model_bytes = (tmp / "model.onnx").read_bytes()
             rng = np.random.default_rng(0)
             self.pool_labels = np.repeat(np.arange(10, dtype=np.int64), 100)
             self.pool_images = rng.integers(0, 256, size=(1000, 1, 28, 28), dtype=np.uint8)
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         p = s.params
         log("source: %s; clean inputs: %s; params: %s", s.source, s.inputs_from, p.model_dump())
         backend = OrtBackend(
-            s.model_path,
+            s.model_bytes,
             s.pool_images,
             providers=args.providers,
             mixing=args.mixing,

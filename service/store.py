@@ -5,14 +5,23 @@ does not match its sha256; when the manifest has an unknown schema version, a na
 its directory, or out-of-range MI parameters; when the ONNX model is corrupt or its input disagrees with the
 manifest and the pool; when a pool class is empty; and when the recorded splits break the disjointness rule
 (test ∩ (train ∪ pool ∪ calibration) = ∅, calibration ∩ (train ∪ pool) = ∅).
+
+Read once: every bundle file is read exactly once; its bytes are hashed, and those same bytes are parsed (pool,
+splits), checked (the ONNX model) and handed on (``Bundle.model_bytes``, ``Bundle.weights``), so a file replaced
+after the check is never served. Symlinks: nothing below the store root is followed; the model directory, the
+version directory and every bundle file must be real (the store root itself may be a link, e.g. to a volume).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import logging
+import os
 import re
+import stat
 import zipfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -54,20 +63,25 @@ class Bundle:
     Attributes:
         path: the bundle directory ``<store>/<name>/<version>``.
         manifest: the parsed, validated ``manifest.json``.
-        model_path: ``model.onnx`` (hash-checked, parsed, input checked against manifest and pool).
+        model_bytes: the bytes of ``model.onnx`` that were hashed and checked (input against manifest and pool).
         pool_images: uint8 (P, C, H, W), the reference pool, sorted by label.
         pool_labels: int64 (P,), ascending; every class 0..K-1 has at least one image.
         splits: int64 index arrays ``train``, ``pool``, ``calibration``, ``test`` (disjointness checked).
-        weights_path: ``weights.safetensors`` when present (hash-checked), else None.
+        weights: the hashed bytes of ``weights.safetensors`` when present, else None.
     """
 
     path: Path
     manifest: Manifest
-    model_path: Path
+    model_bytes: bytes
     pool_images: PoolImages
     pool_labels: PoolLabels
     splits: dict[str, NDArray[np.int64]]
-    weights_path: Path | None
+    weights: bytes | None
+
+    @property
+    def model_source(self) -> str:
+        """Where the model came from, for messages (``<bundle>/model.onnx``)."""
+        return str(self.path / MODEL_FILE)
 
 
 def sha256_file(path: Path) -> str:
@@ -132,14 +146,15 @@ def load_bundle(path: Path, require_weights: bool = False) -> Bundle:
         BundleError: anything else is wrong; the message says what, expected, got.
     """
     path = Path(path)
+    _check_real_directories(path)
     if not path.is_dir():
         raise BundleNotFoundError(f"bundle directory {path} does not exist")
     manifest = _read_manifest(path)
     _check_identity(path, manifest)
-    weights_present = _check_files(path, manifest, require_weights)
-    pool_images, pool_labels = _load_pool(path, manifest)
-    splits = _load_splits(path, manifest, n_pool=int(pool_labels.shape[0]))
-    _check_model(path / MODEL_FILE, manifest, pool_images.shape[1:])
+    blobs = _read_files(path, manifest, require_weights)
+    pool_images, pool_labels = _load_pool(path / POOL_FILE, blobs[POOL_FILE], manifest)
+    splits = _load_splits(path / SPLITS_FILE, blobs[SPLITS_FILE], manifest, n_pool=int(pool_labels.shape[0]))
+    _check_model(path / MODEL_FILE, blobs[MODEL_FILE], manifest, pool_images.shape[1:])
     LOGGER.info(
         "loaded bundle %s/%s: %d classes, pool %d images, input %s",
         manifest.name,
@@ -151,21 +166,44 @@ def load_bundle(path: Path, require_weights: bool = False) -> Bundle:
     return Bundle(
         path=path,
         manifest=manifest,
-        model_path=path / MODEL_FILE,
+        model_bytes=blobs[MODEL_FILE],
         pool_images=pool_images,
         pool_labels=pool_labels,
         splits=splits,
-        weights_path=(path / WEIGHTS_FILE) if weights_present else None,
+        weights=blobs.get(WEIGHTS_FILE),
     )
+
+
+def _check_real_directories(path: Path) -> None:
+    """The symlink rule for directories: the version and the model directory are not links (files: _read_file)."""
+    for what, directory in (("model directory", path.parent), ("bundle directory", path)):
+        if directory.is_symlink():
+            raise BundleError(f"{what} {directory} must be a real directory, got a symbolic link")
+
+
+def _read_file(path: Path, fname: str) -> bytes:
+    """The bytes of ``path/fname``, refusing a symbolic link (not followed) or anything but a regular file."""
+    fpath = path / fname
+    try:
+        fd = os.open(fpath, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BundleError(f"bundle {path}: {fname} must be a regular file, got a symbolic link") from exc
+        raise BundleError(f"bundle {path}: cannot read {fname} ({exc})") from exc
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise BundleError(f"bundle {path}: {fname} must be a regular file, got a directory or device")
+        return fh.read()
 
 
 def _read_manifest(path: Path) -> Manifest:
     mpath = path / MANIFEST_FILE
-    if not mpath.is_file():
+    if not mpath.is_file() and not mpath.is_symlink():
         raise BundleNotFoundError(f"bundle {path}: expected {MANIFEST_FILE}, got no such file")
+    text = _read_file(path, MANIFEST_FILE)
     try:
-        raw = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{mpath}: expected a JSON object, got unreadable content ({exc})") from exc
     if not isinstance(raw, dict):
         raise BundleError(f"{mpath}: expected a JSON object, got {type(raw).__name__}")
@@ -202,8 +240,8 @@ def _check_identity(path: Path, manifest: Manifest) -> None:
         )
 
 
-def _check_files(path: Path, manifest: Manifest, require_weights: bool) -> bool:
-    """Exactly the listed files, each with its hash. Returns whether the weights file is present."""
+def _read_files(path: Path, manifest: Manifest, require_weights: bool) -> dict[str, bytes]:
+    """Exactly the listed files, each read once and hashed. Returns their bytes by file name."""
     on_disk = {p.name for p in path.iterdir() if p.name != MANIFEST_FILE}
     listed = set(manifest.files)
     extra = sorted(on_disk - listed)
@@ -217,26 +255,26 @@ def _check_files(path: Path, manifest: Manifest, require_weights: bool) -> bool:
         raise BundleError(f"bundle {path}: missing file(s) {missing}, expected all of {sorted(listed)}")
     if weights_optional:
         LOGGER.warning("bundle %s has no %s: serving is fine, gradient-based evaluation is not", path, WEIGHTS_FILE)
+    blobs: dict[str, bytes] = {}
     for fname in sorted(listed & on_disk):
-        fpath = path / fname
-        if not fpath.is_file() or fpath.is_symlink():
-            raise BundleError(f"bundle {path}: {fname} must be a regular file, got a directory or link")
-        digest = sha256_file(fpath)
+        data = _read_file(path, fname)
+        digest = hashlib.sha256(data).hexdigest()
         if digest != manifest.files[fname]:
             raise BundleError(
                 f"bundle {path}: sha256 mismatch for {fname}, expected {manifest.files[fname]}, got {digest}"
             )
-    return WEIGHTS_FILE in on_disk
+        blobs[fname] = data
+    return blobs
 
 
-def _npz(fpath: Path, keys: tuple[str, ...]) -> dict[str, NDArray[Any]]:
+def _npz(fpath: Path, data: bytes, keys: tuple[str, ...]) -> dict[str, NDArray[Any]]:
     try:
-        with np.load(fpath, allow_pickle=False) as data:
-            found = set(data.files)
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            found = set(arrays.files)
             missing = [k for k in keys if k not in found]
             if missing:
                 raise BundleError(f"{fpath}: expected arrays {list(keys)}, missing {missing} (got {sorted(found)})")
-            return {k: data[k] for k in keys}
+            return {k: arrays[k] for k in keys}
     except BundleError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # BadZipFile is no OSError
@@ -245,9 +283,8 @@ def _npz(fpath: Path, keys: tuple[str, ...]) -> dict[str, NDArray[Any]]:
         ) from exc
 
 
-def _load_pool(path: Path, manifest: Manifest) -> tuple[PoolImages, PoolLabels]:
-    fpath = path / POOL_FILE
-    arrays = _npz(fpath, ("images", "labels"))
+def _load_pool(fpath: Path, data: bytes, manifest: Manifest) -> tuple[PoolImages, PoolLabels]:
+    arrays = _npz(fpath, data, ("images", "labels"))
     images, labels = arrays["images"], arrays["labels"]
     if images.dtype != np.uint8 or images.ndim != 4:
         raise BundleError(f"{fpath}: images must be uint8 (P,C,H,W), got {images.dtype} {images.shape}")
@@ -279,9 +316,8 @@ def _load_pool(path: Path, manifest: Manifest) -> tuple[PoolImages, PoolLabels]:
     return images, labels
 
 
-def _load_splits(path: Path, manifest: Manifest, n_pool: int) -> dict[str, NDArray[np.int64]]:
-    fpath = path / SPLITS_FILE
-    arrays = _npz(fpath, SPLIT_NAMES)
+def _load_splits(fpath: Path, data: bytes, manifest: Manifest, n_pool: int) -> dict[str, NDArray[np.int64]]:
+    arrays = _npz(fpath, data, SPLIT_NAMES)
     n_images = manifest.dataset.n_images
     splits: dict[str, NDArray[np.int64]] = {}
     for name in SPLIT_NAMES:
@@ -324,12 +360,12 @@ def _load_splits(path: Path, manifest: Manifest, n_pool: int) -> dict[str, NDArr
     return splits
 
 
-def _check_model(fpath: Path, manifest: Manifest, pool_shape: tuple[int, ...]) -> None:
-    """Parse the ONNX file and check its input/output signature against the manifest and the pool."""
+def _check_model(fpath: Path, data: bytes, manifest: Manifest, pool_shape: tuple[int, ...]) -> None:
+    """Parse the ONNX bytes and check their input/output signature against the manifest and the pool."""
     import onnx
 
     try:
-        model = onnx.load(str(fpath), load_external_data=False)
+        model = onnx.load_model_from_string(data)
         onnx.checker.check_model(model)
     except Exception as exc:
         raise BundleError(f"{fpath}: expected a valid self-contained ONNX model, got a corrupt file ({exc})") from exc

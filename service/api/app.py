@@ -9,7 +9,7 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -28,6 +28,9 @@ from service.config import Settings
 from service.metrics import Metrics
 from service.mi.params import Mode
 
+if TYPE_CHECKING:
+    from service.store import Bundle
+
 LOGGER = logging.getLogger(__name__)
 
 
@@ -36,6 +39,7 @@ def create_app(
     *,
     wrap_backend: BackendWrapper | None = None,
     exit_on_load_failure: bool = False,
+    bundle: Bundle | None = None,
 ) -> FastAPI:
     """Build the app (cheap); the model is loaded and warmed up in the lifespan.
 
@@ -44,6 +48,9 @@ def create_app(
         wrap_backend: wraps each loaded backend (tests gate or slow the engine with it).
         exit_on_load_failure: if the initial load fails, stop the process (SIGTERM to itself) instead of staying
             alive and not ready; ``mixinfer serve`` sets it, so a broken deployment fails at start-up.
+        bundle: a bundle verified already (``mixinfer serve`` checks it before starting): served as it is, without
+            resolving the version or reading the files again. None: the lifespan resolves and loads the configured
+            version.
     """
     settings = settings or Settings()
     app = FastAPI(
@@ -62,6 +69,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.holder = ModelHolder(settings, metrics, wrap_backend)
     app.state.exit_on_load_failure = exit_on_load_failure
+    app.state.initial_bundle = bundle
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_key) if settings.rate_limit_per_key else None
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -77,7 +85,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings.log_weak_keys()
     holder.batcher.start()
     # Load in the background: liveness answers at once, readiness flips to 200 after warm-up.
-    loading = asyncio.create_task(holder.load_initial(), name="mixinfer-load")
+    bundle, app.state.initial_bundle = app.state.initial_bundle, None  # served once, then its memory is free
+    loading = asyncio.create_task(holder.load_initial(bundle), name="mixinfer-load")
     loading.add_done_callback(lambda task: _report_load(task, exit_process=app.state.exit_on_load_failure))
     app.state.loading = loading
     try:

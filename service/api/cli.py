@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from service.config import Settings
 
 LOGGER = logging.getLogger(__name__)
 
@@ -46,16 +52,10 @@ def serve(args: argparse.Namespace) -> int:
             return 2
     configure_logging(settings.log_json, logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
     try:
-        from service.store import load_bundle, resolve_bundle
-
-        path = resolve_bundle(settings.model_dir, settings.model_name, settings.model_version)
-        load_bundle(path)
+        app, path = build_app(settings)
     except MixinferError as exc:
         LOGGER.error("refusing to start: %s", exc.message)
         return 2
-    from service.api.app import create_app
-
-    app = create_app(settings, exit_on_load_failure=True)
     LOGGER.info("serving %s on http://%s:%d", path, settings.host, settings.port)
     uvicorn.run(
         app,
@@ -69,3 +69,21 @@ def serve(args: argparse.Namespace) -> int:
         server_header=False,
     )
     return 0
+
+
+def build_app(settings: Settings, *, exit_on_load_failure: bool = True) -> tuple[FastAPI, Path]:
+    """Resolve and verify the bundle (the start-up checks), then build the app that serves that same bundle: the
+    version is resolved once and the files are read once.
+
+    ``exit_on_load_failure``: as in :func:`service.api.app.create_app` (a test that builds the app in its own
+    process turns it off).
+
+    Raises:
+        MixinferError: no such bundle, or it fails verification.
+    """
+    from service.api.app import create_app
+    from service.store import load_bundle, resolve_bundle
+
+    path = resolve_bundle(settings.model_dir, settings.model_name, settings.model_version)  # the one resolution
+    bundle = load_bundle(path)
+    return create_app(settings, exit_on_load_failure=exit_on_load_failure, bundle=bundle), path

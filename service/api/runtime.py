@@ -8,6 +8,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
@@ -21,6 +22,9 @@ from service.metrics import Metrics
 from service.mi.engine import MIEngine, MIResult
 from service.mi.params import Mode
 from service.preprocess import ImageSpec
+
+if TYPE_CHECKING:
+    from service.store import Bundle
 
 LOGGER = logging.getLogger(__name__)
 
@@ -101,16 +105,20 @@ class LoadedModel:
         return self, self.engine(images, mode)
 
 
-def load_model(
-    settings: Settings, version: str | None, metrics: Metrics | None, wrap: BackendWrapper | None = None
-) -> LoadedModel:
-    """Resolve, verify, load and warm up ``settings.model_name`` at ``version`` (None: highest). Blocking."""
-    from service.backends.onnx import OrtBackend
+def read_bundle(settings: Settings, version: str | None) -> Bundle:
+    """Resolve ``settings.model_name`` at ``version`` (None: the highest) once, and verify it. Blocking."""
     from service.store import load_bundle, resolve_bundle
 
+    return load_bundle(resolve_bundle(settings.model_dir, settings.model_name, version))
+
+
+def load_model(
+    settings: Settings, bundle: Bundle, metrics: Metrics | None, wrap: BackendWrapper | None = None
+) -> LoadedModel:
+    """Serve a verified bundle: the backend over its model bytes and pool, the engine, warmed up. Blocking."""
+    from service.backends.onnx import OrtBackend
+
     t0 = time.perf_counter()
-    path = resolve_bundle(settings.model_dir, settings.model_name, version)
-    bundle = load_bundle(path)
     inner: MixingBackend = OrtBackend.from_bundle(
         bundle,
         providers=settings.providers,
@@ -191,8 +199,11 @@ class ModelHolder:
         )
         self.metrics.ready.set(1)
 
-    async def load_initial(self) -> None:
-        model = await asyncio.to_thread(load_model, self.settings, self.settings.model_version, self.metrics, self.wrap)
+    async def load_initial(self, bundle: Bundle | None = None) -> None:
+        """Serve ``bundle`` (verified already, e.g. by ``mixinfer serve``), else the configured version."""
+        if bundle is None:
+            bundle = await asyncio.to_thread(read_bundle, self.settings, self.settings.model_version)
+        model = await asyncio.to_thread(load_model, self.settings, bundle, self.metrics, self.wrap)
         self.install(model)
 
     async def swap(self, name: str, version: str | None) -> LoadedModel:
@@ -215,7 +226,8 @@ class ModelHolder:
         if not versions:
             raise ModelNotFoundError(f"model {name!r} has no versions in the store")
         async with self._swap_lock:
-            model = await asyncio.to_thread(load_model, self.settings, version or versions[-1], self.metrics, self.wrap)
+            bundle = await asyncio.to_thread(read_bundle, self.settings, version or versions[-1])
+            model = await asyncio.to_thread(load_model, self.settings, bundle, self.metrics, self.wrap)
             old = self.model
             if model.spec.shape != old.spec.shape or model.class_names != old.class_names:
                 raise ClientError(

@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -144,7 +143,8 @@ class OrtBackend:
     """A :class:`~service.backends.base.MixingBackend` over ONNX Runtime.
 
     Args:
-        model_path: ``model.onnx``: input float32 (B,C,H,W) in [0,1], output logits (B, K), dynamic batch.
+        model_bytes: the ONNX model (e.g. the verified ``Bundle.model_bytes``): input float32 (B,C,H,W) in [0,1],
+            output logits (B, K), dynamic batch.
         pool_images: uint8 (P, C, H, W), the bundle's pool (flat partner indices index its first axis).
         providers: execution providers in order of preference (a list or a comma-separated string).
             Refusal rule: if CUDA is asked for and the installed ONNX Runtime offers it, or CUDA is asked for with
@@ -161,6 +161,7 @@ class OrtBackend:
         output_name: the model's logits output name.
         expected_input_shape: (C, H, W) from the manifest; refused if the model disagrees.
         expected_n_classes: K from the manifest; refused if the model disagrees.
+        source: where the model came from, for messages.
 
     Raises:
         BackendError: the model cannot be loaded, its signature disagrees with the pool or the manifest, or the
@@ -170,7 +171,7 @@ class OrtBackend:
 
     def __init__(
         self,
-        model_path: Path,
+        model_bytes: bytes,
         pool_images: NDArray[np.uint8],
         *,
         providers: str | Sequence[str] = (CPU,),
@@ -183,6 +184,7 @@ class OrtBackend:
         output_name: str = "logits",
         expected_input_shape: tuple[int, int, int] | None = None,
         expected_n_classes: int | None = None,
+        source: str = "model.onnx",
     ) -> None:
         import onnxruntime as ort
 
@@ -199,7 +201,7 @@ class OrtBackend:
         if pool.dtype != np.uint8 or pool.ndim != 4 or pool.shape[0] == 0:
             raise BackendError(f"pool images must be non-empty uint8 (P,C,H,W), got {pool.dtype} {pool.shape}")
 
-        self.model_path = Path(model_path)
+        self.source = source
         self.asked_providers = parse_providers(providers)
         self.max_mixes_per_call = int(max_mixes_per_call)
         self.input_name = input_name
@@ -207,10 +209,6 @@ class OrtBackend:
         self._options = self._session_options(ort, intra_op_threads, inter_op_threads)
         self._ort_providers = providers_for_build(self.asked_providers, ort.get_available_providers())
 
-        try:
-            model_bytes = self.model_path.read_bytes()
-        except OSError as exc:
-            raise BackendError(f"cannot read model {self.model_path}: {exc}") from exc
         self._session = self._make_session(ort, model_bytes, "classifier")
         self.provider: str = self._session.get_providers()[0]
         check_no_fallback(self.asked_providers, self._ort_providers, self._session.get_providers())
@@ -254,12 +252,13 @@ class OrtBackend:
         """A backend for a verified bundle, with the manifest's shapes and names checked; kwargs as in __init__."""
         spec = bundle.manifest.input
         return cls(
-            bundle.model_path,
+            bundle.model_bytes,
             bundle.pool_images,
             input_name=spec.name,
             output_name=spec.output_name,
             expected_input_shape=tuple(spec.shape),  # type: ignore[arg-type]
             expected_n_classes=bundle.manifest.n_classes,
+            source=bundle.model_source,
             **kwargs,
         )
 
@@ -423,7 +422,7 @@ class OrtBackend:
             providers = [(p, CUDA_OPTIONS) if p == CUDA else p for p in self._ort_providers]
             return ort.InferenceSession(model_bytes, sess_options=self._options, providers=providers)
         except Exception as exc:
-            raise BackendError(f"ONNX Runtime cannot create the {what} session for {self.model_path}: {exc}") from exc
+            raise BackendError(f"ONNX Runtime cannot create the {what} session for {self.source}: {exc}") from exc
 
     def _check_signature(
         self, session: Any, pool: NDArray[np.uint8], expected: tuple[int, int, int] | None
@@ -431,29 +430,29 @@ class OrtBackend:
         inputs = session.get_inputs()
         names = [i.name for i in inputs]
         if len(inputs) != 1 or inputs[0].name != self.input_name:
-            raise BackendError(f"{self.model_path}: expected one input named {self.input_name!r}, got {names}")
+            raise BackendError(f"{self.source}: expected one input named {self.input_name!r}, got {names}")
         if inputs[0].type != "tensor(float)":
-            raise BackendError(f"{self.model_path}: input must be tensor(float), got {inputs[0].type}")
+            raise BackendError(f"{self.source}: input must be tensor(float), got {inputs[0].type}")
         shape = list(inputs[0].shape)
         if len(shape) != 4:
-            raise BackendError(f"{self.model_path}: input must be 4-D (B,C,H,W), got {shape}")
+            raise BackendError(f"{self.source}: input must be 4-D (B,C,H,W), got {shape}")
         if isinstance(shape[0], int):
-            raise BackendError(f"{self.model_path}: input must have a dynamic batch axis, got fixed {shape[0]}")
+            raise BackendError(f"{self.source}: input must have a dynamic batch axis, got fixed {shape[0]}")
         model_chw = tuple(shape[1:])
         pool_chw = tuple(int(d) for d in pool.shape[1:])
         if model_chw != pool_chw:
             raise BackendError(
-                f"{self.model_path}: model input shape must equal the pool image shape, expected {pool_chw} "
+                f"{self.source}: model input shape must equal the pool image shape, expected {pool_chw} "
                 f"(pool), got {model_chw} (model)"
             )
         if expected is not None and tuple(expected) != pool_chw:
             raise BackendError(
-                f"{self.model_path}: model input shape must equal the manifest input shape, expected "
+                f"{self.source}: model input shape must equal the manifest input shape, expected "
                 f"{tuple(expected)} (manifest), got {pool_chw} (model and pool)"
             )
         if self.output_name not in [o.name for o in session.get_outputs()]:
             raise BackendError(
-                f"{self.model_path}: expected an output named {self.output_name!r}, got "
+                f"{self.source}: expected an output named {self.output_name!r}, got "
                 f"{[o.name for o in session.get_outputs()]}"
             )
         return (int(pool_chw[0]), int(pool_chw[1]), int(pool_chw[2]))
@@ -468,12 +467,12 @@ class OrtBackend:
             feed = {self.input_name: np.zeros((1, *self.input_shape), dtype=np.float32)}
             probe = np.asarray(self._session.run([self.output_name], feed)[0])
             if probe.ndim != 2:
-                raise BackendError(f"{self.model_path}: output must be (B, K) logits, got shape {probe.shape}")
+                raise BackendError(f"{self.source}: output must be (B, K) logits, got shape {probe.shape}")
             k = int(probe.shape[1])
         if k < 2:
-            raise BackendError(f"{self.model_path}: output must have >= 2 classes, got {k}")
+            raise BackendError(f"{self.source}: output must have >= 2 classes, got {k}")
         if expected is not None and k != expected:
             raise BackendError(
-                f"{self.model_path}: model output classes must equal the manifest's, expected {expected}, got {k}"
+                f"{self.source}: model output classes must equal the manifest's, expected {expected}, got {k}"
             )
         return k

@@ -143,7 +143,7 @@ def finish_bundle(
     from service.store import finalize_bundle
 
     factory = EngineFactory(
-        bundle_dir / "model.onnx",
+        (bundle_dir / "model.onnx").read_bytes(),
         ds.images[splits.pool],
         ds.labels[splits.pool],
         n_classes=ds.n_classes,
@@ -235,7 +235,7 @@ def recompute_numbers(bundle_dir: Path, data_dir: Path | None = None, threads: i
     if ds.sha256 != m.dataset.sha256:
         raise ValueError(f"dataset {ds.name}: sha256 {ds.sha256}, the bundle was built from {m.dataset.sha256}")
     factory = EngineFactory(
-        bundle.model_path, bundle.pool_images, bundle.pool_labels, n_classes=m.n_classes, intra_op_threads=threads
+        bundle.model_bytes, bundle.pool_images, bundle.pool_labels, n_classes=m.n_classes, intra_op_threads=threads
     )
     split = bundle.splits
     fixed = None if m.mi.threshold_rule.startswith("target_fpr") else m.mi.threshold

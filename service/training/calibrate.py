@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,14 +38,14 @@ class EngineFactory:
     """Builds fresh engines over one ONNX session (the backend is stateless; the randomness is the engine's).
 
     Args:
-        model_path: the exported ``model.onnx``.
+        model_bytes: the exported ``model.onnx``.
         pool_images, pool_labels: the bundle's pool (uint8 (P,C,H,W), int64 (P,) sorted).
         intra_op_threads: ONNX Runtime threads (None: ORT's default).
     """
 
     def __init__(
         self,
-        model_path: Path,
+        model_bytes: bytes,
         pool_images: NDArray[np.uint8],
         pool_labels: NDArray[np.int64],
         *,
@@ -56,7 +55,7 @@ class EngineFactory:
         from service.backends.onnx import OrtBackend
 
         self.backend = OrtBackend(
-            Path(model_path),
+            model_bytes,
             pool_images,
             providers=["CPUExecutionProvider"],
             mixing="host",

@@ -271,11 +271,14 @@ def load_bundle_model(bundle: Bundle | Path | str) -> Classifier:
         bundle = load_bundle(Path(bundle), require_weights=True)
     b: Any = bundle
     manifest = b.manifest
-    weights_path = b.weights_path
-    if weights_path is None:
+    if b.weights is None:
         raise BundleError(f"bundle {b.path} has no weights.safetensors, needed to rebuild the torch model")
+    from safetensors.torch import load as load_safetensors
+
     model = build_model(manifest.architecture, manifest.n_classes, manifest.input.shape[0])
-    load_weights(model, Path(weights_path))
+    model.load_state_dict(load_safetensors(b.weights), strict=True)  # the bytes the store hashed
     model.eval()
-    LOGGER.info("rebuilt %s (%d classes) from %s", manifest.architecture, manifest.n_classes, weights_path)
+    LOGGER.info(
+        "rebuilt %s (%d classes) from %s/weights.safetensors", manifest.architecture, manifest.n_classes, b.path
+    )
     return model

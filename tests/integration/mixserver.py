@@ -63,7 +63,13 @@ def wait_until(cond, limit_s: float = 20.0, what: str = "condition") -> None:
 @contextmanager
 def run_server(settings: Settings, wrap: BackendWrapper | None = None, wait_ready: bool = True) -> Iterator[Served]:
     """Start uvicorn (port 0 -> a free loopback port) in a thread; stop it on exit."""
-    app = create_app(settings, wrap_backend=wrap)
+    with run_app(create_app(settings, wrap_backend=wrap), wait_ready) as served:
+        yield served
+
+
+@contextmanager
+def run_app(app: Any, wait_ready: bool = True) -> Iterator[Served]:
+    """Serve an app built elsewhere (e.g. by ``mixinfer serve``'s ``build_app``) like :func:`run_server`."""
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", loop="asyncio")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)

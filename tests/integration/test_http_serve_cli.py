@@ -77,6 +77,22 @@ def test_serve_runs_uvicorn_on_the_configured_address(http_store):
     assert '"gap":[' in access[0] and '"code":200' in access[0] and "partner" not in out
 
 
+def test_serve_serves_the_version_its_start_up_checks_verified(tmp_path):
+    """A version published between ``mixinfer serve``'s checks and the app's start is not what gets served."""
+    from mixserver import run_app, settings_for
+    from tinybundle import make_tiny_bundle
+
+    from service.api.cli import build_app
+
+    make_tiny_bundle(tmp_path, version="1", seed=0)
+    app, path = build_app(settings_for(tmp_path), exit_on_load_failure=False)
+    make_tiny_bundle(tmp_path, version="2", seed=1)  # published after the checks, before uvicorn starts the app
+    with run_app(app) as served:
+        r = served.client.post("/predict", json={"instances": [np.zeros((8, 8)).tolist()]})
+    assert path == tmp_path / "tiny" / "1"
+    assert r.status_code == 200 and r.json()["version"] == "1"
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
@@ -98,10 +114,10 @@ def test_serving_path_never_imports_torch(http_store):
         "import sys, asyncio\n"
         "from service.config import Settings\n"
         "from service.api.app import create_app\n"
-        "from service.api.runtime import load_model\n"
+        "from service.api.runtime import load_model, read_bundle\n"
         f"s = Settings(model_dir={str(http_store)!r}, model_name='tiny', providers=('CPUExecutionProvider',))\n"
         "app = create_app(s)\n"
-        "m = load_model(s, None, None)\n"
+        "m = load_model(s, read_bundle(s, None), None)\n"
         "import service.api.cli\n"
         "bad = sorted(k for k in sys.modules if k.split('.')[0] == 'torch' or k.startswith(('service.training',"
         " 'service.robustness')))\n"

@@ -55,7 +55,7 @@ def test_twin_matches_served_engine_for_the_same_partners(mnist_bundle, mode):
 
 def test_twin_of_tiny_onnx_bundle_matches_engine(tiny_bundle):
     # an independent torch twin of the tests' tiny ONNX CNN, built from its weights file
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     from service.training.models import Classifier
 
@@ -66,7 +66,7 @@ def test_twin_of_tiny_onnx_bundle_matches_engine(tiny_bundle):
         torch.nn.Conv2d(c, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * h * w, k)
     )
     model = Classifier(body, "tiny_cnn", k, c)
-    model.load_state_dict(load_file(str(bundle.weights_path)), strict=True)
+    model.load_state_dict(load(bundle.weights), strict=True)
     twin = DifferentiableMI(
         model, bundle.pool_images, bundle.pool_labels, bundle.manifest.mi.model_copy(update={"threshold": 0.0})
     )

@@ -111,7 +111,7 @@ def test_no_backend_call_exceeds_the_configured_number_of_mixes(bundle: Bundle) 
 
 
 def test_the_fused_graph_keeps_the_pool_as_a_uint8_initializer(bundle: Bundle) -> None:
-    fused = build_fused_model(bundle.model_path.read_bytes(), bundle.pool_images)
+    fused = build_fused_model(bundle.model_bytes, bundle.pool_images)
     pool = next(i for i in fused.graph.initializer if i.name == "mi/pool")
     assert pool.data_type == onnx.TensorProto.UINT8 and list(pool.dims) == [24, 1, 8, 8]
     assert [i.name for i in fused.graph.input] == ["images", "partners", "lam"]
@@ -217,29 +217,25 @@ def test_refuses_a_model_whose_input_disagrees_with_the_pool(bundle: Bundle, tmp
     with pytest.raises(
         BackendError, match=r"must equal the pool image shape, expected \(1, 8, 8\) \(pool\), got \(1, 9, 9\)"
     ):
-        OrtBackend(other / "model.onnx", bundle.pool_images)
+        OrtBackend((other / "model.onnx").read_bytes(), bundle.pool_images)
 
 
 def test_refuses_a_model_that_disagrees_with_the_manifest(bundle: Bundle) -> None:
     with pytest.raises(BackendError, match=r"must equal the manifest input shape, expected \(3, 8, 8\)"):
-        OrtBackend(bundle.model_path, bundle.pool_images, expected_input_shape=(3, 8, 8))
+        OrtBackend(bundle.model_bytes, bundle.pool_images, expected_input_shape=(3, 8, 8))
     with pytest.raises(BackendError, match=r"model output classes must equal the manifest's, expected 10, got 4"):
-        OrtBackend(bundle.model_path, bundle.pool_images, expected_n_classes=10)
+        OrtBackend(bundle.model_bytes, bundle.pool_images, expected_n_classes=10)
 
 
-def test_refuses_an_unreadable_or_corrupt_model(bundle: Bundle, tmp_path: Path) -> None:
-    with pytest.raises(BackendError, match="cannot read model"):
-        OrtBackend(tmp_path / "absent.onnx", bundle.pool_images)
-    (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage")
-    with pytest.raises(BackendError, match="ONNX Runtime cannot create the classifier session"):
-        OrtBackend(tmp_path / "bad.onnx", bundle.pool_images)
+def test_refuses_a_corrupt_model(bundle: Bundle) -> None:
+    with pytest.raises(BackendError, match=r"ONNX Runtime cannot create the classifier session for bad\.onnx"):
+        OrtBackend(b"\x08\x07garbage", bundle.pool_images, source="bad.onnx")
 
 
 def test_refuses_a_model_with_a_different_input_name(bundle: Bundle, tmp_path: Path) -> None:
     model = tiny_onnx_model(tiny_weights(4, (1, 8, 8), 0), (1, 8, 8), 4)
-    onnx.save_model(model, str(tmp_path / "m.onnx"))
     with pytest.raises(BackendError, match=r"expected one input named 'pixels', got \['images'\]"):
-        OrtBackend(tmp_path / "m.onnx", bundle.pool_images, input_name="pixels")
+        OrtBackend(model.SerializeToString(), bundle.pool_images, input_name="pixels")
 
 
 @pytest.mark.parametrize(
@@ -254,7 +250,7 @@ def test_refuses_a_model_with_a_different_input_name(bundle: Bundle, tmp_path: P
 )
 def test_refuses_bad_settings(bundle: Bundle, kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        OrtBackend(bundle.model_path, bundle.pool_images, **kwargs)
+        OrtBackend(bundle.model_bytes, bundle.pool_images, **kwargs)
 
 
 def test_refuses_bad_mix_calls(bundle: Bundle) -> None:
@@ -308,8 +304,9 @@ def test_fused_graph_wraps_a_torch_exported_network(tmp_path: Path) -> None:
     export_onnx(model, tmp_path / "model.onnx", (1, 28, 28))
     rng = np.random.default_rng(0)
     pool = rng.integers(0, 256, size=(30, 1, 28, 28), dtype=np.uint8)
-    host = OrtBackend(tmp_path / "model.onnx", pool, mixing="host", intra_op_threads=1)
-    fused = OrtBackend(tmp_path / "model.onnx", pool, mixing="fused", intra_op_threads=1)
+    onnx_bytes = (tmp_path / "model.onnx").read_bytes()
+    host = OrtBackend(onnx_bytes, pool, mixing="host", intra_op_threads=1)
+    fused = OrtBackend(onnx_bytes, pool, mixing="fused", intra_op_threads=1)
     x = rng.random((6, 1, 28, 28), dtype=np.float32)
     partners = rng.integers(0, 30, size=(6, 5))
     got = fused.mean_mix_probs(x, partners, 0.5)

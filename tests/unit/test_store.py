@@ -39,8 +39,8 @@ def test_a_finished_bundle_loads_with_everything_in_place(tiny_bundle: Path) -> 
     assert bundle.pool_labels.tolist() == sorted(bundle.pool_labels.tolist())
     assert np.bincount(bundle.pool_labels).tolist() == [6, 6, 6, 6]
     assert set(bundle.splits) == {"train", "pool", "calibration", "test"}
-    assert bundle.weights_path == tiny_bundle / "weights.safetensors"
-    assert bundle.model_path == tiny_bundle / "model.onnx"
+    assert bundle.weights == (tiny_bundle / "weights.safetensors").read_bytes()
+    assert bundle.model_bytes == (tiny_bundle / "model.onnx").read_bytes()
     for fname, digest in bundle.manifest.files.items():
         assert hashlib.sha256((tiny_bundle / fname).read_bytes()).hexdigest() == digest
     assert not bundle.pool_images.flags.writeable  # shared read-only by every engine
@@ -54,7 +54,7 @@ def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
 
 def test_weights_are_optional_to_serve_but_required_for_evaluation(tiny_bundle: Path) -> None:
     (tiny_bundle / "weights.safetensors").unlink()
-    assert load_bundle(tiny_bundle).weights_path is None
+    assert load_bundle(tiny_bundle).weights is None
     with pytest.raises(BundleError, match=r"missing file\(s\) \['weights.safetensors'\]"):
         load_bundle(tiny_bundle, require_weights=True)
 
