@@ -74,6 +74,23 @@ class Settings(BaseSettings):
         default=1.0, gt=0.0, le=3600.0, description="p99 prediction latency the alert MixinferLatencyHigh holds to"
     )
     log_json: bool = Field(default=True, description="JSON log lines (access log included)")
+    # --- query-attack watch (docs/query-watch.md) ---------------------------------------------------------------
+    query_watch: Literal["off", "observe", "reject", "ban"] = Field(
+        default="observe", description="near-copy query detection: off | observe (metrics, log) | reject | ban"
+    )
+    query_watch_window_s: float = Field(
+        default=600.0, gt=0.0, le=86_400.0, description="how long queries are remembered (s)"
+    )
+    query_watch_max_mb: float = Field(
+        default=64.0, gt=0.0, le=65_536.0, description="memory cap of the remembered queries (MiB)"
+    )
+    query_watch_resends: int = Field(
+        default=3, ge=0, le=1_000_000, description="exact resends of one image per client before each counts as a hit"
+    )
+    query_watch_ban_hits: int = Field(
+        default=10, ge=1, le=1_000_000, description="hits in the window that make a client suspect (ban: banned)"
+    )
+    query_watch_ban_s: float = Field(default=600.0, gt=0.0, le=604_800.0, description="ban length (s)")
 
     @field_validator("providers", mode="before")
     @classmethod

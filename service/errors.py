@@ -90,6 +90,18 @@ class ForbiddenError(ClientError):
     code = "forbidden"
 
 
+class QueryRejectedError(ForbiddenError):
+    """The query-attack watch refused a near-copy of this client's earlier queries (policy ``reject``)."""
+
+    code = "query_rejected"
+
+
+class ClientBannedError(ForbiddenError):
+    """The query-attack watch banned this client for a while (policy ``ban``)."""
+
+    code = "client_banned"
+
+
 class ModelNotFoundError(ClientError):
     """The URL names a model or version this server does not have."""
 

@@ -20,6 +20,7 @@ from service import __version__
 from service.api.deps import RateLimiter
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, ObserveMiddleware
+from service.api.query_watch import QueryScreen
 from service.api.responses import OrjsonResponse
 from service.api.routes import admin, health, info, page, predict, v2
 from service.api.runtime import BackendWrapper, ModelHolder
@@ -71,6 +72,7 @@ def create_app(
     app.state.exit_on_load_failure = exit_on_load_failure
     app.state.initial_bundle = bundle
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_key) if settings.rate_limit_per_key else None
+    app.state.query_screen = QueryScreen.from_settings(settings, metrics.registry)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ObserveMiddleware, metrics=metrics)  # outermost: sees every final status, 413 included

@@ -14,6 +14,7 @@ from starlette.types import Receive
 
 from service.api.errors import ClientGoneError
 from service.api.middleware import LOG_KEY, START_KEY
+from service.api.query_watch import QueryScreen
 from service.api.runtime import LoadedModel, ModelHolder
 from service.batching import WithdrawnError
 from service.config import Settings
@@ -61,8 +62,13 @@ async def run_inference(
     settings: Settings,
     images: NDArray[np.float32],
     mode: Mode,
+    caller: str,
 ) -> Answer:
-    """Queue the images, wait for the engine, count the predictions; records branch/gap for the access log."""
+    """Screen the images (query watch), queue them, wait for the engine, count the predictions; records
+    branch/gap for the access log."""
+    screen: QueryScreen | None = request.app.state.query_screen
+    if screen is not None:
+        await screen.screen(caller, images)
     deadline = request.scope.get(START_KEY, 0.0) + settings.request_timeout_s
     model, res = await _submit_while_connected(request, holder, images, mode, deadline)
     if mode is Mode.COMBINED:

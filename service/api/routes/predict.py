@@ -111,7 +111,13 @@ async def predict(request: Request) -> Response:
     images = await read_images(request, model.spec, settings.max_images_per_request)
     served.metrics.observe_stage("decode", time.perf_counter() - t0)
     answer = await run_inference(
-        request, holder=served.holder, metrics=served.metrics, settings=settings, images=images, mode=chosen
+        request,
+        holder=served.holder,
+        metrics=served.metrics,
+        settings=settings,
+        images=images,
+        mode=chosen,
+        caller=served.caller,
     )
     return OrjsonResponse(render_predictions(answer, top_k))
 

@@ -153,7 +153,13 @@ async def infer(
     images = parsed.images
     metrics.observe_stage("decode", time.perf_counter() - t0)
     answer = await run_inference(
-        request, holder=served.holder, metrics=metrics, settings=settings, images=images, mode=mode
+        request,
+        holder=served.holder,
+        metrics=metrics,
+        settings=settings,
+        images=images,
+        mode=mode,
+        caller=served.caller,
     )
     res = answer.result
     names = np.array([n.encode() for n in answer.model.class_names], dtype=object)

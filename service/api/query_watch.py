@@ -1,0 +1,73 @@
+"""The query watch on the request path: screen a request's images before the model runs (docs/query-watch.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+from numpy.typing import NDArray
+from prometheus_client import CollectorRegistry
+
+from service.config import Settings
+from service.errors import ClientBannedError, QueryRejectedError
+from service.watch.metrics import QueryWatchMetrics
+from service.watch.watch import Action, Policy, QueryWatch, WatchConfig
+
+LOGGER = logging.getLogger(__name__)
+
+#: fingerprint on the event loop up to this many images (~0.1 ms each), on a worker thread above
+_INLINE_IMAGES = 4
+
+
+class QueryScreen:
+    """A :class:`QueryWatch` with its metrics; raises the policy's 403 for a refused request."""
+
+    def __init__(self, watch: QueryWatch, registry: CollectorRegistry) -> None:
+        self.watch = watch
+        self.metrics = QueryWatchMetrics(watch, registry)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, registry: CollectorRegistry) -> QueryScreen | None:
+        """The screen ``MIXINFER_QUERY_WATCH*`` asks for, or None when the watch is off."""
+        policy = Policy(settings.query_watch)
+        if policy is Policy.OFF:
+            return None
+        config = WatchConfig(
+            policy=policy,
+            window_s=settings.query_watch_window_s,
+            max_mb=settings.query_watch_max_mb,
+            resends=settings.query_watch_resends,
+            ban_hits=settings.query_watch_ban_hits,
+            ban_s=settings.query_watch_ban_s,
+        )
+        LOGGER.info(
+            "query watch: policy %s, window %g s, memory cap %g MiB (%d queries)",
+            policy.value,
+            config.window_s,
+            config.max_mb,
+            config.max_queries,
+        )
+        return cls(QueryWatch(config), registry)
+
+    async def screen(self, caller: str, images: NDArray[np.float32]) -> None:
+        """Record the request's images for ``caller``.
+
+        Raises:
+            QueryRejectedError: policy ``reject`` and an image near-copies this caller's earlier queries.
+            ClientBannedError: policy ``ban`` and the caller is (now) suspect.
+        """
+        if len(images) <= _INLINE_IMAGES:
+            verdict = self.watch.check(caller, images)
+        else:
+            verdict = await asyncio.to_thread(self.watch.check, caller, images)
+        self.metrics.observe(len(images), verdict)
+        if verdict.action is Action.REJECT:
+            raise QueryRejectedError(
+                "query refused: it nearly repeats earlier queries of this client, as black-box attacks do"
+            )
+        if verdict.action is Action.BANNED:
+            raise ClientBannedError(
+                f"client refused for up to {self.watch.config.ban_s:g} s: too many of its queries nearly repeat "
+                "each other, as black-box attacks do"
+            )

@@ -1,0 +1,1 @@
+"""Query-attack watch: near-copy detection of black-box attacks from the stream of queries (Blacklight-style)."""

@@ -1,0 +1,188 @@
+"""The query-attack watch: near-copy hits per client and service-wide, and the policy that acts on them.
+
+A *hit* is a query (one image) that shares at least ``FingerprintParams.match`` window hashes with an earlier
+query of the same client in the window, or an exact resend of one image beyond ``resends`` resends (averaging
+the server's randomness by resending is how an attacker beats MI). A client is *suspect* while it has at least
+``ban_hits`` hits in the window. ``reject`` refuses every query that is a hit of its client; ``ban`` refuses every
+query of a suspect client for ``ban_s`` seconds. Hits against other clients' queries (attacks spread over many
+keys) are counted service-wide, for metrics and alerts only.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.watch.fingerprint import FingerprintParams, digest, fingerprint, to_pixels
+from service.watch.history import BYTES_PER_QUERY, QueryHistory
+
+LOGGER = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+#: clients tracked at once (their hit times and ban); the least recently seen beyond this are forgotten
+MAX_CLIENTS = 100_000
+
+
+class Policy(enum.StrEnum):
+    """What the watch does (``MIXINFER_QUERY_WATCH``)."""
+
+    OFF = "off"
+    OBSERVE = "observe"
+    REJECT = "reject"
+    BAN = "ban"
+
+
+class Action(enum.Enum):
+    """What happens to one request."""
+
+    ANSWER = "answer"
+    REJECT = "reject"
+    BANNED = "banned"
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """The watch's settings (``MIXINFER_QUERY_WATCH_*``) and fingerprint parameters."""
+
+    policy: Policy = Policy.OBSERVE
+    window_s: float = 600.0
+    max_mb: float = 64.0
+    resends: int = 3
+    ban_hits: int = 10
+    ban_s: float = 600.0
+    params: FingerprintParams = field(default_factory=FingerprintParams)
+
+    @property
+    def max_queries(self) -> int:
+        """How many queries the memory cap holds (``max_mb`` over the measured bytes per query)."""
+        return max(1, int(self.max_mb * MiB) // BYTES_PER_QUERY)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The watch's view of one request."""
+
+    action: Action
+    #: images of this request that are hits of their client
+    hits: int
+    #: images of this request that near-copy an earlier query of any client
+    service_hits: int
+    #: the client's hits in the window, this request's included
+    client_hits: int
+
+
+@dataclass(slots=True)
+class _Client:
+    hit_times: deque[float]
+    banned_until: float = 0.0
+    last_seen: float = 0.0
+
+
+class QueryWatch:
+    """Fingerprints every image a client sends and decides, per request, whether to answer it.
+
+    Thread-safe (one lock): the server calls it on the event loop for small requests and on a worker thread for
+    large ones.
+    """
+
+    def __init__(self, config: WatchConfig) -> None:
+        self.config = config
+        self.history = QueryHistory(config.window_s, config.max_queries)
+        self._clients: dict[str, _Client] = {}
+        self._lock = threading.Lock()
+
+    def check(self, client: str, images: NDArray[np.floating], now: float | None = None) -> Verdict:
+        """Record the images (N, ...) of one request from ``client`` and return what to do with it."""
+        cfg = self.config
+        now = time.monotonic() if now is None else now
+        prints = [_print(img, cfg.params) for img in images]  # outside the lock: pure numpy
+        with self._lock:
+            state = self._client(client, now)
+            if cfg.policy is Policy.BAN and state.banned_until > now:
+                return Verdict(Action.BANNED, 0, 0, len(state.hit_times))
+            self.history.forget_before(now)
+            hits = service_hits = 0
+            for hashes, exact in prints:
+                resends = self.history.resend(client, exact)
+                if resends is not None:
+                    hit = resends > cfg.resends
+                    service_hit = False
+                else:
+                    needed = -(-cfg.params.match * len(hashes) // cfg.params.top)  # the same share of fewer hashes
+                    found = self.history.match(client, hashes, needed)
+                    hit, service_hit = found.own, found.anyone
+                    self.history.add(now, client, hashes, exact)
+                hits += hit
+                service_hits += service_hit
+            times = state.hit_times
+            horizon = now - cfg.window_s
+            while times and times[0] < horizon:
+                times.popleft()
+            times.extend([now] * hits)
+            action = Action.ANSWER
+            if hits and cfg.policy is Policy.REJECT:
+                action = Action.REJECT
+            elif cfg.policy is Policy.BAN and hits and len(times) >= cfg.ban_hits:
+                state.banned_until = now + cfg.ban_s
+                times.clear()  # the ban spends these hits: after it the client starts afresh
+                action = Action.BANNED
+        window_hits = len(times) if action is not Action.BANNED else cfg.ban_hits
+        if hits:
+            _log_hits(client, hits, window_hits, cfg, action)
+        return Verdict(action, hits, service_hits, window_hits)
+
+    def suspects(self, now: float | None = None) -> int:
+        """Clients with at least ``ban_hits`` hits in the window (or banned) now."""
+        now = time.monotonic() if now is None else now
+        horizon = now - self.config.window_s
+        need = self.config.ban_hits
+        with self._lock:
+            return sum(
+                1
+                for c in self._clients.values()
+                if c.banned_until > now or sum(1 for t in c.hit_times if t >= horizon) >= need
+            )
+
+    def tracked(self) -> int:
+        """Queries in the history now."""
+        with self._lock:
+            return len(self.history)
+
+    def _client(self, client: str, now: float) -> _Client:
+        state = self._clients.pop(client, None)  # pop + insert keeps the dict in least-recently-seen order
+        if state is None:
+            if len(self._clients) >= MAX_CLIENTS:
+                del self._clients[next(iter(self._clients))]
+            state = _Client(deque(maxlen=max(self.config.ban_hits, 1) * 4))
+        state.last_seen = now
+        self._clients[client] = state
+        return state
+
+
+def _print(image: NDArray[np.floating], params: FingerprintParams) -> tuple[list[int], bytes]:
+    pixels = to_pixels(image)
+    return fingerprint(pixels, params).tolist(), digest(pixels)
+
+
+def _log_hits(client: str, hits: int, window_hits: int, cfg: WatchConfig, action: Action) -> None:
+    """One line at the first hit, when the client turns suspect, every 100th hit, and on every refusal."""
+    before = window_hits - hits
+    crossed = before < cfg.ban_hits <= window_hits
+    if action is not Action.ANSWER or before == 0 or crossed or window_hits // 100 > before // 100:
+        LOGGER.warning(
+            "query watch: client %s sent %d near-copy or resent image(s); %d hits in the last %g s%s; action %s",
+            client,
+            hits,
+            window_hits,
+            cfg.window_s,
+            " (suspect)" if window_hits >= cfg.ban_hits else "",
+            action.value,
+            extra={"client": client, "query_watch_hits": window_hits, "query_watch_action": action.value},
+        )
