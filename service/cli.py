@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from service import __version__
 
 #: modules exposing ``register(subparsers: argparse._SubParsersAction) -> None``
-COMMAND_MODULES = ("service.api.cli", "service.training.cli", "service.robustness.cli")
+COMMAND_MODULES = ("service.api.cli", "service.client.cli", "service.training.cli", "service.robustness.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mixinfer",
-        description="Mixup Inference model server: serve, build bundles, evaluate robustness.",
+        description="Mixup Inference model server: serve, predict, build bundles, evaluate robustness.",
     )
     parser.add_argument("--version", action="version", version=f"mixinfer {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -43,6 +43,7 @@ EXTRA_OF_MODULE = {
     "scipy": "eval",
     "torchattacks": "eval",
     "onnxruntime": "cpu",
+    "httpx": "client",
 }
 
 

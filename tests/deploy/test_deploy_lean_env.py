@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -82,8 +83,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _serve_and_predict(command: list[str], env: dict[str, str], store: Path, log: Path) -> subprocess.Popen:
-    """Start ``command`` (``... serve``) on the tiny bundle, wait for readiness, check one prediction; stop it."""
+def _serve_and_predict(
+    command: list[str], env: dict[str, str], store: Path, log: Path, then: Callable[[str], None] | None = None
+) -> subprocess.Popen:
+    """Start ``command`` (``... serve``) on the tiny bundle, wait for readiness, check one prediction and the
+    browser page, run ``then(base_url)``; stop it."""
     port = _free_port()
     env = {
         **env,
@@ -119,6 +123,11 @@ def _serve_and_predict(command: list[str], env: dict[str, str], store: Path, log
         for p in predictions:
             assert p["mode"] in ("pl", "ol")
             assert abs(sum(p["probabilities"].values()) - 1.0) < 1e-4
+        page = httpx.get(f"{base}/", timeout=10)
+        assert page.status_code == 200 and '<script src="/ui/app.js"' in page.text
+        assert httpx.get(f"{base}/ui/samples/clean_7.png", timeout=10).content.startswith(b"\x89PNG")
+        if then is not None:
+            then(base)
         # the running server process has not loaded torch
         maps = Path(f"/proc/{proc.pid}/maps")
         if maps.exists():
@@ -132,7 +141,21 @@ def test_mixinfer_serve_from_the_lean_env_answers_a_prediction(lean_python: Path
     mixinfer = SERVE_VENV / "bin" / "mixinfer"
     assert mixinfer.is_file(), "the console script is installed in the lean env"
     path = f"{SERVE_VENV / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}"
-    _serve_and_predict([str(mixinfer), "serve"], {"PATH": path}, tiny_store, tiny_store.parent / "serve.log")
+
+    def lean_client_predicts(base: str) -> None:  # the 'client' extra is in the lean env too
+        done = subprocess.run(
+            [str(mixinfer), "predict", "--url", base, "--json", str(REPO / "examples" / "clean_7.png")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["model"] == "tiny"
+
+    _serve_and_predict(
+        [str(mixinfer), "serve"], {"PATH": path}, tiny_store, tiny_store.parent / "serve.log", lean_client_predicts
+    )
 
 
 def test_the_wheel_the_images_install_serves_without_the_source_tree(lean_python: Path, tiny_store: Path, tmp_path):
@@ -168,6 +191,8 @@ def test_the_wheel_the_images_install_serves_without_the_source_tree(lean_python
         names = set(zf.namelist())
         zf.extractall(site)
     assert {"service/py.typed", "service/api/routes/predict.py", "service/mi/engine.py"} <= names
+    page = {"index.html", "app.js", "style.css", "samples/clean_7.png", "samples/adversarial_1_true4.png"}
+    assert {f"service/api/static/{name}" for name in page} <= names
     assert not any(n.startswith(("tests/", "deploy/", "model_store/")) for n in names)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(site)}
     where = subprocess.run(
