@@ -148,6 +148,11 @@ class Settings(BaseSettings):
     def max_queue_delay_s(self) -> float:
         return self.max_queue_delay_ms / 1000.0
 
+    @property
+    def drain_s(self) -> int:
+        """Seconds uvicorn lets requests in flight finish after SIGTERM (a container stop must wait longer)."""
+        return max(1, int(self.request_timeout_s))
+
     def api_key_values(self) -> tuple[bytes, ...]:
         """The API keys as bytes, for constant-time comparison."""
         return tuple(k.get_secret_value().encode() for k in self.api_keys)

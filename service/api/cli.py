@@ -65,7 +65,7 @@ def serve(args: argparse.Namespace) -> int:
         http="httptools",
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=max(1, int(settings.request_timeout_s)),
+        timeout_graceful_shutdown=settings.drain_s,
         server_header=False,
     )
     return 0

@@ -1,17 +1,24 @@
-"""docker-compose files: valid for Debian's docker-compose with no variables set, and structurally what a GPU host
-(docker-compose.yml) and a CPU host (deploy/compose.cpu.yml) need. Docker itself cannot run here."""
+"""Compose files: valid against the Compose Specification schema (what `docker compose` v2 checks) and for Debian's
+docker-compose v1 with no variables set, and structurally what a GPU host (docker-compose.yml) and a CPU host
+(deploy/compose.cpu.yml) need. Docker itself cannot run here."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 from deploy_support import COMPOSE_CPU, COMPOSE_FILES, COMPOSE_GPU, REPO, Stage, load_yaml, parse_dockerfile
 from testtools import require_tool
+
+from service.config import Settings
+
+COMPOSE_SCHEMA = Path(__file__).parent / "schemas" / "compose-spec.json"
 
 IMAGE_TAG = re.compile(r"^[\w./-]+:(v?\d+\.\d+\.\d+[\w.-]*)$")
 SERVICES = {
@@ -177,3 +184,61 @@ def test_server_environment_holds_no_empty_values(compose):
     _, config = compose
     for key, value in config["services"]["mixinfer"]["environment"].items():
         assert value not in ("", None), f"{key} is empty with no variables set"
+
+
+# --- Compose Specification (docker compose v2) -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compose_validator() -> jsonschema.Draft7Validator:
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def test_schema_copy_is_the_shared_one_with_its_provenance():
+    readme = (COMPOSE_SCHEMA.parent / "README.md").read_text()
+    assert "compose-spec/compose-spec `schema/compose-spec.json` @ 170098ba07d9f53c383a41bfd4c5166b0a4529a6" in readme
+    assert json.loads(COMPOSE_SCHEMA.read_text())["title"] == "Compose Specification"
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_file_is_valid_against_the_compose_specification(path, compose_validator):
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in compose_validator.iter_errors(load_yaml(path))
+    ]
+    assert not errors, "\n".join(errors)
+
+
+def test_compose_specification_really_rejects_a_broken_file(compose_validator):
+    broken = load_yaml(COMPOSE_CPU)
+    broken["services"]["mixinfer"]["healthcheck"]["intervall"] = "10s"
+    broken["services"]["mixinfer"]["stop_grace_period"] = 30
+    messages = [e.message for e in compose_validator.iter_errors(broken)]
+    assert any("intervall" in m for m in messages), messages
+    assert any("30 is not of type 'string'" in m for m in messages), messages
+
+
+# --- stop grace period --------------------------------------------------------------------------------------------
+def _seconds(duration: str) -> float:
+    """Compose durations: ``1m30s``, ``30s``, ``500ms``, ``1h``."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"not a compose duration: {duration!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_stop_grace_period_outlasts_the_servers_drain(compose):
+    """`docker compose stop` sends SIGTERM, then SIGKILL after stop_grace_period: the server's drain (requests in
+    flight finish within MIXINFER_REQUEST_TIMEOUT_S) must end first, with time to spare for shutting down."""
+    _, config = compose
+    server = config["services"]["mixinfer"]
+    timeout_s = float(server["environment"]["MIXINFER_REQUEST_TIMEOUT_S"])
+    drain_s = Settings(request_timeout_s=timeout_s).drain_s
+    grace_s = _seconds(server["stop_grace_period"])
+    assert drain_s == 10, f"the files' default MIXINFER_REQUEST_TIMEOUT_S gives a {drain_s} s drain"
+    assert grace_s >= drain_s + 10, f"stop_grace_period {grace_s} s leaves too little after a {drain_s} s drain"
+
+
+def test_compose_duration_parser():
+    assert _seconds("1m30s") == 90 and _seconds("30s") == 30 and _seconds("500ms") == 0.5
+    with pytest.raises(AssertionError):
+        _seconds("30")
