@@ -56,6 +56,9 @@ class Settings(BaseSettings):
         default=16 * MiB, ge=1024, le=1 << 31, description="request body limit (413), while reading"
     )
     max_pixels: int = Field(default=16 * MiB, ge=1, le=1 << 31, description="decoded pixels per image (413)")
+    max_pixels_per_request: int = Field(
+        default=64 * MiB, ge=1, le=1 << 40, description="decoded pixels of all images of one request (413)"
+    )
     request_timeout_s: float = Field(
         default=10.0, gt=0.0, le=3600.0, description="deadline from arrival to answer (504)"
     )
@@ -136,6 +139,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_images_per_request ({self.max_images_per_request}) must be <= max_queue_images "
                 f"({self.max_queue_images}), or such a request could never be queued"
+            )
+        if self.max_pixels > self.max_pixels_per_request:
+            raise ValueError(
+                f"max_pixels ({self.max_pixels}) must be <= max_pixels_per_request ({self.max_pixels_per_request}), "
+                "or an image within the per-image limit could never be served"
             )
         if self.admin_key is not None and any(
             k.get_secret_value() == self.admin_key.get_secret_value() for k in self.api_keys

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -35,6 +37,7 @@ class ImageSpec:
         width: columns of one image.
         strict_size: refuse images of another size instead of resizing them.
         max_pixels: refuse images with more decoded pixels than this (decompression bombs), before decoding.
+        max_request_pixels: refuse requests whose images decode to more pixels than this in total, before decoding.
     """
 
     channels: int
@@ -42,6 +45,7 @@ class ImageSpec:
     width: int
     strict_size: bool = False
     max_pixels: int = 16 * 1024 * 1024
+    max_request_pixels: int = 64 * 1024 * 1024
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -49,39 +53,52 @@ class ImageSpec:
 
 
 def decode_image(data: bytes, spec: ImageSpec) -> Image3D:
-    """Decode one encoded image (PNG/JPEG/WebP/BMP/GIF) into the model's input.
-
-    Rules, in order: check the pixel count before decoding; take the first frame; apply the EXIF orientation;
-    scale 16-bit to 8-bit; composite any alpha onto black; convert to the model's channels (luma for 1 channel);
-    resize to the model's size (area average when shrinking, bilinear when enlarging) unless ``spec.strict_size``.
+    """Decode one encoded image (PNG/JPEG/WebP/BMP/GIF) into the model's input: :func:`open_image` then
+    :func:`convert_image`.
 
     Raises:
         InvalidInputError: empty or undecodable bytes, or (strict size) another size.
         PayloadTooLargeError: more than ``spec.max_pixels`` pixels.
     """
+    return convert_image(open_image(data, spec), spec)
+
+
+def open_image(data: bytes, spec: ImageSpec) -> Image.Image:
+    """Read only the header of an encoded image (Pillow opens lazily): its format and size, the pixel check.
+
+    Cheap whatever the image decodes to, so callers can sum the decoded pixels of a request before decoding any.
+
+    Raises:
+        InvalidInputError: empty bytes, or not a PNG/JPEG/WebP/BMP/GIF header.
+        PayloadTooLargeError: more than ``spec.max_pixels`` pixels.
+    """
     if not data:
         raise InvalidInputError("image is empty (0 bytes), expected an encoded PNG/JPEG/WebP/BMP/GIF image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
-            width, height = im.size
-            if width * height > spec.max_pixels:
-                raise PayloadTooLargeError(
-                    f"image has {width}x{height} = {width * height} pixels, the limit is {spec.max_pixels}"
-                )
-            im.seek(0)
-            im.load()
-            ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an upright image
-            im = _to_model_mode(im, spec.channels)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PayloadTooLargeError(f"image refused as a decompression bomb: {exc}") from None
-    except UnidentifiedImageError:
-        raise InvalidInputError("could not identify the image format; expected PNG, JPEG, WebP, BMP or GIF") from None
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError) as exc:
-        raise InvalidInputError(
-            f"could not decode the image ({type(exc).__name__}: {exc}); it may be truncated"
-        ) from None
+    with _image_errors():
+        im: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
+    width, height = im.size
+    if width * height > spec.max_pixels:
+        raise PayloadTooLargeError(
+            f"image has {width}x{height} = {width * height} pixels, the limit is {spec.max_pixels}"
+        )
+    return im
+
+
+def convert_image(im: Image.Image, spec: ImageSpec) -> Image3D:
+    """Decode an image from :func:`open_image` into the model's input.
+
+    Rules, in order: take the first frame; apply the EXIF orientation; scale 16-bit to 8-bit; composite any alpha
+    onto black; convert to the model's channels (luma for 1 channel); resize to the model's size (area average when
+    shrinking, bilinear when enlarging) unless ``spec.strict_size``.
+
+    Raises:
+        InvalidInputError: undecodable (e.g. truncated) pixels, or (strict size) another size.
+    """
+    with _image_errors():
+        im.seek(0)
+        im.load()
+        ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an upright image
+        im = _to_model_mode(im, spec.channels)
     if im.size != (spec.width, spec.height):
         if spec.strict_size:
             raise InvalidInputError(
@@ -94,6 +111,23 @@ def decode_image(data: bytes, spec: ImageSpec) -> Image3D:
     arr = np.asarray(im, dtype=np.uint8)
     arr = arr[None, :, :] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr, dtype=np.float32) * np.float32(1.0 / 255.0)
+
+
+@contextmanager
+def _image_errors() -> Iterator[None]:
+    """Pillow's exceptions (and its decompression-bomb warning) as our 400 and 413 errors."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLargeError(f"image refused as a decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise InvalidInputError("could not identify the image format; expected PNG, JPEG, WebP, BMP or GIF") from None
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError) as exc:
+        raise InvalidInputError(
+            f"could not decode the image ({type(exc).__name__}: {exc}); it may be truncated"
+        ) from None
 
 
 def _to_model_mode(im: Image.Image, channels: int) -> Image.Image:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 from fastapi import Request
@@ -18,11 +21,36 @@ from service.api.query_watch import QueryScreen
 from service.api.runtime import LoadedModel, ModelHolder
 from service.batching import WithdrawnError
 from service.config import Settings
+from service.errors import DeadlineExceededError
 from service.metrics import Metrics
 from service.mi.engine import MIResult
 from service.mi.params import Mode
 
 LOGGER = logging.getLogger(__name__)
+
+#: parse bodies larger than this (JSON, OIP) and decode images whose encoded bytes exceed it on a worker thread
+INLINE_BODY_BYTES = 64 * 1024
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def request_deadline(request: Request, settings: Settings) -> float:
+    """``time.monotonic()`` by which the request must be answered: arrival + ``request_timeout_s``."""
+    return float(request.scope.get(START_KEY, 0.0)) + settings.request_timeout_s
+
+
+async def off_loop(deadline: float, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """``fn(*args, **kwargs)`` on a worker thread, so the event loop keeps serving others meanwhile.
+
+    Raises:
+        DeadlineExceededError: ``deadline`` passed first (``fn`` should check it too, to stop early).
+    """
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        raise DeadlineExceededError(
+            "the request timeout (MIXINFER_REQUEST_TIMEOUT_S) passed while its body was decoded"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -69,7 +97,7 @@ async def run_inference(
     screen: QueryScreen | None = request.app.state.query_screen
     if screen is not None:
         await screen.screen(caller, images)
-    deadline = request.scope.get(START_KEY, 0.0) + settings.request_timeout_s
+    deadline = request_deadline(request, settings)
     model, res = await _submit_while_connected(request, holder, images, mode, deadline)
     if mode is Mode.COMBINED:
         adversarial: list[bool | None] = res.flagged.tolist()

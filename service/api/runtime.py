@@ -141,7 +141,14 @@ def load_model(
         engine(np.zeros((sizes[-1], *m.input.shape), dtype=np.float32), mode, rng=warmup_rng)
     backend.attach_metrics(metrics)
     c, h, w = m.input.shape
-    spec = ImageSpec(c, h, w, strict_size=settings.strict_size, max_pixels=settings.max_pixels)
+    spec = ImageSpec(
+        c,
+        h,
+        w,
+        strict_size=settings.strict_size,
+        max_pixels=settings.max_pixels,
+        max_request_pixels=settings.max_pixels_per_request,
+    )
     LOGGER.info(
         "loaded %s/%s (%s, %d classes, pool %d) in %.2f s",
         m.name,

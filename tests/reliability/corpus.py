@@ -122,8 +122,9 @@ def multipart(parts: list[tuple[str, bytes, str]], boundary: str = "relbound") -
     return out, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
-def build_corpus(max_body_bytes: int, max_images: int, oip_path: str) -> list[Case]:
-    """Every case; ``max_body_bytes`` and ``max_images`` are the server's limits, ``oip_path`` its infer route."""
+def build_corpus(max_body_bytes: int, max_images: int, max_request_pixels: int, oip_path: str) -> list[Case]:
+    """Every case; ``max_body_bytes``, ``max_images`` and ``max_request_pixels`` (decoded pixels per request, also the
+    per-image limit) are the server's limits, ``oip_path`` its infer route."""
     base = base_image()
     base_chw = chw(base)
     png = encode(Image.fromarray(base), "PNG")
@@ -185,6 +186,15 @@ def build_corpus(max_body_bytes: int, max_images: int, oip_path: str) -> list[Ca
     tiny = Image.fromarray(base[:1, :1])
     add("one_pixel", encode(tiny, "PNG"), ok, expect=np.repeat(np.repeat(chw(base[:1, :1]), H, 1), W, 2))
     add("very_wide_4096x1", encode(Image.fromarray(np.zeros((1, 4096, 3), np.uint8)), "PNG"), ok)
+    # issue 13: decoded pixels per request are bounded, from the headers, before any image is decoded
+    side = int((max_request_pixels * 0.6) ** 0.5)  # two such images are within the per-image limit, not together
+    wide = encode(Image.fromarray(np.zeros((side, side), np.uint8), "L"), "PNG")
+    body, hdr = multipart([("images", wide, "image/png")] * 2)
+    add("pixels_over_request_limit_multipart", body, frozenset({413}), ctype=None, headers=hdr,
+        code="payload_too_large")  # fmt: skip
+    add("pixels_over_request_limit_json_b64", json.dumps({"instances": [{"b64": base64.b64encode(wide).decode()}] * 2})
+        .encode(), frozenset({413}), ctype="application/json", code="payload_too_large")  # fmt: skip
+    add("pixels_within_request_limit", wide, ok)
     big = np.repeat(np.repeat(base, 2, axis=0), 2, axis=1)  # 32x32 of 2x2 blocks: area average is exact
     add("larger_block_scaled", encode(Image.fromarray(big), "PNG"), ok, expect=base_chw)
 

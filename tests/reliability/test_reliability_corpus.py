@@ -26,8 +26,9 @@ pytestmark = pytest.mark.integration
 NAME = "rgb"
 MAX_BODY = 256 * 1024
 MAX_IMAGES = 4
+MAX_PIXELS = 16 * 1024 * 1024  # per image and per request
 OIP_PATH = f"/v2/models/{NAME}/infer"
-CASES = build_corpus(MAX_BODY, MAX_IMAGES, OIP_PATH)
+CASES = build_corpus(MAX_BODY, MAX_IMAGES, MAX_PIXELS, OIP_PATH)
 PREDICT_ERROR_CODES = {
     "invalid_input", "payload_too_large", "unsupported_media_type", "bad_request", "validation_error",
 }  # fmt: skip
@@ -44,6 +45,8 @@ def corpus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pr
         allow_mode_override=True,
         max_body_bytes=MAX_BODY,
         max_images_per_request=MAX_IMAGES,
+        max_pixels=MAX_PIXELS,
+        max_pixels_per_request=MAX_PIXELS,
     )
     try:
         yield served, bundle

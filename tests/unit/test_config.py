@@ -30,6 +30,7 @@ def test_defaults_match_the_documented_table():
     assert s.max_queue_delay_ms == 2.0 and s.max_queue_delay_s == pytest.approx(0.002)
     assert s.max_images_per_request == 256
     assert s.max_body_bytes == 16 * 1024 * 1024
+    assert (s.max_pixels, s.max_pixels_per_request) == (16 * 1024 * 1024, 64 * 1024 * 1024)
     assert s.request_timeout_s == 10.0
     assert s.allow_mode_override is False and s.strict_size is False
     assert s.api_keys == () and s.admin_key is None and s.seed is None
@@ -53,6 +54,8 @@ def test_env_values_are_parsed(monkeypatch):
     [
         ({"MIXINFER_MAX_BATCH_IMAGES": "2048"}, "max_batch_images (2048) must be <= max_queue_images (1024)"),
         ({"MIXINFER_MAX_IMAGES_PER_REQUEST": "2000"}, "could never be queued"),
+        ({"MIXINFER_MAX_PIXELS_PER_REQUEST": "1000000"}, "max_pixels (16777216) must be <= max_pixels_per_request"),
+        ({"MIXINFER_MAX_PIXELS_PER_REQUEST": "0"}, "max_pixels_per_request"),
         ({"MIXINFER_API_KEYS": ""}, "api_keys is set but empty"),
         ({"MIXINFER_API_KEYS": "good,,other"}, "api_keys item 1 is empty"),
         ({"MIXINFER_API_KEYS": "good, "}, "api_keys item 1 is empty"),

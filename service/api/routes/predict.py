@@ -15,7 +15,7 @@ from starlette.datastructures import QueryParams
 from starlette.responses import Response
 
 from service.api.deps import API_KEY, resolve_mode
-from service.api.inference import Answer, run_inference
+from service.api.inference import Answer, request_deadline, run_inference
 from service.api.inputs import read_images
 from service.api.responses import OrjsonResponse
 from service.api.schemas import ErrorBody, PredictResponse
@@ -108,7 +108,8 @@ async def predict(request: Request) -> Response:
     chosen = resolve_mode(mode, settings)
     model = served.holder.model
     t0 = time.perf_counter()
-    images = await read_images(request, model.spec, settings.max_images_per_request)
+    deadline = request_deadline(request, settings)
+    images = await read_images(request, model.spec, settings.max_images_per_request, deadline)
     served.metrics.observe_stage("decode", time.perf_counter() - t0)
     answer = await run_inference(
         request,

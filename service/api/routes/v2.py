@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from service import __version__
 from service.api.deps import HolderDep, ServedDep, resolve_mode
-from service.api.inference import run_inference
+from service.api.inference import INLINE_BODY_BYTES, off_loop, request_deadline, run_inference
 from service.api.oip import HEADER_LENGTH, encode_infer, parse_infer
 from service.api.responses import OrjsonResponse
 from service.api.runtime import LoadedModel, ModelHolder
@@ -142,13 +142,13 @@ async def infer(
     settings, metrics = served.settings, served.metrics
     model = _served(served.holder, name, version)
     t0 = time.perf_counter()
-    parsed = parse_infer(
-        await request.body(),
-        request.headers.get(HEADER_LENGTH),
-        model.manifest.input.name,
-        model.spec,
-        settings.max_images_per_request,
-    )
+    body = await request.body()
+    args = (body, request.headers.get(HEADER_LENGTH), model.manifest.input.name, model.spec)
+    if len(body) > INLINE_BODY_BYTES:  # parsed and converted on a worker thread: the event loop keeps serving
+        deadline = request_deadline(request, settings)
+        parsed = await off_loop(deadline, parse_infer, *args, settings.max_images_per_request)
+    else:
+        parsed = parse_infer(*args, settings.max_images_per_request)
     mode = resolve_mode(parsed.mode, settings)
     images = parsed.images
     metrics.observe_stage("decode", time.perf_counter() - t0)
