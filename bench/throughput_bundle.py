@@ -153,7 +153,7 @@ def build(recipe: Recipe, *, force: bool = False) -> BenchBundle:
         "description": f"benchmark bundle: seeded random {recipe.arch}, random pool (NOT a trained model)",
         "architecture": recipe.arch,
         "class_names": [f"class{i}" for i in range(k)],
-        "input": {"name": "images", "shape": list(recipe.shape), "range": [0.0, 1.0], "output_name": "logits"},
+        "input": {"name": "images", "shape": list(recipe.shape), "output_name": "logits"},
         "dataset": {
             "name": "random",
             "sha256": hashlib.sha256(pool.tobytes() + inputs_u8.tobytes()).hexdigest(),

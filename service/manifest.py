@@ -22,7 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from service.mi.params import MIParams
 
-SCHEMA_VERSION: Final = 1
+#: 2: ``input.range`` removed (preprocessing always gives [0, 1]; a model that wants another range converts inside
+#: its graph). Version 1 manifests are refused with how to re-export (:data:`RETIRED_SCHEMAS`).
+SCHEMA_VERSION: Final = 2
+#: schema versions this mixinfer no longer reads -> what changed
+RETIRED_SCHEMAS: Final = {1: "input.range was removed in schema_version 2"}
 MODEL_FILE = "model.onnx"
 POOL_FILE = "pool.npz"
 SPLITS_FILE = "splits.npz"
@@ -44,11 +48,10 @@ class _Frozen(BaseModel):
 
 
 class InputSpec(_Frozen):
-    """What the ONNX model takes: float32 pixels (B, C, H, W) in ``range``; normalisation is inside the graph."""
+    """What the ONNX model takes: float32 pixels (B, C, H, W) in [0, 1]; normalisation is inside the graph."""
 
     name: str = Field("images", description="ONNX input name")
     shape: tuple[int, int, int] = Field(description="(C, H, W) of one image")
-    range: tuple[float, float] = Field((0.0, 1.0), description="pixel value range the model expects")
     output_name: str = Field("logits", description="ONNX output name: logits (B, n_classes)")
 
     @field_validator("shape")
@@ -119,7 +122,7 @@ class Recipe(_Frozen):
 class Manifest(_Frozen):
     """``manifest.json`` of a bundle; see the module docstring for the layout."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     name: str = Field(pattern=_NAME_PATTERN, description="equals the bundle's parent directory name")
     version: str = Field(pattern=_VERSION_PATTERN, description="positive integer, equals the directory name")
     description: str = ""

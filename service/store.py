@@ -37,6 +37,7 @@ from service.manifest import (
     MANIFEST_FILE,
     MODEL_FILE,
     POOL_FILE,
+    RETIRED_SCHEMAS,
     SCHEMA_VERSION,
     SPLIT_NAMES,
     SPLITS_FILE,
@@ -208,6 +209,13 @@ def _read_manifest(path: Path) -> Manifest:
     if not isinstance(raw, dict):
         raise BundleError(f"{mpath}: expected a JSON object, got {type(raw).__name__}")
     got_version = raw.get("schema_version")
+    if isinstance(got_version, int) and got_version in RETIRED_SCHEMAS:
+        raise BundleError(
+            f"{mpath}: schema_version {got_version} is no longer read ({RETIRED_SCHEMAS[got_version]}), expected "
+            f"{SCHEMA_VERSION}: re-export the bundle with this mixinfer, `mixinfer export --run-dir <its training "
+            "run> --out <store>/<name>/<version>`, or rebuild it with `mixinfer bundle --name <name> --version "
+            "<version> --force`"
+        )
     if got_version != SCHEMA_VERSION:
         raise BundleError(
             f"{mpath}: unknown schema_version, expected {SCHEMA_VERSION}, got {got_version!r} "

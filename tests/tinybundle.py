@@ -176,7 +176,7 @@ def make_tiny_bundle(
         "description": "tiny test bundle",
         "architecture": TINY_ARCH,
         "class_names": [f"class{k}" for k in range(n_classes)],
-        "input": {"name": "images", "shape": list(shape), "range": [0.0, 1.0], "output_name": "logits"},
+        "input": {"name": "images", "shape": list(shape), "output_name": "logits"},
         "dataset": {
             "name": "synthetic",
             "sha256": hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest(),

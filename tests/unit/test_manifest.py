@@ -69,3 +69,13 @@ def test_gap_quantiles_need_the_three_keys(tiny_bundle: Path) -> None:
     del data["calibration"]["gap_quantiles"]["0.95"]
     with pytest.raises(ValidationError, match=r"missing \['0.95'\]"):
         Manifest.model_validate(data)
+
+
+def test_the_input_spec_has_no_pixel_range(tiny_bundle: Path) -> None:
+    """Preprocessing always gives [0, 1]; a range the server would never read is not accepted (schema 2)."""
+    data = _fields(tiny_bundle)
+    assert "range" not in data["input"] and data["schema_version"] == 2
+    data["input"]["range"] = [0.0, 255.0]
+    with pytest.raises(ValidationError, match=r"input\.range\s+Extra inputs are not permitted"):
+        Manifest.model_validate(data)
+    assert "range" not in manifest_json_schema()["$defs"]["InputSpec"]["properties"]

@@ -88,9 +88,18 @@ def test_refuses_an_unlisted_extra_file(tiny_bundle: Path) -> None:
 
 def test_refuses_an_unknown_schema_version(tiny_bundle: Path) -> None:
     data = _manifest(tiny_bundle)
-    data["schema_version"] = 2
+    data["schema_version"] = 3
     _write_manifest(tiny_bundle, data)
-    with pytest.raises(BundleError, match=r"unknown schema_version, expected 1, got 2"):
+    with pytest.raises(BundleError, match=r"unknown schema_version, expected 2, got 3"):
+        load_bundle(tiny_bundle)
+
+
+def test_a_schema_version_1_manifest_is_refused_with_how_to_re_export(tiny_bundle: Path) -> None:
+    data = _manifest(tiny_bundle)
+    data["schema_version"] = 1
+    data["input"]["range"] = [0.0, 1.0]  # what version 1 wrote
+    _write_manifest(tiny_bundle, data)
+    with pytest.raises(BundleError, match=r"schema_version 1 .*input\.range.* re-export .*mixinfer export --run-dir"):
         load_bundle(tiny_bundle)
 
 
