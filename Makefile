@@ -71,8 +71,9 @@ evaluate: install  ## robustness reports of the default bundle, cpu budget (eps 
 evaluate-iat: install  ## robustness report of the interpolated-AT bundle, cpu budget (eps 0.3); DEVICE=cuda for a GPU
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/1 --budget cpu --device $(DEVICE) --out docs/robustness/mnist-iat
 
-examples: install  ## regenerate examples/ (clean digits, adversarial ones the server flags)
+examples: install  ## regenerate examples/ (clean digits, adversarial ones the server flags) and the page's samples
 	$(PY) -m service.robustness.examples --bundle model_store/mnist-mixup/1 --out examples
+	cp examples/*.png service/api/static/samples/  # the browser page's sample digits
 
 schema: install  ## regenerate model_store/manifest.schema.json
 	$(PY) -c 'from pathlib import Path; from service.manifest import write_json_schema; write_json_schema(Path("model_store/manifest.schema.json"))'
