@@ -12,7 +12,7 @@ MIXINFER_MODEL_DIR ?= model_store
 export MIXINFER_HOST MIXINFER_PORT MIXINFER_MODEL_DIR
 PYTEST_ARGS ?=
 
-.PHONY: help install serve test lint format bench bundle bundle-iat evaluate evaluate-iat examples system-deps schema clean
+.PHONY: help install serve test lint format bench bundle bundle-iat evaluate evaluate-iat examples system-deps schema lock dockerignore clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -77,6 +77,13 @@ examples: install  ## regenerate examples/ (clean digits, adversarial ones the s
 
 schema: install  ## regenerate model_store/manifest.schema.json
 	$(PY) -c 'from pathlib import Path; from service.manifest import write_json_schema; write_json_schema(Path("model_store/manifest.schema.json"))'
+
+lock: install  ## re-resolve deploy/requirements/{cpu,gpu}.txt (pinned, hashed) from pyproject.toml for the images
+	$(PY) deploy/lock.py
+
+dockerignore:  ## re-list the git-tracked model_store/ files in .dockerignore (untracked bundles stay out of images)
+	sed -i '/^!model_store\//d' .dockerignore
+	git ls-files model_store | sed 's/^/!/' >> .dockerignore
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info

@@ -1,4 +1,5 @@
-"""Static checks of the Dockerfile and .dockerignore (Docker cannot run here): bases, pins, users, dependencies."""
+"""Static checks of the Dockerfile and .dockerignore (Docker cannot run here): bases, pins, users, dependencies,
+the layer order that keeps dependencies cached across code edits, and what the build context holds."""
 
 from __future__ import annotations
 
@@ -68,20 +69,58 @@ def test_every_base_image_is_pinned_to_an_exact_version(stages):
         assert re.search(r"\d+\.\d+\.\d+", tag), f"stage {stage.name}: tag {tag} is not an exact x.y.z version"
 
 
-def test_each_runtime_stage_installs_the_wheel_with_one_onnxruntime_and_no_torch(stages):
-    expected = {"cpu": ("[serve,cpu]", "onnxruntime"), "gpu": ("[serve,gpu]", "onnxruntime-gpu")}
+def test_each_runtime_stage_installs_its_own_lock_with_one_onnxruntime_and_no_torch(stages):
+    expected = {"cpu": "onnxruntime", "gpu": "onnxruntime-gpu"}
     for name, stage in stages.items():
         runs = " ".join(stage.args("RUN"))
         assert "torch" not in runs, f"stage {name} mentions torch"
-        assert not ("[serve,cpu]" in runs and "[serve,gpu]" in runs), f"stage {name} installs both ONNX Runtimes"
         if name == "wheel":
             assert "--no-deps" in runs, "the wheel stage builds the package only, without installing dependencies"
             continue
-        extras, ort = expected[name]
-        assert f"mixinfer-*.whl)]{extras}" in runs.replace('"', "") or f".whl){extras}" in runs.replace('"', "")
-        other = "[serve,gpu]" if name == "cpu" else "[serve,cpu]"
-        assert other not in runs
-        assert f"check_image_env.py {ort}" in runs, f"stage {name} must verify its environment at build time"
+        copies = " ".join(stage.args("COPY"))
+        assert f"deploy/requirements/{name}.txt" in copies, f"stage {name} must install deploy/requirements/{name}.txt"
+        other = "gpu" if name == "cpu" else "cpu"
+        assert f"deploy/requirements/{other}.txt" not in copies
+        assert "[serve" not in runs, f"stage {name} resolves extras at build time instead of installing its lock"
+        assert f"check_image_env.py {expected[name]}" in runs, f"stage {name} must verify its environment at build time"
+        assert "pip check" in runs, f"stage {name} must check that the lock satisfies the wheel's requirements"
+
+
+def _pip_installs(stage: Stage) -> list[tuple[int, str]]:
+    """(instruction index, the `pip install ...` command) of every pip install in the stage."""
+    out = []
+    for i, (keyword, args) in enumerate(stage.instructions):
+        if keyword == "RUN":
+            out += [(i, c.strip()) for c in args.split("&&") if re.search(r"\bpip install\b", c)]
+    return out
+
+
+@pytest.mark.parametrize("name", RUNTIME_STAGES, ids=lambda name: f"{name}-stage")  # a bare "gpu" id means a GPU test
+def test_dependencies_install_in_their_own_layer_before_anything_of_the_app(stages, name):
+    """The layer cache keeps the dependencies when code or README change: the first pip install takes only the
+    stage's lock (hash-checked, no resolution), and every COPY before it copies only that lock; the app comes
+    after, as the wheel alone without dependencies."""
+    stage = stages[name]
+    installs = _pip_installs(stage)
+    assert len(installs) == 2, f"stage {name}: expected the dependency install, then the app install: {installs}"
+    (deps_at, deps), (app_at, app) = installs
+    assert "--require-hashes" in deps and "--no-deps" in deps and "-r /tmp/requirements.txt" in deps, deps
+    assert "--only-binary=:all:" in deps, "wheels only: an sdist build would run unhashed build dependencies"
+    before = [args for keyword, args in stage.instructions[:deps_at] if keyword in ("COPY", "ADD")]
+    assert before == [f"deploy/requirements/{name}.txt /tmp/requirements.txt"], before
+    assert deps_at < app_at
+    assert re.fullmatch(r"\S+/pip install --no-deps /tmp/wheels/mixinfer-\*\.whl", app), app
+    wheel_copy = next(i for i, (k, a) in enumerate(stage.instructions) if k == "COPY" and "--from=wheel" in a)
+    assert deps_at < wheel_copy < app_at
+
+
+def test_only_the_wheel_stage_copies_the_source_and_readme(stages):
+    for name, stage in stages.items():
+        sources = " ".join(stage.args("COPY"))
+        if name == "wheel":
+            assert "service" in sources and "README.md" in sources
+        else:
+            assert not re.search(r"(^|\s)(service|README\.md|pyproject\.toml)(\s|$)", sources), (name, sources)
 
 
 def test_serving_extras_hold_no_torch_and_exactly_one_onnxruntime_each():
@@ -113,6 +152,11 @@ def test_runtime_stages_run_as_a_non_root_user_with_healthcheck_and_entrypoint(s
     assert "MIXINFER_PROVIDERS=CPUExecutionProvider" in " ".join(stages["cpu"].args("ENV"))
 
 
+def _tracked(path: str) -> list[str]:
+    out = subprocess.run(["git", "ls-files", path], cwd=REPO, capture_output=True, text=True, check=True, timeout=30)
+    return out.stdout.split()
+
+
 def test_every_copied_path_exists_and_is_in_the_build_context(stages):
     patterns = dockerignore_patterns()
     for stage in stages.values():
@@ -122,7 +166,22 @@ def test_every_copied_path_exists_and_is_in_the_build_context(stages):
                 continue
             for src in parts[:-1]:
                 assert (REPO / src).exists(), f"COPY source {src} does not exist"
-                assert not dockerignore_excludes(src, patterns), f"COPY source {src} is excluded by .dockerignore"
+                files = _tracked(src) if (REPO / src).is_dir() else [src]
+                assert files, f"COPY source {src} holds no tracked file"
+                for f in files:
+                    assert not dockerignore_excludes(f, patterns), f"COPY source {f} is excluded by .dockerignore"
+
+
+def test_the_build_context_takes_exactly_the_tracked_files_of_model_store():
+    """A bundle built locally and never committed stays out of the images; `make dockerignore` re-lists the tracked
+    ones after a bundle is committed."""
+    patterns = dockerignore_patterns()
+    kept = sorted(p[1:] for p in patterns if p.startswith("!model_store"))
+    assert kept == sorted(_tracked("model_store")), "run `make dockerignore`"
+    for untracked in ("model_store/mnist-mixup/2/model.onnx", "model_store/new-model/1/manifest.json"):
+        assert dockerignore_excludes(untracked, patterns), untracked
+    for lock in ("deploy/requirements/cpu.txt", "deploy/requirements/gpu.txt"):
+        assert not dockerignore_excludes(lock, patterns), lock
 
 
 @pytest.mark.parametrize(
