@@ -260,6 +260,9 @@ def build_corpus(max_body_bytes: int, max_images: int, max_request_pixels: int, 
     add("weird_content_type", png, frozenset({415}), ctype="application/x-\u00ff\u00fe; charset=\u00e9")
     add("oversized_declared", b"\x00" * (max_body_bytes + 1), frozenset({413}), code="payload_too_large")
     add("oversized_chunked", b"\x00" * (max_body_bytes + 1), frozenset({413}), chunked=True)
+    # issue 13: far past the socket buffers; the client sends it all before reading and must still read the 413
+    add("oversized_declared_24mib", b"\x00" * (24 << 20), frozenset({413}), code="payload_too_large")
+    add("oversized_chunked_24mib", b"\x00" * (24 << 20), frozenset({413}), chunked=True)
     body, hdr = multipart([("images", png, "image/png")] * (max_images + 1))
     add("too_many_images_multipart", body, frozenset({413}), ctype=None, headers=hdr, code="payload_too_large")
     body, hdr = multipart([("images", png, "image/png"), ("images", b"junk", "image/png")])
