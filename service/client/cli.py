@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -49,6 +50,8 @@ def predict(args: argparse.Namespace) -> int:
         return 2
     from tqdm import tqdm
 
+    if not getattr(args, "verbose", False):  # httpx logs every request at INFO: only with mixinfer -v
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     files: list[str] = args.files
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     outcomes: list[Prediction | ApiError] = []

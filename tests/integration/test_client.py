@@ -197,3 +197,20 @@ def test_pil_images_of_any_mode_are_sent_as_png(server):
     with Client(server.base_url) as client:
         (grey,) = client.predict(buf.getvalue(), mode="off")
     assert white.probabilities == pytest.approx(grey.probabilities, abs=1e-6)
+
+
+def test_the_async_client_retries_a_429_too(keyed):
+    time.sleep(1.1)
+    before = keyed.metric("mixinfer_requests_total", route="/predict", code="429")
+
+    async def run() -> float:
+        async with AsyncClient(keyed.base_url, api_key=KEY) as client:
+            await client.predict(PIXELS)
+            t0 = time.monotonic()
+            (answer,) = await client.predict(PIXELS)
+            assert answer.model == "tiny"
+            return time.monotonic() - t0
+
+    waited = asyncio.run(run())
+    assert keyed.metric("mixinfer_requests_total", route="/predict", code="429") == before + 1
+    assert 0.9 <= waited < 5.0

@@ -109,3 +109,50 @@ def test_png_from_examples_through_the_cli_of_the_real_model(capsys):
     clean, attacked = (json.loads(line) for line in capsys.readouterr().out.splitlines())
     assert (clean["label"], clean["adversarial"]) == ("7", False)
     assert attacked["adversarial"] is True
+
+
+def test_a_progress_bar_counts_files_on_a_terminal(server, tmp_path):
+    """tqdm draws on stderr when it is a terminal (a pseudo-terminal here), and stays off the table on stdout."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    rng = np.random.default_rng(1)
+    files = []
+    for i in range(40):
+        path = tmp_path / f"d{i}.png"
+        path.write_bytes(png_bytes(rng.integers(0, 256, (8, 8), dtype=np.uint8)))
+        files.append(str(path))
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "service.cli", "predict", "--url", server.base_url, "--batch-size", "8", *files],
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            timeout=120,
+            check=False,
+        )
+        os.close(follower)
+        follower = -1
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal's other end is closed
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        if follower >= 0:
+            os.close(follower)
+        os.close(leader)
+    assert done.returncode == 0
+    assert b"40/40" in drawn and b"file" in drawn
+    assert b"HTTP Request" not in drawn  # httpx's per-request log lines stay quiet
+    assert len(done.stdout.decode().splitlines()) == 41 and b"40/40" not in done.stdout
