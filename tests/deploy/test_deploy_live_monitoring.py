@@ -1,8 +1,10 @@
 """The dashboard and the alert rules against live data: a real ``mixinfer serve`` on the default bundle, scraped
 every second by a real Prometheus loaded with deploy/prometheus/alerts.yml; clean traffic, then PGD traffic made
-here with torch against the bundle's own weights, then a burst that overflows the queue (429). Then EVERY panel query
-of deploy/grafana/dashboards/mixinfer.json goes through Prometheus's HTTP API and must return finite data, and
-the flag-rate panel must read higher in the adversarial phase than in the clean one.
+here with torch against the bundle's own weights, then a burst that overflows the queue (429), then a hot swap to
+version 2 (the committed interpolated-AT bundle, re-labelled as version 2 of the same model in a temporary store)
+and clean traffic on it. Then EVERY panel query of deploy/grafana/dashboards/mixinfer.json goes through
+Prometheus's HTTP API and must return finite data, the flag-rate panel must read higher in the adversarial phase
+than in the clean one, and the gap panel must show the two versions apart, each against its own calibration.
 
 GPU panels read NVIDIA DCGM exporter series; no GPU here, so a loopback endpoint serves a fixed exposition in
 dcgm-exporter's format (metric and label names as the exporter's default counters emit them). That proves the
@@ -15,6 +17,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,6 +41,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180
 
 STORE = REPO / "model_store"
 MODEL_NAME = "mnist-mixup"
+SWAP_SOURCE = "mnist-iat"  # copied in as version 2 of MODEL_NAME: same inputs and classes, its own calibration
+ADMIN_KEY = "live-monitoring-admin-key-0123"
+GAP_PANEL = "Detection gap vs threshold and calibration"
 PHASE_S = 8.0  # clean and adversarial phases; the flag-rate window below must fit inside one phase
 WINDOW = "5s"  # $__rate_interval: Grafana's value for a 1 s scrape is max(4 x 1 s, step + 1 s)
 IMAGES_PER_REQUEST = 8
@@ -136,12 +142,27 @@ class Stack:
     prometheus: str
     server_port: int
     log: Path
+    store: Path
+
+
+def _two_version_store(root: Path) -> Path:
+    """MODEL_NAME version 1 (the default bundle) and version 2 (SWAP_SOURCE's files under MODEL_NAME), copied."""
+    shutil.copytree(STORE / MODEL_NAME / "1", root / MODEL_NAME / "1")
+    shutil.copytree(STORE / SWAP_SOURCE / "1", root / MODEL_NAME / "2")
+    manifest_path = root / MODEL_NAME / "2" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest.update(name=MODEL_NAME, version="2")
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    return root
 
 
 @pytest.fixture(scope="module")
 def stack(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     prometheus_bin = require_tool("prometheus")
     tmp = tmp_path_factory.mktemp("live")
+    if not (STORE / SWAP_SOURCE / "1").is_dir():
+        pytest.fail(f"{STORE / SWAP_SOURCE} is missing (`make bundle-iat` builds it)")
+    store = _two_version_store(tmp / "store")
     server_port, prom_port = _free_port(), _free_port()
 
     dcgm = ThreadingHTTPServer(("127.0.0.1", 0), _DcgmHandler)
@@ -152,8 +173,10 @@ def stack(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "PYTHONPATH": str(REPO),
         "MIXINFER_HOST": "127.0.0.1",
         "MIXINFER_PORT": str(server_port),
-        "MIXINFER_MODEL_DIR": str(STORE),
+        "MIXINFER_MODEL_DIR": str(store),
         "MIXINFER_MODEL_NAME": MODEL_NAME,
+        "MIXINFER_MODEL_VERSION": "1",
+        "MIXINFER_ADMIN_KEY": ADMIN_KEY,
         "MIXINFER_PROVIDERS": "CPUExecutionProvider",
         "MIXINFER_INTRA_OP_THREADS": "1",
         "MIXINFER_MAX_BATCH_IMAGES": "16",
@@ -161,7 +184,7 @@ def stack(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "MIXINFER_MAX_IMAGES_PER_REQUEST": "64",
         "MIXINFER_LOG_JSON": "false",
     }
-    for key in ("MIXINFER_API_KEYS", "MIXINFER_ADMIN_KEY", "MIXINFER_RATE_LIMIT_PER_KEY", "MIXINFER_SEED"):
+    for key in ("MIXINFER_API_KEYS", "MIXINFER_RATE_LIMIT_PER_KEY", "MIXINFER_SEED"):
         env.pop(key, None)
     server_log = tmp / "server.log"
     server = subprocess.Popen(
@@ -194,7 +217,7 @@ def stack(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         stdout=prom_log.open("wb"),
         stderr=subprocess.STDOUT,
     )
-    stack = Stack(f"http://127.0.0.1:{server_port}", f"http://127.0.0.1:{prom_port}", server_port, server_log)
+    stack = Stack(f"http://127.0.0.1:{server_port}", f"http://127.0.0.1:{prom_port}", server_port, server_log, store)
     try:
         _wait_for(
             "server ready",
@@ -261,7 +284,8 @@ def _predict(client: httpx.Client, batch: np.ndarray) -> httpx.Response:
 
 
 def _phase(stack: Stack, images: np.ndarray, seconds: float) -> list[dict]:
-    """Send ``images`` in requests of IMAGES_PER_REQUEST, round robin, for ``seconds``; return the predictions."""
+    """Send ``images`` in requests of IMAGES_PER_REQUEST, round robin, for ``seconds``; return the predictions, each
+    with the ``version`` that answered it."""
     out: list[dict] = []
     deadline = time.monotonic() + seconds
     i = 0
@@ -270,7 +294,8 @@ def _phase(stack: Stack, images: np.ndarray, seconds: float) -> list[dict]:
             start = (i * IMAGES_PER_REQUEST) % len(images)
             response = _predict(client, images[start : start + IMAGES_PER_REQUEST])
             assert response.status_code == 200, response.text
-            out.extend(response.json()["predictions"])
+            body = response.json()
+            out.extend({**p, "version": body["version"]} for p in body["predictions"])
             i += 1
     return out
 
@@ -292,14 +317,28 @@ def _overflow(stack: Stack, images: np.ndarray) -> list[int]:
     return codes
 
 
+def _swap(stack: Stack, version: str) -> dict:
+    response = httpx.post(
+        f"{stack.server}/v2/repository/models/{MODEL_NAME}/load",
+        json={"parameters": {"version": version}},
+        headers={"authorization": f"Bearer {ADMIN_KEY}"},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
 @dataclass
 class Run:
     start: float
     clean_end: float
     adv_end: float
+    swapped: float
+    end: float
     clean: list[dict]
     adversarial: list[dict]
     codes: list[int]
+    after_swap: list[dict]
 
 
 @pytest.fixture(scope="module")
@@ -311,8 +350,13 @@ def run(stack: Stack, images: tuple[np.ndarray, np.ndarray]) -> Run:
     adversarial_predictions = _phase(stack, adv, PHASE_S)
     adv_end = time.time()
     codes = _overflow(stack, clean)
+    time.sleep(2.0)  # nothing in flight when the swap starts: every answer before it is version 1's
+    assert _swap(stack, "2") == {"name": MODEL_NAME, "version": "2", "previous_version": "1"}
+    swapped = time.time()
+    after_swap = _phase(stack, clean, PHASE_S)
+    end = time.time()
     time.sleep(3.0)  # two more scrapes and rule evaluations
-    return Run(start, clean_end, adv_end, clean_predictions, adversarial_predictions, codes)
+    return Run(start, clean_end, adv_end, swapped, end, clean_predictions, adversarial_predictions, codes, after_swap)
 
 
 # --- tests -------------------------------------------------------------------------------------------------------
@@ -323,6 +367,8 @@ def test_traffic_was_clean_then_adversarial_then_overloaded(run: Run):
     assert adv_flags > clean_flags, f"server flagged {adv_flags:.0%} of PGD inputs vs {clean_flags:.0%} of clean ones"
     assert 429 in run.codes, f"no 429 from a burst over the queue: {run.codes}"
     assert set(run.codes) <= {200, 429}, run.codes
+    assert {p["version"] for p in run.clean + run.adversarial} == {"1"}
+    assert {p["version"] for p in run.after_swap} == {"2"} and len(run.after_swap) >= 4 * IMAGES_PER_REQUEST
 
 
 def test_every_dashboard_panel_query_returns_data(stack: Stack, run: Run):
@@ -363,6 +409,41 @@ def test_flag_rate_panel_reads_higher_under_attack(stack: Stack, run: Run):
     print(f"flag-rate panel: clean {clean_rate:.3f}, adversarial {adv_rate:.3f}, calibrated {calibrated_rate:.3f}")
     assert adv_rate > clean_rate, f"flag-rate panel: {adv_rate:.3f} under attack vs {clean_rate:.3f} clean"
     assert 0.0 <= calibrated_rate <= 1.0
+
+
+def test_gap_panel_shows_the_versions_apart_across_the_hot_swap(stack: Stack, run: Run):
+    """Each version has its own live-gap and calibration lines: version 1's live gap only up to the swap, version
+    2's only after it, each calibration line at its own bundle's quantiles; and once version 1 went idle the server
+    dropped its series (Prometheus no longer has a current sample of them)."""
+    (panel,) = [p for p in dashboard_panels() if p["title"] == GAP_PANEL]
+    live, _, calibrated, _ = (substitute_grafana_variables(t["expr"], rate_interval=WINDOW) for t in panel["targets"])
+    data = _api(stack, "query_range", {"query": live, "start": run.start, "end": run.end, "step": 1})
+    finite = {
+        s["metric"]["version"]: [float(t) for t, v in s["values"] if math.isfinite(float(v))] for s in data["result"]
+    }
+    assert set(finite) == {"1", "2"}, f"gap panel series by version: {sorted(finite)}"
+    margin = 2.0  # a scrape (1 s) and a step of the range query
+    assert finite["1"] and max(finite["1"]) <= run.swapped + float(WINDOW.rstrip("s")) + margin, "v1 after the swap"
+    assert finite["2"] and min(finite["2"]) >= run.swapped - margin, "version 2's gap line starts before the swap"
+    quantiles = {
+        version: json.loads((stack.store / MODEL_NAME / version / "manifest.json").read_text())["calibration"][
+            "gap_quantiles"
+        ]
+        for version in ("1", "2")
+    }
+    assert quantiles["1"] != quantiles["2"]
+    for version, at in (("1", run.adv_end), ("2", run.end)):
+        got = {
+            r["metric"]["q"]: float(r["value"][1])
+            for r in _api(stack, "query", {"query": calibrated, "time": at})["result"]
+            if r["metric"]["version"] == version
+        }
+        assert got == pytest.approx({q: quantiles[version][q] for q in got}) and set(got) == {"0.05", "0.5", "0.95"}
+    # version 1 answered nothing after the swap: two scrapes later its series are gone from the server
+    assert _instant(stack, 'mixinfer_detection_gap_count{job="mixinfer",version="1"}', at=run.end + 2.5) == []
+    assert _instant(stack, 'mixinfer_detection_gap_count{job="mixinfer",version="2"}', at=run.end + 2.5) == [
+        float(len(run.after_swap))
+    ]
 
 
 def test_alert_rules_load_and_evaluate_without_errors_on_live_series(stack: Stack, run: Run):
