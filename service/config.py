@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOGGER = logging.getLogger(__name__)
@@ -16,11 +19,35 @@ MiB = 1024 * 1024
 _WEAK_KEY_CHARS = 16
 
 
+#: ``MIXINFER_*`` variables that are not settings of the server but are read elsewhere: the container health check
+#: (deploy/healthcheck.py) and docker compose's published port. ``mixinfer serve`` accepts them.
+OTHER_VARIABLES = frozenset({"MIXINFER_HEALTH_URL", "MIXINFER_PUBLISH"})
+ENV_PREFIX = "MIXINFER_"
+
+
 def _split_csv(value: object) -> object:
     """``"a, b"`` -> ``("a", "b")``; empty items are kept so that the validators can refuse them."""
     if isinstance(value, str):
         return tuple(item.strip() for item in value.split(","))
     return value
+
+
+def read_key_file(path: Path, what: str) -> tuple[SecretStr, ...]:
+    """The keys of ``path``, one per line (blank lines skipped, surrounding whitespace stripped).
+
+    Symbolic links are followed, so a Kubernetes Secret mount (``key -> ..data/key``) works.
+
+    Raises:
+        ValueError: the file cannot be read or holds no key (never echoes a key).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} {str(path)!r} cannot be read: {exc.__class__.__name__}: {exc}") from None
+    keys = tuple(SecretStr(line.strip()) for line in text.splitlines() if line.strip())
+    if not keys:
+        raise ValueError(f"{what} {str(path)!r} holds no key; expected one key per line")
+    return keys
 
 
 class Settings(BaseSettings):
@@ -70,12 +97,31 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = Field(
         default=None, description="bearer key of the admin routes; unset = admin disabled"
     )
+    api_keys_file: Path | None = Field(
+        default=None, description="file of bearer keys, one per line (added to api_keys; symlinks followed)"
+    )
+    admin_key_file: Path | None = Field(
+        default=None, description="file holding the admin key on one line (instead of admin_key; symlinks followed)"
+    )
     rate_limit_per_key: float | None = Field(
         default=None, gt=0.0, description="requests per second per key (or client)"
     )
     latency_p99_target_s: float = Field(
         default=1.0, gt=0.0, le=3600.0, description="p99 prediction latency the alert MixinferLatencyHigh holds to"
     )
+    trusted_proxies: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="comma-separated addresses or networks of proxies whose X-Forwarded-For is believed; "
+        "unset = none: the client is the TCP peer",
+    )
+    response_detail: Literal["label", "full"] = Field(
+        default="label",
+        description="label: label, flag and top-3 probabilities; full: also the gap, threshold, all probabilities",
+    )
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="serve /metrics on this port only (unset: on the main port)"
+    )
+    metrics_key: SecretStr | None = Field(default=None, description="bearer key that /metrics requires (unset: open)")
     log_json: bool = Field(default=True, description="JSON log lines (access log included)")
     # --- query-attack watch (docs/query-watch.md) ---------------------------------------------------------------
     query_watch: Literal["off", "observe", "reject", "ban"] = Field(
@@ -107,6 +153,25 @@ class Settings(BaseSettings):
             raise ValueError(f"providers must be a comma-separated list of non-empty names, got {list(value)}")
         return value
 
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _proxies_csv(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return ()
+        return _split_csv(value)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trusted_proxies items must be IP addresses or networks (10.0.0.0/8), got {item!r}"
+                ) from None
+        return value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _keys_csv(cls, value: object) -> object:
@@ -122,12 +187,34 @@ class Settings(BaseSettings):
                 raise ValueError(f"api_keys item {i} is empty; every key needs >= 1 non-blank character")
         return value
 
-    @field_validator("admin_key")
+    @field_validator("admin_key", "metrics_key")
     @classmethod
-    def _admin_nonempty(cls, value: SecretStr | None) -> SecretStr | None:
+    def _key_nonblank(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         if value is not None and not value.get_secret_value().strip():
-            raise ValueError("admin_key is set but blank; unset it to disable the admin routes, or give a key")
+            guards = "the admin routes" if info.field_name == "admin_key" else "its check"
+            raise ValueError(f"{info.field_name} is set but blank; unset it to disable {guards}, or give a key")
         return value
+
+    _api_key_bytes: tuple[bytes, ...] = PrivateAttr(default=())
+    _admin_key: SecretStr | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _read_key_files(self) -> Settings:
+        """Read the key files once, here: a missing or empty file refuses the start like a bad value."""
+        keys = self.api_keys
+        if self.api_keys_file is not None:
+            keys = (*keys, *read_key_file(self.api_keys_file, "api_keys_file"))
+        self._api_key_bytes = tuple(k.get_secret_value().encode() for k in keys)
+        admin = self.admin_key
+        if self.admin_key_file is not None:
+            if admin is not None:
+                raise ValueError("admin_key and admin_key_file are both set; set one")
+            admin_keys = read_key_file(self.admin_key_file, "admin_key_file")
+            if len(admin_keys) != 1:
+                raise ValueError(f"admin_key_file holds {len(admin_keys)} keys, expected exactly 1")
+            admin = admin_keys[0]
+        self._admin_key = admin
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -145,10 +232,11 @@ class Settings(BaseSettings):
                 f"max_pixels ({self.max_pixels}) must be <= max_pixels_per_request ({self.max_pixels_per_request}), "
                 "or an image within the per-image limit could never be served"
             )
-        if self.admin_key is not None and any(
-            k.get_secret_value() == self.admin_key.get_secret_value() for k in self.api_keys
-        ):
+        admin = self.admin_key_value()
+        if admin is not None and admin in self._api_key_bytes:
             raise ValueError("admin_key must differ from every api key: an API key never authorises admin routes")
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError(f"metrics_port ({self.metrics_port}) must differ from port ({self.port})")
         return self
 
     # ---------------------------------------------------------------------------------------------------------
@@ -162,13 +250,42 @@ class Settings(BaseSettings):
         return max(1, int(self.request_timeout_s))
 
     def api_key_values(self) -> tuple[bytes, ...]:
-        """The API keys as bytes, for constant-time comparison."""
-        return tuple(k.get_secret_value().encode() for k in self.api_keys)
+        """Every API key (``api_keys`` then ``api_keys_file``) as bytes, for constant-time comparison; every front
+        end (HTTP, gRPC) checks keys against this."""
+        return self._api_key_bytes
+
+    def admin_key_value(self) -> bytes | None:
+        """The admin key (``admin_key`` or ``admin_key_file``) as bytes; None: admin routes disabled."""
+        return None if self._admin_key is None else self._admin_key.get_secret_value().encode()
+
+    def metrics_key_value(self) -> bytes | None:
+        """The bearer key /metrics requires; None: /metrics is open."""
+        return None if self.metrics_key is None else self.metrics_key.get_secret_value().encode()
 
     def log_weak_keys(self) -> None:
         """Warn (never log the key) when a configured key is short."""
-        weak = [i for i, k in enumerate(self.api_keys) if len(k.get_secret_value()) < _WEAK_KEY_CHARS]
+        weak = [i for i, k in enumerate(self._api_key_bytes) if len(k) < _WEAK_KEY_CHARS]
         if weak:
-            LOGGER.warning("api_keys items %s are shorter than %d characters", weak, _WEAK_KEY_CHARS)
-        if self.admin_key is not None and len(self.admin_key.get_secret_value()) < _WEAK_KEY_CHARS:
-            LOGGER.warning("admin_key is shorter than %d characters", _WEAK_KEY_CHARS)
+            LOGGER.warning("api key items %s are shorter than %d characters", weak, _WEAK_KEY_CHARS)
+        for name, key in (("admin_key", self.admin_key_value()), ("metrics_key", self.metrics_key_value())):
+            if key is not None and len(key) < _WEAK_KEY_CHARS:
+                LOGGER.warning("%s is shorter than %d characters", name, _WEAK_KEY_CHARS)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One message per ``MIXINFER_*`` variable of ``environ`` that no setting reads, naming the closest known one.
+
+    ``Settings`` ignores unknown variables, so a typo such as ``MIXINFER_API_KEY`` would leave a server open;
+    ``mixinfer serve`` refuses to start while this list is not empty.
+    """
+    known = sorted({ENV_PREFIX + name.upper() for name in Settings.model_fields} | OTHER_VARIABLES)
+    messages = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known:
+            continue
+        suffixes = {k.removeprefix(ENV_PREFIX): k for k in known}  # the shared prefix would make every name close
+        close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), suffixes, n=1, cutoff=0.6)
+        hint = f"; did you mean {suffixes[close[0]]}?" if close else f"; known: {', '.join(known)}"
+        messages.append(f"{name} is not a mixinfer setting{hint}")
+    return messages

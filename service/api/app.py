@@ -19,6 +19,7 @@ from pydantic import TypeAdapter
 from service import __version__
 from service.api.deps import RateLimiter
 from service.api.errors import install_error_handlers
+from service.api.metrics_port import MetricsServer
 from service.api.middleware import BodyLimitMiddleware, ObserveMiddleware
 from service.api.query_watch import QueryScreen
 from service.api.responses import OrjsonResponse
@@ -85,6 +86,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     holder: ModelHolder = app.state.holder
     settings: Settings = app.state.settings
     settings.log_weak_keys()
+    metrics_server = None
+    if settings.metrics_port is not None:
+        metrics_server = MetricsServer(
+            app.state.metrics, settings.host, settings.metrics_port, settings.metrics_key_value()
+        )
+        metrics_server.start()
     holder.batcher.start()
     # Load in the background: liveness answers at once, readiness flips to 200 after warm-up.
     bundle, app.state.initial_bundle = app.state.initial_bundle, None  # served once, then its memory is free
@@ -98,6 +105,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not loading.done():
             loading.cancel()
         await holder.batcher.close()
+        if metrics_server is not None:
+            metrics_server.stop()
 
 
 def _report_load(task: asyncio.Task[None], *, exit_process: bool) -> None:

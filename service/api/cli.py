@@ -31,13 +31,19 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     """Validate settings and the bundle (refuse at start-up, exit 2), then run uvicorn until stopped."""
+    import os
+
     import uvicorn
     from pydantic import ValidationError
 
     from service.api.logs import configure_logging
-    from service.config import Settings
+    from service.config import Settings, unknown_variables
     from service.errors import MixinferError
 
+    unknown = unknown_variables(os.environ)
+    if unknown:  # Settings ignores them: a typo such as MIXINFER_API_KEY would leave the server open
+        LOGGER.error("refusing to start, unknown MIXINFER_* variables:\n%s", "\n".join(unknown))
+        return 2
     try:
         settings = Settings()
     except ValidationError as exc:

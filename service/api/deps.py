@@ -155,11 +155,12 @@ class ApiKeyScheme(SecurityBase):
 
 async def require_admin(settings: SettingsDep, creds: Bearer) -> None:
     """Admin routes: 403 when no ADMIN_KEY is configured, 401 without a key, 403 with any other key."""
-    if settings.admin_key is None:
+    admin_key = settings.admin_key_value()
+    if admin_key is None:
         raise ForbiddenError("admin routes are disabled: the server runs without MIXINFER_ADMIN_KEY")
     if creds is None:
         raise UnauthorizedError("missing admin key: send 'Authorization: Bearer <admin key>'")
-    if not hmac.compare_digest(creds.credentials.encode(), settings.admin_key.get_secret_value().encode()):
+    if not hmac.compare_digest(creds.credentials.encode(), admin_key):
         raise ForbiddenError("this key does not authorise admin routes")
 
 

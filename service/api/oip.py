@@ -31,7 +31,6 @@ HEADER_LENGTH = "inference-header-content-length"
 #: ASCII digits only (``str.isdigit`` also takes "²"); 12 digits is far beyond any body limit
 _LENGTH = re.compile(r"[0-9]{1,12}")
 _FP32 = np.dtype("<f4")
-OUTPUT_NAMES = ("probabilities", "label", "adversarial", "detection_gap")
 #: at most this many characters of a refused value are quoted back in an error message
 _QUOTE_CHARS = 60
 
@@ -47,9 +46,17 @@ class ParsedInfer:
 
 
 def parse_infer(
-    body: bytes, header_length: str | None, input_name: str, spec: ImageSpec, max_images: int
+    body: bytes,
+    header_length: str | None,
+    input_name: str,
+    spec: ImageSpec,
+    max_images: int,
+    *,
+    default_outputs: tuple[str, ...],
 ) -> ParsedInfer:
     """Validate an infer request body (JSON, or JSON header + binary tensors) and convert its one input.
+
+    ``default_outputs`` are returned when the request names none (they depend on the response detail).
 
     The JSON header is validated as data (:class:`~service.api.schemas.InferRequest`), then the shape against the
     model and ``max_images``; only then is any tensor data converted.
@@ -92,7 +99,7 @@ def parse_infer(
         request.id,
         images,
         params.mode if params is not None else None,
-        _requested_outputs(request.outputs, binary_default),
+        _requested_outputs(request.outputs, binary_default, default_outputs),
     )
 
 
@@ -142,9 +149,11 @@ def _quote(value: Any) -> str:
     return text if len(text) <= _QUOTE_CHARS else text[: _QUOTE_CHARS - 3] + "..."
 
 
-def _requested_outputs(requested: list[InferRequestedOutput] | None, binary_default: bool) -> list[tuple[str, bool]]:
+def _requested_outputs(
+    requested: list[InferRequestedOutput] | None, binary_default: bool, defaults: tuple[str, ...]
+) -> list[tuple[str, bool]]:
     if requested is None:
-        return [(name, binary_default) for name in OUTPUT_NAMES]
+        return [(name, binary_default) for name in defaults]
     out: list[tuple[str, bool]] = []
     for item in requested:
         binary = item.parameters.binary_data if item.parameters is not None else None

@@ -46,16 +46,21 @@ class PredictJsonBody(BaseModel):
 
 
 class Prediction(BaseModel):
+    """One image's answer; ``detection_gap``, ``threshold`` and ``mixes`` only at MIXINFER_RESPONSE_DETAIL=full."""
+
     label: str = Field(description="class name of the returned prediction")
     class_index: int = Field(description="index of that class")
-    probabilities: dict[str, float] = Field(description="class name -> probability (top_k highest if asked)")
-    adversarial: bool | None = Field(description="detection flag (gap >= threshold); null in modes ol and off")
-    detection_gap: float | None = Field(
-        description="plain top-1 confidence minus max MI-PL probability; null in ol/off"
+    probabilities: dict[str, float] = Field(
+        description="class name -> probability, most probable first: every class (top_k if asked) at full detail, "
+        "the 3 most probable (or top_k if fewer) at label detail"
     )
-    threshold: float = Field(description="the model's detection threshold")
+    adversarial: bool | None = Field(description="detection flag (gap >= threshold); null in modes ol and off")
     mode: Branch = Field(description="the branch that answered: pl, ol or off")
-    mixes: int = Field(description="blends averaged for this image")
+    detection_gap: float | None = Field(
+        None, description="full detail only: plain top-1 confidence minus max MI-PL probability; null in ol/off"
+    )
+    threshold: float | None = Field(None, description="full detail only: the model's detection threshold")
+    mixes: int | None = Field(None, description="full detail only: blends averaged for this image")
 
 
 class PredictResponse(BaseModel):
@@ -139,7 +144,10 @@ class InferOutputParameters(BaseModel):
 
 
 class InferRequestedOutput(BaseModel):
-    name: Literal["probabilities", "label", "adversarial", "detection_gap"]
+    name: Literal["probabilities", "label", "adversarial", "detection_gap", "top_classes", "top_probabilities"] = Field(
+        description="label detail: label, adversarial, top_classes, top_probabilities; full detail: probabilities, "
+        "label, adversarial, detection_gap"
+    )
     parameters: InferOutputParameters | None = None
 
 

@@ -143,10 +143,15 @@ def test_runtime_stages_run_as_a_non_root_user_with_healthcheck_and_entrypoint(s
         assert "useradd" in " ".join(stage.args("RUN"))
         (health,) = stage.args("HEALTHCHECK")
         assert "/opt/mixinfer/healthcheck.py" in health and "--start-period" in health
-        assert stage.args("EXPOSE") == ["8000"]
+        assert stage.args("EXPOSE") == ["8000 8002"]
         assert stage.args("ENTRYPOINT") == ['["mixinfer"]'] and stage.args("CMD") == ['["serve"]']
         env = " ".join(stage.args("ENV"))
-        for var in ("MIXINFER_HOST=0.0.0.0", "MIXINFER_PORT=8000", "MIXINFER_MODEL_DIR=/models"):
+        for var in (
+            "MIXINFER_HOST=0.0.0.0",
+            "MIXINFER_PORT=8000",
+            "MIXINFER_METRICS_PORT=8002",
+            "MIXINFER_MODEL_DIR=/models",
+        ):
             assert var in env, f"stage {name} lacks {var}"
     assert "CUDAExecutionProvider" in " ".join(stages["gpu"].args("ENV"))
     assert "MIXINFER_PROVIDERS=CPUExecutionProvider" in " ".join(stages["cpu"].args("ENV"))

@@ -106,7 +106,11 @@ def test_scrape_targets_are_the_compose_services():
     def targets(config: dict) -> dict[str, list[str]]:
         return {j["job_name"]: [t for s in j["static_configs"] for t in s["targets"]] for j in config["scrape_configs"]}
 
-    assert targets(gpu)["mixinfer"] == ["mixinfer:8000"] == targets(cpu)["mixinfer"]
+    assert targets(gpu)["mixinfer"] == ["mixinfer:8002"] == targets(cpu)["mixinfer"]  # MIXINFER_METRICS_PORT
+    for compose in (COMPOSE_GPU, COMPOSE_CPU):
+        environment = load_yaml(compose)["services"]["mixinfer"]["environment"]
+        assert environment["MIXINFER_METRICS_PORT"] == "8002"
+        assert all("8002" not in p for p in load_yaml(compose)["services"]["mixinfer"]["ports"])  # not published
     assert targets(gpu)["dcgm"] == ["dcgm-exporter:9400"]
     assert "dcgm" not in targets(cpu)
     assert "dcgm-exporter" in load_yaml(COMPOSE_GPU)["services"]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mixserver import ADMIN_KEY, Served, run_server, settings_for
 from testtools import require_tool
@@ -22,11 +23,28 @@ def http_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def plain(http_store: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """softmax(f(x)) of tiny/1 computed directly with onnxruntime: the independent expectation for mode=off."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(http_store / "tiny" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def run(x: np.ndarray) -> np.ndarray:
+        logits = sess.run(None, {"images": x.astype(np.float32).reshape(-1, 1, 8, 8)})[0]
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def server(http_store: Path) -> Iterator[Served]:
-    """The shared server: tiny/1 pinned, admin enabled, no API keys, mode override allowed, fixed seed."""
-    with run_server(
-        settings_for(http_store, model_version="1", admin_key=ADMIN_KEY, allow_mode_override=True, seed=0)
-    ) as served:
+    """The shared server: tiny/1 pinned, admin enabled, no API keys, mode override allowed, fixed seed, and the full
+    response detail (gap, threshold, every probability: what these tests check; the label default has its own)."""
+    settings = settings_for(
+        http_store, model_version="1", admin_key=ADMIN_KEY, allow_mode_override=True, seed=0, response_detail="full"
+    )
+    with run_server(settings) as served:
         yield served
 
 

@@ -35,7 +35,9 @@ def store(tmp_path):
 
 
 def test_swap_under_traffic_loses_no_request(store):
-    settings = settings_for(store, model_version="1", admin_key=ADMIN_KEY, allow_mode_override=True)
+    settings = settings_for(
+        store, model_version="1", admin_key=ADMIN_KEY, allow_mode_override=True, response_detail="full"
+    )
     with run_server(settings) as srv:
         stop = threading.Event()
         seen: list[list[tuple[int, str]]] = [[] for _ in range(6)]

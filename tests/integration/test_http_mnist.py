@@ -93,5 +93,11 @@ def test_tritonclient_binary_on_mnist(mnist_server, digits):
     inp.set_data_from_numpy((x[:, None] / 255.0).astype(np.float32))
     res = client.infer("mnist-mixup", [inp])
     client.close()
-    assert np.mean(res.as_numpy("probabilities").argmax(axis=1) == y) >= 0.9
-    assert [s.decode() for s in res.as_numpy("label")] == [str(k) for k in res.as_numpy("probabilities").argmax(1)]
+    # the default detail (label): label, flag and the 3 most probable classes, most probable first
+    labels = np.array([int(s.decode()) for s in res.as_numpy("label")])
+    assert np.mean(labels == y) >= 0.9
+    top = res.as_numpy("top_classes")
+    assert top.shape == (len(x), 3) and [s.decode() for s in top[:, 0]] == [str(k) for k in labels]
+    top_p = res.as_numpy("top_probabilities")
+    assert top_p.shape == (len(x), 3) and np.all(np.diff(top_p, axis=1) <= 0) and np.all(top_p.sum(1) <= 1 + 1e-5)
+    assert res.as_numpy("probabilities") is None and res.as_numpy("detection_gap") is None

@@ -7,7 +7,6 @@ import io
 from typing import Annotated
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from fastapi import FastAPI, Query
 from mixserver import png_bytes
@@ -18,19 +17,6 @@ from service.config import Settings
 from service.mi.params import Mode
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def plain(http_store):
-    """softmax(f(x)) of tiny/1 computed directly with onnxruntime: the independent expectation for mode=off."""
-    sess = ort.InferenceSession(str(http_store / "tiny" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-
-    def run(x: np.ndarray) -> np.ndarray:
-        logits = sess.run(None, {"images": x.astype(np.float32).reshape(-1, 1, 8, 8)})[0]
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-
-    return run
 
 
 def digit() -> np.ndarray:
@@ -221,7 +207,14 @@ def test_hand_declared_query_parameters_match_fastapis_declaration():
 
     @ref.post("/predict")
     async def predict(
-        top_k: Annotated[int | None, Query(ge=1, le=100_000, description="return the k most probable classes")] = None,
+        top_k: Annotated[
+            int | None,
+            Query(
+                ge=1,
+                le=100_000,
+                description="return the k most probable classes (at most 3 at MIXINFER_RESPONSE_DETAIL=label)",
+            ),
+        ] = None,
         mode: Annotated[Mode | None, Query(description="combined (default); others need ALLOW_MODE_OVERRIDE")] = None,
     ) -> None:
         return None

@@ -59,7 +59,7 @@ def test_keyed_metadata_route_and_lowercase_scheme(keyed):
     assert keyed.client.get(url, headers={"authorization": f"bearer {KEYS[0]}"}).status_code == 200
 
 
-def test_health_and_metrics_stay_open(keyed):
+def test_health_and_metrics_stay_open_without_a_metrics_key(keyed):
     for path in ("/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready", "/metrics", "/v2"):
         assert keyed.client.get(path).status_code == 200, path
 
@@ -71,7 +71,7 @@ def test_oip_infer_needs_a_key_too(keyed):
     client = tc.InferenceServerClient(keyed.host_port)
     with pytest.raises(InferenceServerException, match="missing API key"):
         client.infer("tiny", [inp])
-    assert client.infer("tiny", [inp], headers=bearer(KEYS[0])).as_numpy("probabilities").shape == (1, 4)
+    assert client.infer("tiny", [inp], headers=bearer(KEYS[0])).as_numpy("top_probabilities").shape == (1, 3)
     client.close()
 
 
@@ -114,3 +114,24 @@ def test_rate_limit_is_per_key(http_store):
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         assert "rate limit" in r.json()["error"]["message"]
         assert srv.client.post("/predict", json=BODY, headers=bearer(KEYS[1])).status_code == 200
+
+
+def test_keys_from_files_authorise_a_real_server(http_store, tmp_path):
+    """MIXINFER_API_KEYS_FILE and MIXINFER_ADMIN_KEY_FILE behind Kubernetes-style ``..data`` links."""
+    stamp = tmp_path / "..2026_12_06"
+    stamp.mkdir()
+    (stamp / "keys").write_text(f"{KEYS[0]}\n{KEYS[1]}\n")
+    (stamp / "admin").write_text(ADMIN_KEY + "\n")
+    (tmp_path / "..data").symlink_to(stamp.name)
+    for name in ("keys", "admin"):
+        (tmp_path / name).symlink_to(f"..data/{name}")
+    settings = settings_for(
+        http_store, model_version="1", api_keys_file=tmp_path / "keys", admin_key_file=tmp_path / "admin"
+    )
+    with run_server(settings) as srv:
+        assert srv.client.post("/predict", json=BODY).status_code == 401
+        for key in KEYS:
+            assert srv.client.post("/predict", json=BODY, headers=bearer(key)).status_code == 200
+        load = "/v2/repository/models/tiny/load"
+        r = srv.client.post(load, json={"parameters": {"version": "1"}}, headers=bearer(ADMIN_KEY))
+        assert r.status_code == 200 and r.json()["version"] == "1"

@@ -100,6 +100,13 @@ def test_serve_serves_the_version_its_start_up_checks_verified(tmp_path):
         ({"MIXINFER_ADMIN_KEY": ""}, "admin_key is set but blank"),
         ({"MIXINFER_MODEL_VERSION": "7"}, "7"),
         ({"MIXINFER_MODEL_NAME": "absent"}, "absent"),
+        # a typo would leave the server open: refused, naming the closest setting (never echoing the value)
+        (
+            {"MIXINFER_API_KEY": "typo-key-0123456789"},
+            "MIXINFER_API_KEY is not a mixinfer setting; did you mean MIXINFER_API_KEYS?",
+        ),
+        ({"MIXINFER_ADMINKEY": "typo-key-0123456789"}, "did you mean MIXINFER_ADMIN_KEY?"),
+        ({"MIXINFER_API_KEYS_FILE": "/nonexistent/keys"}, "api_keys_file '/nonexistent/keys' cannot be read"),
     ],
 )
 def test_serve_refuses_to_start_on_bad_settings_or_bundles(http_store, extra, needle):
@@ -107,6 +114,7 @@ def test_serve_refuses_to_start_on_bad_settings_or_bundles(http_store, extra, ne
     out = serve_until_exit(env, timeout_s=60)
     assert out.returncode == 2, out.stderr
     assert "refusing to start" in out.stderr and needle in out.stderr
+    assert "typo-key-0123456789" not in out.stderr
 
 
 def test_serving_path_never_imports_torch(http_store):

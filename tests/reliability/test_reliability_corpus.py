@@ -43,6 +43,7 @@ def corpus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pr
         NAME,
         store / "serve.log",
         allow_mode_override=True,
+        response_detail="full",  # every probability: compared with an independent ONNX Runtime run
         max_body_bytes=MAX_BODY,
         max_images_per_request=MAX_IMAGES,
         max_pixels=MAX_PIXELS,

@@ -71,6 +71,11 @@ def test_env_values_are_parsed(monkeypatch):
         ({"MIXINFER_PROVIDERS": "CPUExecutionProvider,,"}, "providers"),
         ({"MIXINFER_MIXING": "gpu"}, "mixing"),
         ({"MIXINFER_RATE_LIMIT_PER_KEY": "0"}, "rate_limit_per_key"),
+        ({"MIXINFER_RESPONSE_DETAIL": "everything"}, "response_detail"),
+        ({"MIXINFER_METRICS_PORT": "8000"}, "metrics_port (8000) must differ from port (8000)"),
+        ({"MIXINFER_METRICS_KEY": " "}, "metrics_key is set but blank"),
+        ({"MIXINFER_TRUSTED_PROXIES": "10.0.0.1,proxy.local"}, "got 'proxy.local'"),
+        ({"MIXINFER_API_KEYS_FILE": "/nonexistent/keys"}, "api_keys_file '/nonexistent/keys' cannot be read"),
     ],
 )
 def test_unsafe_values_are_refused_at_start_up(monkeypatch, env, needle):
@@ -93,3 +98,94 @@ def test_keys_are_secret_in_repr(monkeypatch):
     monkeypatch.setenv("MIXINFER_ADMIN_KEY", "hidden-admin-key")
     text = repr(Settings())
     assert "hidden-api-key" not in text and "hidden-admin-key" not in text
+
+
+def test_new_defaults_keep_strangers_out():
+    s = Settings()
+    assert s.response_detail == "label" and s.trusted_proxies == ()
+    assert s.metrics_port is None and s.metrics_key_value() is None
+    assert s.api_keys_file is None and s.admin_key_file is None and s.admin_key_value() is None
+
+
+def test_trusted_proxies_are_addresses_and_networks(monkeypatch):
+    monkeypatch.setenv("MIXINFER_TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.7,::1")
+    assert Settings().trusted_proxies == ("10.0.0.0/8", "192.168.1.7", "::1")
+    monkeypatch.setenv("MIXINFER_TRUSTED_PROXIES", "")
+    assert Settings().trusted_proxies == ()
+
+
+def kubernetes_secret(root: Path, files: dict[str, str]) -> Path:
+    """A Secret volume as the kubelet writes it: ``..<stamp>/<file>``, ``..data -> ..<stamp>``, ``<file> ->
+    ..data/<file>`` (every visible name is a symlink to a symlinked directory)."""
+    stamp = root / "..2026_12_06_21_00_00.123456789"
+    stamp.mkdir(parents=True)
+    for name, text in files.items():
+        (stamp / name).write_text(text)
+    (root / "..data").symlink_to(stamp.name)
+    for name in files:
+        (root / name).symlink_to(f"..data/{name}")
+    return root
+
+
+def test_key_files_follow_kubernetes_secret_links(monkeypatch, tmp_path):
+    secret = kubernetes_secret(
+        tmp_path / "secret", {"api-keys": "first-key\r\n\n  second-key \n", "admin": "adm-key\n"}
+    )
+    monkeypatch.setenv("MIXINFER_API_KEYS", "env-key")
+    monkeypatch.setenv("MIXINFER_API_KEYS_FILE", str(secret / "api-keys"))
+    monkeypatch.setenv("MIXINFER_ADMIN_KEY_FILE", str(secret / "admin"))
+    s = Settings()
+    assert s.api_key_values() == (b"env-key", b"first-key", b"second-key")
+    assert s.admin_key_value() == b"adm-key"
+    text = repr(s) + str(s.model_dump())
+    assert "first-key" not in text and "adm-key" not in text
+    # read at start-up: the same settings after a round trip (mixinfer serve re-validates with --host/--port)
+    assert Settings.model_validate(s.model_dump()).api_key_values() == s.api_key_values()
+
+
+@pytest.mark.parametrize(
+    ("files", "env", "needle"),
+    [
+        ({"keys": "\n \n"}, {"MIXINFER_API_KEYS_FILE": "keys"}, "holds no key; expected one key per line"),
+        (
+            {"admin": "a-key\nb-key\n"},
+            {"MIXINFER_ADMIN_KEY_FILE": "admin"},
+            "admin_key_file holds 2 keys, expected exactly 1",
+        ),
+        ({"admin": "a-key"}, {"MIXINFER_ADMIN_KEY_FILE": "admin", "MIXINFER_ADMIN_KEY": "b-key"}, "both set"),
+        (
+            {"admin": "same-key", "keys": "same-key"},
+            {"MIXINFER_ADMIN_KEY_FILE": "admin", "MIXINFER_API_KEYS_FILE": "keys"},
+            "admin_key must differ",
+        ),
+        ({"keys": "\udcff"}, {"MIXINFER_API_KEYS_FILE": "keys"}, "cannot be read"),
+    ],
+)
+def test_key_files_are_refused_when_unusable(monkeypatch, tmp_path, files, env, needle):
+    for name, text in files.items():
+        (tmp_path / name).write_bytes(text.encode("utf-8", "surrogateescape"))
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(tmp_path / value) if key.endswith("_FILE") else value)
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    assert needle in str(info.value)
+    assert "a-key" not in str(info.value) and "same-key" not in str(info.value)
+
+
+def test_unknown_variables_name_the_closest_setting():
+    from service.config import unknown_variables
+
+    env = {
+        "MIXINFER_API_KEY": "x",
+        "MIXINFER_PORT": "1",
+        "MIXINFER_HEALTH_URL": "http://x",
+        "PATH": "/bin",
+        "MIXINFER_RESPONSE_DETAILS": "full",
+        "mixinfer_trusted_proxy": "1.2.3.4",
+    }
+    assert unknown_variables(env) == [
+        "MIXINFER_API_KEY is not a mixinfer setting; did you mean MIXINFER_API_KEYS?",
+        "MIXINFER_RESPONSE_DETAILS is not a mixinfer setting; did you mean MIXINFER_RESPONSE_DETAIL?",
+        "mixinfer_trusted_proxy is not a mixinfer setting; did you mean MIXINFER_TRUSTED_PROXIES?",
+    ]
+    assert unknown_variables({"MIXINFER_QQQ": "1"})[0].startswith("MIXINFER_QQQ is not a mixinfer setting; known: ")

@@ -1,15 +1,17 @@
-"""Liveness, readiness and ``/metrics``; always open (no API key)."""
+"""Liveness, readiness (always open) and ``/metrics`` (open unless MIXINFER_METRICS_KEY is set)."""
 
 from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service.api.deps import HolderDep, MetricsDep
+from service.api.deps import HolderDep, MetricsDep, SettingsDep
+from service.api.metrics_port import UNAUTHORIZED_MESSAGE, metrics_authorised
 from service.api.responses import OrjsonResponse
-from service.api.schemas import LiveResponse, ReadyResponse
+from service.api.schemas import ErrorBody, LiveResponse, ReadyResponse
+from service.errors import NotFoundError, UnauthorizedError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -29,8 +31,20 @@ async def ready(holder: HolderDep) -> Response:
     return OrjsonResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-async def metrics(m: MetricsDep) -> Response:
-    """Prometheus exposition text."""
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/plain": {}}},
+        401: {"model": ErrorBody, "description": "MIXINFER_METRICS_KEY is set and the request lacks it"},
+        404: {"model": ErrorBody, "description": "served on MIXINFER_METRICS_PORT instead"},
+    },
+)
+async def metrics(request: Request, m: MetricsDep, settings: SettingsDep) -> Response:
+    """Prometheus exposition text (on MIXINFER_METRICS_PORT instead when set; behind MIXINFER_METRICS_KEY if set)."""
+    if settings.metrics_port is not None:
+        raise NotFoundError(f"/metrics is served on port {settings.metrics_port}")
+    if not metrics_authorised(request.headers.get("Authorization"), settings.metrics_key_value()):
+        raise UnauthorizedError(UNAUTHORIZED_MESSAGE)
     body, content_type = m.render()
     return Response(body, media_type=content_type)

@@ -6,12 +6,12 @@ import logging
 import time
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import APIRouter, Path, Request
 from starlette.responses import Response
 
 from service import __version__
 from service.api.deps import HolderDep, ServedDep, resolve_mode
+from service.api.detail import OIP_OUTPUTS, answer_view, check_requested_outputs, oip_output_metadata, oip_tensors
 from service.api.inference import INLINE_BODY_BYTES, off_loop, request_deadline, run_inference
 from service.api.oip import HEADER_LENGTH, encode_infer, parse_infer
 from service.api.responses import OrjsonResponse
@@ -91,7 +91,7 @@ async def v2_ready(holder: HolderDep) -> Response:
 @router.get("/models/{name}", response_model=ModelMetadata, responses=ERRORS)
 @router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=ERRORS)
 async def model_metadata(served: ServedDep, name: ModelName, version: Version | None = None) -> Response:
-    """Model metadata: input [-1, C, H, W] FP32 in [0, 1]; outputs probabilities, label, adversarial, gap."""
+    """Model metadata: input [-1, C, H, W] FP32 in [0, 1]; the outputs of the server's response detail."""
     from service.store import list_versions
 
     model = _served(served.holder, name, version)
@@ -103,12 +103,7 @@ async def model_metadata(served: ServedDep, name: ModelName, version: Version | 
             "versions": list_versions(served.settings.model_dir, model.name) or [model.version],
             "platform": "mixinfer_onnxruntime",
             "inputs": [{"name": model.manifest.input.name, "datatype": INPUT_DATATYPE, "shape": [-1, c, h, w]}],
-            "outputs": [
-                {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
-                {"name": "label", "datatype": "BYTES", "shape": [-1]},
-                {"name": "adversarial", "datatype": "BOOL", "shape": [-1]},
-                {"name": "detection_gap", "datatype": "FP32", "shape": [-1]},
-            ],
+            "outputs": oip_output_metadata(served.settings.response_detail, k),
         }
     )
 
@@ -142,13 +137,17 @@ async def infer(
     settings, metrics = served.settings, served.metrics
     model = _served(served.holder, name, version)
     t0 = time.perf_counter()
+    detail = settings.response_detail
     body = await request.body()
     args = (body, request.headers.get(HEADER_LENGTH), model.manifest.input.name, model.spec)
     if len(body) > INLINE_BODY_BYTES:  # parsed and converted on a worker thread: the event loop keeps serving
         deadline = request_deadline(request, settings)
-        parsed = await off_loop(deadline, parse_infer, *args, settings.max_images_per_request)
+        parsed = await off_loop(
+            deadline, parse_infer, *args, settings.max_images_per_request, default_outputs=OIP_OUTPUTS[detail]
+        )
     else:
-        parsed = parse_infer(*args, settings.max_images_per_request)
+        parsed = parse_infer(*args, settings.max_images_per_request, default_outputs=OIP_OUTPUTS[detail])
+    check_requested_outputs(parsed.outputs, detail)
     mode = resolve_mode(parsed.mode, settings)
     images = parsed.images
     metrics.observe_stage("decode", time.perf_counter() - t0)
@@ -161,14 +160,7 @@ async def infer(
         mode=mode,
         caller=served.caller,
     )
-    res = answer.result
-    names = np.array([n.encode() for n in answer.model.class_names], dtype=object)
-    tensors = {
-        "probabilities": ("FP32", res.probs),
-        "label": ("BYTES", names[res.label]),
-        "adversarial": ("BOOL", np.array([bool(a) for a in answer.adversarial], dtype=bool)),
-        "detection_gap": ("FP32", res.gap),
-    }
+    tensors = oip_tensors(answer_view(answer, detail))
     header: dict[str, Any] = {"model_name": answer.model.name, "model_version": answer.model.version}
     if parsed.request_id is not None:
         header["id"] = parsed.request_id

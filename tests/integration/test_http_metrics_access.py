@@ -1,0 +1,63 @@
+"""Who reads /metrics: MIXINFER_METRICS_PORT moves it to its own port, MIXINFER_METRICS_KEY puts it behind a key
+(it publishes the threshold and the calibrated gap quantiles: half of the tuning oracle of issue 13 item 9)."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+from mixserver import run_server, settings_for
+
+pytestmark = pytest.mark.integration
+
+METRICS_KEY = "metrics-key-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_metrics_port_serves_metrics_and_the_main_port_does_not(http_store):
+    port = free_port()
+    with run_server(settings_for(http_store, model_version="1", metrics_port=port)) as srv:
+        assert srv.client.post("/predict", json={"instances": [[[0.5] * 8] * 8]}).status_code == 200
+        main = srv.client.get("/metrics")
+        assert main.status_code == 404 and main.json()["error"]["message"] == f"/metrics is served on port {port}"
+        r = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        assert 'mixinfer_requests_total{code="200",route="/predict"} 1.0' in r.text
+        assert "mixinfer_detection_threshold 0.2" in r.text
+    with pytest.raises(httpx.ConnectError):  # stopped with the server
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_metrics_key_guards_the_metrics_port(http_store):
+    port = free_port()
+    with run_server(settings_for(http_store, model_version="1", metrics_port=port, metrics_key=METRICS_KEY)):
+        url = f"http://127.0.0.1:{port}/metrics"
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {METRICS_KEY}"}):
+            r = httpx.get(url, headers=headers, timeout=10)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", headers
+            assert r.json()["error"]["code"] == "unauthorized" and "mixinfer_" not in r.text
+        r = httpx.get(url, headers={"Authorization": f"Bearer {METRICS_KEY}"}, timeout=10)
+        assert r.status_code == 200 and "mixinfer_ready 1.0" in r.text
+
+
+def test_metrics_key_guards_the_main_port(http_store):
+    with run_server(settings_for(http_store, model_version="1", metrics_key=METRICS_KEY)) as srv:
+        r = srv.client.get("/metrics")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized" and "tau" not in r.text
+        assert srv.client.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+        r = srv.client.get("/metrics", headers={"Authorization": f"bearer {METRICS_KEY}"})
+        assert r.status_code == 200 and "mixinfer_detection_threshold" in r.text
+        assert srv.client.get("/health/ready").status_code == 200  # health stays open
+
+
+def test_metrics_port_must_differ_from_the_port(http_store):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"metrics_port \(8000\) must differ from port \(8000\)"):
+        settings_for(http_store, metrics_port=8000)
