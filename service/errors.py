@@ -100,6 +100,8 @@ class ClientBannedError(ForbiddenError):
     """The query-attack watch banned this client for a while (policy ``ban``)."""
 
     code = "client_banned"
+
+
 class NotFoundError(ClientError):
     """The URL names nothing this server serves there."""
 

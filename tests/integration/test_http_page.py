@@ -58,7 +58,7 @@ def test_every_sample_button_is_an_example_from_examples_dir():
 
 
 def test_recent_gaps_are_the_gaps_predict_answered(http_store):
-    with run_server(settings_for(http_store, model_version="1", seed=0)) as srv:
+    with run_server(settings_for(http_store, model_version="1", seed=0, response_detail="full")) as srv:
         empty = srv.client.get("/recent-gaps").json()
         assert empty["gaps"] == [] and empty["window"] == RECENT_GAPS
         images = np.random.default_rng(1).random((5, 8, 8)).tolist()
