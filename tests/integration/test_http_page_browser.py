@@ -64,7 +64,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 def mnist_server() -> Iterator[object]:
     if not (STORE / "mnist-mixup" / "1" / "manifest.json").is_file():
         pytest.skip("default bundle model_store/mnist-mixup/1 not present")
-    with run_server(settings_for(STORE, name="mnist-mixup", seed=0, intra_op_threads=2)) as srv:
+    with run_server(settings_for(STORE, name="mnist-mixup", seed=0, intra_op_threads=2, response_detail="full")) as srv:
         yield srv
 
 
