@@ -15,6 +15,11 @@ than extra tasks.
 A failure while sealing (joining the pieces, handing them to the worker) fails exactly the pieces of that batch,
 takes no slot, is logged with its traceback and leaves the dispatcher running; :meth:`MicroBatcher.close` shuts
 the worker down whatever happened.
+
+One request, one model version: ``pin()`` is read when a request is admitted, every piece of the request carries
+that value, a batch only joins pieces with the same pin, and ``run`` gets it (a hot swap changes what ``pin()``
+returns; requests admitted before it finish on the old model). A piece that fails fails its whole request: its
+sibling pieces still queued leave the queue, and a sealed batch whose pieces are all answered already is skipped.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from service.mi.params import Mode
 
 LOGGER = logging.getLogger(__name__)
 
-#: whatever the run function returns next to the MIResult (e.g. the model that answered), handed to every piece
+#: what a request is pinned to when admitted (the model version that answers it), handed to ``run`` and returned
 T = TypeVar("T")
 
 
@@ -67,7 +72,10 @@ class _NullObserver:
 class _Piece:
     images: NDArray[np.float32]
     mode: Mode
-    future: asyncio.Future[tuple[Any, MIResult]]
+    pin: Any
+    future: asyncio.Future[MIResult]
+    #: every piece of this piece's request (itself included): a failure of one fails them all
+    request: list[_Piece] = field(default_factory=list)
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
@@ -107,7 +115,9 @@ class MicroBatcher(Generic[T]):
     """Bounded, image-counting micro-batcher in front of a synchronous engine call.
 
     Args:
-        run: ``run(images (B,C,H,W) float32, mode) -> (tag, MIResult)``; called on the worker thread, one at a time.
+        run: ``run(pinned, images (B,C,H,W) float32, mode) -> MIResult``; called on the worker thread, one at a
+            time, with the value ``pin`` gave when the pieces' requests were admitted.
+        pin: called on the loop when a request is admitted (e.g. the current model); may raise to refuse it.
         max_batch_images: images per engine call (a request with more is split into several pieces).
         max_delay_s: while the engine is busy, seal a batch once its oldest image has waited this long.
         max_queue_images: images waiting (not yet sealed) before new requests are refused with 429.
@@ -116,8 +126,9 @@ class MicroBatcher(Generic[T]):
 
     def __init__(
         self,
-        run: Callable[[NDArray[np.float32], Mode], tuple[T, MIResult]],
+        run: Callable[[T, NDArray[np.float32], Mode], MIResult],
         *,
+        pin: Callable[[], T],
         max_batch_images: int,
         max_delay_s: float,
         max_queue_images: int,
@@ -128,6 +139,7 @@ class MicroBatcher(Generic[T]):
                 f"need 1 <= max_batch_images <= max_queue_images, got {max_batch_images} and {max_queue_images}"
             )
         self._run = run
+        self._pin = pin
         self.max_batch_images = max_batch_images
         self.max_delay_s = max_delay_s
         self.max_queue_images = max_queue_images
@@ -177,6 +189,9 @@ class MicroBatcher(Generic[T]):
     ) -> tuple[T, MIResult]:
         """Queue ``images`` (B,C,H,W) and wait for their result, at most until ``deadline`` (``time.monotonic``).
 
+        Returns:
+            What ``pin()`` gave at admission (every piece ran with it) and the result.
+
         Args:
             withdraw_on: when this future completes first (e.g. a task that returns when the client disconnects),
                 the images leave the queue (or their result is dropped) and :class:`WithdrawnError` is raised.
@@ -189,6 +204,7 @@ class MicroBatcher(Generic[T]):
         """
         if self._closed:
             raise NotReadyError("the server is shutting down")
+        pinned = self._pin()
         n = int(images.shape[0])
         if self._queued_images + n > self.max_queue_images:
             raise OverloadedError(
@@ -201,9 +217,11 @@ class MicroBatcher(Generic[T]):
             raise _deadline_error(timeout)
         loop = asyncio.get_running_loop()
         pieces = [
-            _Piece(images[i : i + self.max_batch_images], mode, loop.create_future())
+            _Piece(images[i : i + self.max_batch_images], mode, pinned, loop.create_future())
             for i in range(0, n, self.max_batch_images)
         ]
+        for p in pieces:
+            p.request = pieces
         self._queue.extend(pieces)
         self._queued_images += n
         self._observer.queue_changed(self._queued_images)
@@ -231,8 +249,7 @@ class MicroBatcher(Generic[T]):
             timer.cancel()
             if withdraw_on is not None:
                 withdraw_on.remove_done_callback(withdraw)
-        tag = results[0][0]
-        return tag, concat_results([r[1] for r in results])
+        return pinned, concat_results(list(results))
 
     # --- internals --------------------------------------------------------------------------------------------
     def _abandon(self, pieces: list[_Piece]) -> None:
@@ -248,10 +265,19 @@ class MicroBatcher(Generic[T]):
             self._queued_images -= removed
             self._observer.queue_changed(self._queued_images)
 
+    def _fail_requests(self, pieces: list[_Piece], exc: BaseException) -> None:
+        """Fail ``pieces`` not answered yet, and with each its whole request (siblings still queued leave the
+        queue, sealed ones are skipped or their answers dropped)."""
+        for p in pieces:
+            if not p.future.done():
+                self._fail(p.request, exc)
+
     def _fail(self, pieces: list[_Piece], exc: BaseException) -> None:
         """Fail the pieces not yet answered with ``exc`` (deadline or withdrawal): queued ones leave the queue, a
         sealed one's result is dropped when its batch finishes (the others in that batch are not affected)."""
-        _fail_pieces(pieces, exc)
+        for p in pieces:
+            if not p.future.done():
+                p.future.set_exception(exc)
         self._abandon(pieces)
 
     def _pump(self) -> None:
@@ -287,8 +313,9 @@ class MicroBatcher(Generic[T]):
         return time.perf_counter() - self._queue[0].enqueued >= self.max_delay_s
 
     def _seal(self) -> None:
-        """Take pieces of the oldest piece's mode, in order, up to max_batch_images, and hand them to the worker."""
-        mode = self._queue[0].mode
+        """Take pieces of the oldest piece's mode and pin, in order, up to max_batch_images, and hand them to the
+        worker."""
+        mode, pin = self._queue[0].mode, self._queue[0].pin
         batch: list[_Piece] = []
         total = 0
         keep: deque[_Piece] = deque()
@@ -296,12 +323,13 @@ class MicroBatcher(Generic[T]):
             p = self._queue.popleft()
             if p.future.done():  # abandoned (timeout or disconnect) after queueing
                 continue
-            if p.mode is mode and total + p.n <= self.max_batch_images:
+            same = p.mode is mode and p.pin is pin
+            if same and total + p.n <= self.max_batch_images:
                 batch.append(p)
                 total += p.n
             else:
                 keep.append(p)
-                if p.mode is mode:
+                if same:
                     break
         keep.extend(self._queue)
         self._queue = keep
@@ -313,25 +341,28 @@ class MicroBatcher(Generic[T]):
         try:
             self._observer.queue_changed(self._queued_images)
             images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
-            job = self._executor.submit(self._run_batch, images, mode, batch)
-        except Exception as exc:  # these pieces fail; no slot was taken, the batcher goes on
+            job = self._executor.submit(self._run_batch, pin, images, mode, batch)
+        except Exception as exc:  # these pieces (and their requests) fail; no slot was taken, the batcher goes on
             LOGGER.exception("could not seal a batch of %d pieces (%d images)", len(batch), total)
-            _fail_pieces(batch, exc)
+            self._fail_requests(batch, exc)
             return
         self._inflight += 1
 
-        def done(_: concurrent.futures.Future[tuple[T, MIResult]]) -> None:  # on the worker thread
+        def done(_: concurrent.futures.Future[MIResult | None]) -> None:  # on the worker thread
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
                 loop.call_soon_threadsafe(self._finish, job, batch)
 
         job.add_done_callback(done)
 
-    def _run_batch(self, images: NDArray[np.float32], mode: Mode, batch: list[_Piece]) -> tuple[T, MIResult]:
+    def _run_batch(self, pin: T, images: NDArray[np.float32], mode: Mode, batch: list[_Piece]) -> MIResult | None:
+        # read across threads: at worst a batch answered meanwhile runs for nothing, as before this check
+        if all(p.future.done() for p in batch):
+            return None  # every piece was answered already (deadline, withdrawal, a failed sibling): skip it
         now = time.perf_counter()
         self._observer.batch_started(int(images.shape[0]), [now - p.enqueued for p in batch])
-        return self._run(images, mode)
+        return self._run(pin, images, mode)
 
-    def _finish(self, job: concurrent.futures.Future[tuple[T, MIResult]], batch: list[_Piece]) -> None:
+    def _finish(self, job: concurrent.futures.Future[MIResult | None], batch: list[_Piece]) -> None:
         self._inflight -= 1
         self.batches_done += 1
         try:
@@ -339,32 +370,27 @@ class MicroBatcher(Generic[T]):
         finally:
             self._answer(job, batch)
 
-    def _answer(self, job: concurrent.futures.Future[tuple[T, MIResult]], batch: list[_Piece]) -> None:
+    def _answer(self, job: concurrent.futures.Future[MIResult | None], batch: list[_Piece]) -> None:
         exc: BaseException | None = (
             NotReadyError("the engine worker stopped before the batch ran") if job.cancelled() else job.exception()
         )
         if exc is None:
-            tag, res = job.result()
+            res = job.result()
+            if res is None:  # skipped: nobody waits for it
+                return
             total = sum(p.n for p in batch)
             if len(res) != total:
                 exc = RuntimeError(f"engine returned {len(res)} results for a batch of {total} images")
         if exc is not None:
             LOGGER.error("batch of %d pieces failed: %s", len(batch), exc, exc_info=exc)
-            _fail_pieces(batch, exc)
+            self._fail_requests(batch, exc)
             return
         start = 0
         for p in batch:
             stop = start + p.n
             if not p.future.done():  # a client that left does not poison the others
-                p.future.set_result((tag, slice_result(res, start, stop)))
+                p.future.set_result(slice_result(res, start, stop))
             start = stop
-
-
-def _fail_pieces(pieces: list[_Piece], exc: BaseException) -> None:
-    """Set ``exc`` on every piece not answered yet (a piece whose client left is done already)."""
-    for p in pieces:
-        if not p.future.done():
-            p.future.set_exception(exc)
 
 
 def _deadline_error(left_s: float) -> DeadlineExceededError:

@@ -99,10 +99,10 @@ class LoadedModel:
     def threshold(self) -> float:
         return self.manifest.mi.threshold
 
-    def run(self, images: NDArray[np.float32], mode: Mode) -> tuple[LoadedModel, MIResult]:
+    def run(self, images: NDArray[np.float32], mode: Mode) -> MIResult:
         """One engine call (worker thread)."""
         self.backend.expect(mode)
-        return self, self.engine(images, mode)
+        return self.engine(images, mode)
 
 
 def read_bundle(settings: Settings, version: str | None) -> Bundle:
@@ -162,7 +162,8 @@ def load_model(
 
 
 class ModelHolder:
-    """The current model and the batcher in front of it; ``swap`` replaces the model between two batches."""
+    """The current model and the batcher in front of it; ``swap`` installs a new model for the requests admitted
+    after it (a request is pinned to the model current at admission, every piece of it runs there)."""
 
     def __init__(self, settings: Settings, metrics: Metrics, wrap: BackendWrapper | None = None) -> None:
         self.settings = settings
@@ -171,7 +172,8 @@ class ModelHolder:
         self._model: LoadedModel | None = None
         self._swap_lock = asyncio.Lock()
         self.batcher: MicroBatcher[LoadedModel] = MicroBatcher(
-            self._run,
+            LoadedModel.run,
+            pin=lambda: self.model,  # a request is answered by the model installed when it was admitted
             max_batch_images=settings.max_batch_images,
             max_delay_s=settings.max_queue_delay_s,
             max_queue_images=settings.max_queue_images,
@@ -187,9 +189,6 @@ class ModelHolder:
         if self._model is None:
             raise NotReadyError("the model is still loading and warming up; retry shortly")
         return self._model
-
-    def _run(self, images: NDArray[np.float32], mode: Mode) -> tuple[LoadedModel, MIResult]:
-        return self.model.run(images, mode)  # read once per batch: a swap takes effect at the next batch
 
     def install(self, model: LoadedModel) -> None:
         self._model = model

@@ -52,6 +52,44 @@ class Served:
         return out
 
 
+class Gate:
+    """Wraps the real backend; once ``armed``, every plain forward waits until ``open`` is set (only the first
+    one with ``once``: the gate disarms itself when a forward enters)."""
+
+    def __init__(self, once: bool = False) -> None:
+        self.once = once
+        self.armed = False
+        self.open = threading.Event()
+        self.entered = threading.Event()
+        self.warm = threading.Event()
+        self.hold_warmup = False
+        self.seen: list[int] = []
+
+    def __call__(self, inner):
+        gate = self
+
+        class Gated:
+            n_classes, input_shape, provider = inner.n_classes, inner.input_shape, inner.provider
+
+            def probs(self, x):
+                if gate.armed:
+                    gate.armed = not gate.once
+                    gate.seen.append(len(x))
+                    gate.entered.set()
+                    assert gate.open.wait(30), "test never opened the gate"
+                return inner.probs(x)
+
+            def mean_mix_probs(self, x, p, lam):
+                return inner.mean_mix_probs(x, p, lam)
+
+            def warmup(self, sizes, mixes=(1,)):
+                if gate.hold_warmup:
+                    assert gate.warm.wait(30), "test never released the warm-up"
+                inner.warmup(sizes, mixes)
+
+        return Gated()
+
+
 def wait_until(cond, limit_s: float = 20.0, what: str = "condition") -> None:
     end = time.monotonic() + limit_s
     while not cond():

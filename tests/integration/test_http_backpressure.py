@@ -2,50 +2,14 @@
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
-from mixserver import run_server, settings_for, wait_until
+from mixserver import Gate, run_server, settings_for, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-class Gate:
-    """Wraps the real backend; once ``armed``, every plain forward waits until ``open`` is set."""
-
-    def __init__(self) -> None:
-        self.armed = False
-        self.open = threading.Event()
-        self.entered = threading.Event()
-        self.warm = threading.Event()
-        self.hold_warmup = False
-        self.seen: list[int] = []
-
-    def __call__(self, inner):
-        gate = self
-
-        class Gated:
-            n_classes, input_shape, provider = inner.n_classes, inner.input_shape, inner.provider
-
-            def probs(self, x):
-                if gate.armed:
-                    gate.seen.append(len(x))
-                    gate.entered.set()
-                    assert gate.open.wait(30), "test never opened the gate"
-                return inner.probs(x)
-
-            def mean_mix_probs(self, x, p, lam):
-                return inner.mean_mix_probs(x, p, lam)
-
-            def warmup(self, sizes, mixes=(1,)):
-                if gate.hold_warmup:
-                    assert gate.warm.wait(30), "test never released the warm-up"
-                inner.warmup(sizes, mixes)
-
-        return Gated()
 
 
 def body(n: int = 1) -> dict:

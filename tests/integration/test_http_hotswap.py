@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from mixserver import ADMIN_KEY, run_server, settings_for
+from mixserver import ADMIN_KEY, Gate, run_server, settings_for
 from tinybundle import make_tiny_bundle
 
 pytestmark = pytest.mark.integration
@@ -20,10 +20,12 @@ X = np.random.default_rng(3).random((8, 8))
 
 
 def plain(bundle, x: np.ndarray) -> np.ndarray:
+    """softmax(f(x)) of the bundle's model for one (8, 8) image or a stack of them, (K,) or (B, K)."""
     sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    logits = sess.run(None, {"images": x.astype(np.float32).reshape(1, 1, 8, 8)})[0]
-    e = np.exp(logits - logits.max())
-    return (e / e.sum())[0]
+    logits = sess.run(None, {"images": x.astype(np.float32).reshape(-1, 1, 8, 8)})[0]
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = e / e.sum(axis=1, keepdims=True)
+    return probs[0] if x.ndim == 2 else probs
 
 
 @pytest.fixture
@@ -102,3 +104,26 @@ def test_failed_loads_keep_the_old_version_serving(store):
         r = c.post(url, json={}, headers=ADMIN)  # no version: the highest, 4 (another input shape): refused
         assert r.status_code == 400
         assert c.post("/predict", json={"instances": [X.tolist()]}).json()["version"] == "1"
+
+
+def test_a_request_larger_than_a_batch_is_answered_by_one_version_across_a_swap(store):
+    """Its first piece runs on version 1, the swap to 2 lands before the other pieces run: all of them still run
+    on version 1, the version the request was admitted under."""
+    gate = Gate(once=True)
+    settings = settings_for(store, model_version="1", admin_key=ADMIN_KEY, allow_mode_override=True, max_batch_images=2)
+    xs = np.random.default_rng(7).random((6, 8, 8))
+    with run_server(settings, wrap=gate) as srv, ThreadPoolExecutor(1) as pool:
+        gate.armed = True
+        big = pool.submit(srv.client.post, "/predict?mode=off", json={"instances": xs.tolist()})
+        assert gate.entered.wait(10)  # piece 1 of 3 holds the engine, pieces 2 and 3 wait behind it
+        r = srv.client.post("/v2/repository/models/tiny/load", json={"parameters": {"version": "2"}}, headers=ADMIN)
+        assert r.status_code == 200 and r.json()["version"] == "2"
+        gate.open.set()
+        answer = big.result(timeout=30)
+        after = srv.client.post("/predict?mode=off", json={"instances": xs[:2].tolist()})
+    assert answer.status_code == 200 and answer.json()["version"] == "1"
+    got = np.array([list(p["probabilities"].values()) for p in answer.json()["predictions"]])
+    np.testing.assert_allclose(got, plain(store / "tiny" / "1", xs), atol=1e-5)
+    assert after.json()["version"] == "2"  # requests admitted after the swap get the new version
+    got = np.array([list(p["probabilities"].values()) for p in after.json()["predictions"]])
+    np.testing.assert_allclose(got, plain(store / "tiny" / "2", xs[:2]), atol=1e-5)

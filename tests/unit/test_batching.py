@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.batching import MicroBatcher, WithdrawnError
-from service.errors import DeadlineExceededError, OverloadedError
+from service.errors import DeadlineExceededError, NotReadyError, OverloadedError
 from service.mi.engine import MIResult
 from service.mi.params import Branch, Mode
 
@@ -24,19 +24,28 @@ def images(*ids: int) -> np.ndarray:
 class Engine:
     """Records every batch; label = the image's pixel value; optionally held by a gate or failing on a value."""
 
-    def __init__(self, gated: bool = False, fail_on: int | None = None) -> None:
+    def __init__(self, gated: bool = False, fail_on: int | None = None, stepped: bool = False) -> None:
         self.calls: list[tuple[list[int], Mode]] = []
+        self.pins: list[str] = []  # what each call was pinned to
         self.gate = threading.Event()
         self.started = threading.Event()
+        self.steps = threading.Semaphore(0) if stepped else None  # stepped: one call per permit (``step``)
         if not gated:
             self.gate.set()
         self.fail_on = fail_on
 
-    def __call__(self, x: np.ndarray, mode: Mode) -> tuple[str, MIResult]:
+    def step(self, calls: int = 1) -> None:
+        assert self.steps is not None
+        self.steps.release(calls)
+
+    def __call__(self, pinned: str, x: np.ndarray, mode: Mode) -> MIResult:
         ids = x[:, 0, 0, 0].astype(np.int64)
         self.calls.append((ids.tolist(), mode))
+        self.pins.append(pinned)
         self.started.set()
         assert self.gate.wait(10)
+        if self.steps is not None:
+            assert self.steps.acquire(timeout=10)
         if self.fail_on is not None and self.fail_on in ids:
             raise RuntimeError(f"engine failed on {self.fail_on}")
         b = len(ids)
@@ -49,7 +58,7 @@ class Engine:
             branch=(Branch.PL,) * b,
             n_mixes=np.full(b, 5, np.int64),
         )
-        return "model-a", res
+        return res
 
 
 def far() -> float:
@@ -64,7 +73,7 @@ async def until(cond, limit_s: float = 5.0) -> None:
 
 
 def make(engine: Engine, **kw) -> MicroBatcher:
-    args = {"max_batch_images": 4, "max_delay_s": 60.0, "max_queue_images": 64} | kw
+    args = {"pin": lambda: "model-a", "max_batch_images": 4, "max_delay_s": 60.0, "max_queue_images": 64} | kw
     b = MicroBatcher(engine, **args)
     b.start()
     return b
@@ -408,6 +417,69 @@ def test_an_engine_error_fails_only_its_own_batch():
     assert asyncio.run(main()).label.tolist() == [14]
 
 
+def test_a_failed_piece_withdraws_the_pieces_of_its_request_still_queued():
+    async def main():
+        eng = Engine(fail_on=11, stepped=True)
+        b = make(eng, max_batch_images=1)
+        first = asyncio.create_task(b.submit(images(0), Mode.COMBINED, far()))
+        await until(eng.started.is_set)
+        big = asyncio.create_task(b.submit(images(10, 11, 12, 13, 14, 15), Mode.COMBINED, far()))
+        await until(lambda: b.queued_images == 5)  # piece [10] sealed behind [0], the other five queued
+        eng.step(3)  # [0] and [10] succeed, [11] fails; no permit is left for the pieces sealed meanwhile
+        with pytest.raises(RuntimeError, match="failed on 11"):
+            async with asyncio.timeout(5):
+                await big
+        queued_after_failure = b.queued_images
+        eng.step(10)  # whatever was sealed already may run now: its answer is dropped
+        _, res = await b.submit(images(20), Mode.COMBINED, far())
+        await first
+        await b.close()
+        return eng, queued_after_failure, res
+
+    eng, queued_after_failure, res = asyncio.run(main())
+    ran = [i for ids, _ in eng.calls for i in ids]
+    assert queued_after_failure == 0
+    assert 14 not in ran and 15 not in ran  # still queued when [11] failed: withdrawn, never computed
+    assert res.label.tolist() == [20]
+
+
+def test_every_piece_of_a_request_runs_with_the_pin_it_was_admitted_under():
+    async def main():
+        eng = Engine(gated=True)
+        current = {"model": "v1"}
+        b = make(eng, max_batch_images=2, pin=lambda: current["model"])
+        first = asyncio.create_task(b.submit(images(0, 1, 2, 3, 4, 5), Mode.COMBINED, far()))
+        await until(eng.started.is_set)  # piece [0, 1] runs, [2, 3] sealed behind it, [4, 5] queued
+        current["model"] = "v2"  # a hot swap
+        second = asyncio.create_task(b.submit(images(6, 7), Mode.COMBINED, far()))
+        await until(lambda: b.queued_images == 4)
+        eng.gate.set()
+        outs = await asyncio.gather(first, second)
+        await b.close()
+        return eng, outs
+
+    eng, ((pin1, res1), (pin2, res2)) = asyncio.run(main())
+    assert (pin1, res1.label.tolist()) == ("v1", [0, 1, 2, 3, 4, 5])
+    assert (pin2, res2.label.tolist()) == ("v2", [6, 7])
+    by_call = {tuple(ids): pin for (ids, _), pin in zip(eng.calls, eng.pins, strict=True)}
+    assert by_call == {(0, 1): "v1", (2, 3): "v1", (4, 5): "v1", (6, 7): "v2"}  # pins never share a batch
+
+
+def test_a_request_is_refused_when_its_pin_cannot_be_read():
+    async def main():
+        def not_ready() -> str:
+            raise NotReadyError("still loading")
+
+        b = make(Engine(), pin=not_ready)
+        with pytest.raises(NotReadyError, match="still loading"):
+            await b.submit(images(1), Mode.COMBINED, far())
+        queued = b.queued_images
+        await b.close()
+        return queued
+
+    assert asyncio.run(main()) == 0
+
+
 def test_close_finishes_what_was_accepted():
     async def main():
         eng = Engine(gated=True)
@@ -425,4 +497,4 @@ def test_close_finishes_what_was_accepted():
 
 def test_inconsistent_limits_are_refused():
     with pytest.raises(ValueError, match="max_batch_images <= max_queue_images"):
-        MicroBatcher(Engine(), max_batch_images=8, max_delay_s=0.0, max_queue_images=4)
+        MicroBatcher(Engine(), pin=str, max_batch_images=8, max_delay_s=0.0, max_queue_images=4)
