@@ -83,6 +83,8 @@ class _Client:
     hit_times: deque[float]
     banned_until: float = 0.0
     last_seen: float = 0.0
+    #: every hit since the client was first tracked (the evaluation reads it query by query)
+    total_hits: int = 0
 
 
 class QueryWatch:
@@ -126,6 +128,7 @@ class QueryWatch:
             while times and times[0] < horizon:
                 times.popleft()
             times.extend([now] * hits)
+            state.total_hits += hits
             action = Action.ANSWER
             if hits and cfg.policy is Policy.REJECT:
                 action = Action.REJECT
@@ -149,6 +152,12 @@ class QueryWatch:
                 for c in self._clients.values()
                 if c.banned_until > now or sum(1 for t in c.hit_times if t >= horizon) >= need
             )
+
+    def hits_of(self, client: str) -> int:
+        """Every hit of ``client`` since it was first tracked (0 for an unknown client)."""
+        with self._lock:
+            state = self._clients.get(client)
+            return 0 if state is None else state.total_hits
 
     def tracked(self) -> int:
         """Queries in the history now."""
