@@ -34,7 +34,8 @@ class RetryPolicy:
     Attributes:
         retries: retries after the first attempt.
         max_wait_s: a ``Retry-After`` longer than this is not waited for: the error is raised at once.
-        backoff_s: wait before the first retry when the server sends no ``Retry-After`` (doubled each retry).
+        backoff_s: wait before the first retry when the server sends no ``Retry-After`` (doubled each retry, at
+            most ``max_wait_s``).
     """
 
     retries: int = 3
@@ -45,8 +46,9 @@ class RetryPolicy:
         """Seconds to wait before the next attempt, or None to give up with the error."""
         if status not in RETRY_STATUSES or attempt >= self.retries:
             return None
-        wait = retry_after_s if retry_after_s is not None else self.backoff_s * 2**attempt
-        return wait if wait <= self.max_wait_s else None
+        if retry_after_s is None:  # our own backoff: capped, never a reason to give up
+            return min(self.backoff_s * 2**attempt, self.max_wait_s)
+        return retry_after_s if retry_after_s <= self.max_wait_s else None
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:

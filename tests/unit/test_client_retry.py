@@ -35,6 +35,7 @@ def test_the_policy_waits_retry_after_else_backs_off_and_gives_up():
     assert policy.delay(503, None, attempt=0) == 0.5
     assert policy.delay(503, None, attempt=1) == 1.0
     assert policy.delay(503, None, attempt=2) is None  # retries spent
+    assert RetryPolicy(retries=9, max_wait_s=3.0).delay(503, None, attempt=8) == 3.0  # backoff capped, not given up
     assert policy.delay(429, 11.0, attempt=0) is None  # longer than max_wait_s: raise at once
 
 
