@@ -110,7 +110,14 @@ def test_a_request_larger_than_a_batch_is_answered_by_one_version_across_a_swap(
     """Its first piece runs on version 1, the swap to 2 lands before the other pieces run: all of them still run
     on version 1, the version the request was admitted under."""
     gate = Gate(once=True)
-    settings = settings_for(store, model_version="1", admin_key=ADMIN_KEY, allow_mode_override=True, max_batch_images=2)
+    settings = settings_for(
+        store,
+        model_version="1",
+        admin_key=ADMIN_KEY,
+        allow_mode_override=True,
+        max_batch_images=2,
+        response_detail="full",  # every probability, to compare with each version's own numbers
+    )
     xs = np.random.default_rng(7).random((6, 8, 8))
     with run_server(settings, wrap=gate) as srv, ThreadPoolExecutor(1) as pool:
         gate.armed = True
