@@ -20,8 +20,11 @@ _WEAK_KEY_CHARS = 16
 
 
 #: ``MIXINFER_*`` variables that are not settings of the server but are read elsewhere: the container health check
-#: (deploy/healthcheck.py) and docker compose's published port. ``mixinfer serve`` accepts them.
-OTHER_VARIABLES = frozenset({"MIXINFER_HEALTH_URL", "MIXINFER_PUBLISH"})
+#: (deploy/healthcheck.py), docker compose's published port, the client's key (``mixinfer predict``) and the soak
+#: test's length. ``mixinfer serve`` accepts them.
+OTHER_VARIABLES = frozenset(
+    {"MIXINFER_HEALTH_URL", "MIXINFER_PUBLISH", "MIXINFER_CLIENT_API_KEY", "MIXINFER_SOAK_REQUESTS"}
+)
 ENV_PREFIX = "MIXINFER_"
 
 

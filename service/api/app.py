@@ -19,6 +19,7 @@ from pydantic import TypeAdapter
 from service import __version__
 from service.api.deps import RateLimiter
 from service.api.errors import install_error_handlers
+from service.api.identity import TrustedProxies
 from service.api.metrics_port import MetricsServer
 from service.api.middleware import BodyLimitMiddleware, ObserveMiddleware
 from service.api.query_watch import QueryScreen
@@ -72,6 +73,7 @@ def create_app(
     app.state.holder = ModelHolder(settings, metrics, wrap_backend)
     app.state.exit_on_load_failure = exit_on_load_failure
     app.state.initial_bundle = bundle
+    app.state.trusted_proxies = TrustedProxies(settings.trusted_proxies)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_key) if settings.rate_limit_per_key else None
     app.state.query_screen = QueryScreen.from_settings(settings, metrics.registry)
     install_error_handlers(app)

@@ -37,6 +37,7 @@ def serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from service.api.logs import configure_logging
+    from service.api.serving import uvicorn_config
     from service.config import Settings, unknown_variables
     from service.errors import MixinferError
 
@@ -63,17 +64,7 @@ def serve(args: argparse.Namespace) -> int:
         LOGGER.error("refusing to start: %s", exc.message)
         return 2
     LOGGER.info("serving %s on http://%s:%d", path, settings.host, settings.port)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=settings.drain_s,
-        server_header=False,
-    )
+    uvicorn.Server(uvicorn_config(app, settings)).run()
     return 0
 
 

@@ -21,6 +21,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.base import SecurityBase
 from fastapi.security.utils import get_authorization_scheme_param
 
+from service.api.identity import client_address
 from service.api.runtime import ModelHolder
 from service.config import Settings
 from service.errors import ForbiddenError, OverloadedError, UnauthorizedError
@@ -117,7 +118,7 @@ def identify_caller(request: Request, settings: Settings, limiter: RateLimiter |
             raise UnauthorizedError("wrong API key")
         who = f"key{idx}"
     else:
-        who = request.client.host if request.client else "unknown"
+        who = client_address(request)
     if limiter is not None:
         limiter.take(who)
     return who

@@ -15,6 +15,7 @@ import uvicorn
 
 from service.api.app import create_app
 from service.api.runtime import BackendWrapper
+from service.api.serving import uvicorn_config
 from service.config import Settings
 
 ADMIN_KEY = "test-admin-key-0123456789"
@@ -108,7 +109,18 @@ def run_server(settings: Settings, wrap: BackendWrapper | None = None, wait_read
 @contextmanager
 def run_app(app: Any, wait_ready: bool = True) -> Iterator[Served]:
     """Serve an app built elsewhere (e.g. by ``mixinfer serve``'s ``build_app``) like :func:`run_server`."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", loop="asyncio")
+    # the configuration of `mixinfer serve` (proxy headers from MIXINFER_TRUSTED_PROXIES only, the drain), on a free
+    # loopback port with the asyncio loop and uvicorn's own log set-up at warning level
+    config = uvicorn_config(
+        app,
+        app.state.settings,
+        host="127.0.0.1",
+        port=0,
+        loop="asyncio",
+        log_level="warning",
+        log_config=uvicorn.config.LOGGING_CONFIG,
+        lifespan="on",
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()

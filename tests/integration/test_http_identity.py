@@ -1,0 +1,61 @@
+"""Client identity (issue 13 item 7): X-Forwarded-For is believed from MIXINFER_TRUSTED_PROXIES only, by uvicorn and
+by the one identity function the rate limiter and the query watch use; by default nobody can pose as another
+address (uvicorn's own default trusts 127.0.0.1)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mixserver import run_server, settings_for
+
+from service.api.identity import TrustedProxies, resolve_client
+
+pytestmark = pytest.mark.integration
+
+BODY = {"instances": [np.full((8, 8), 0.5).tolist()]}
+
+
+def post(srv, forwarded_for: str | None = None) -> int:
+    headers = {} if forwarded_for is None else {"X-Forwarded-For": forwarded_for}
+    return srv.client.post("/predict", json=BODY, headers=headers).status_code
+
+
+def test_forwarded_for_is_ignored_without_trusted_proxies(http_store):
+    """One loopback client, a fresh X-Forwarded-For per request: still one client to the rate limiter."""
+    with run_server(settings_for(http_store, model_version="1", rate_limit_per_key=0.2)) as srv:
+        assert post(srv, "203.0.113.1") == 200
+        assert post(srv, "203.0.113.2") == 429
+        assert post(srv, "203.0.113.3, 198.51.100.9") == 429
+        assert post(srv) == 429
+
+
+def test_a_trusted_proxy_names_the_client(http_store):
+    settings = settings_for(http_store, model_version="1", rate_limit_per_key=0.2, trusted_proxies="127.0.0.0/8")
+    with run_server(settings) as srv:
+        assert post(srv, "203.0.113.1") == 200
+        assert post(srv, "203.0.113.2") == 200  # another client behind the proxy
+        assert post(srv, "203.0.113.1") == 429  # the first one again
+        # the left-most entries are the client's own words: only the right-most untrusted hop counts
+        assert post(srv, "198.51.100.7, 203.0.113.2") == 429
+        assert post(srv, "203.0.113.3, 127.0.0.5") == 200  # a second trusted hop is skipped
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded_for", "trusted", "expected"),
+    [
+        ("10.1.2.3", "1.1.1.1", (), "10.1.2.3"),
+        ("10.1.2.3", "1.1.1.1", ("10.0.0.0/8",), "1.1.1.1"),
+        ("10.1.2.3", "6.6.6.6, 1.1.1.1", ("10.0.0.0/8",), "1.1.1.1"),
+        ("10.1.2.3", "1.1.1.1, 10.9.9.9", ("10.0.0.0/8",), "1.1.1.1"),
+        ("10.1.2.3", "10.4.4.4, 10.9.9.9", ("10.0.0.0/8",), "10.4.4.4"),
+        ("10.1.2.3", " , ", ("10.0.0.0/8",), "10.1.2.3"),
+        ("10.1.2.3", None, ("10.0.0.0/8",), "10.1.2.3"),
+        ("192.0.2.1", "1.1.1.1", ("10.0.0.0/8",), "192.0.2.1"),
+        ("::1", "2001:db8::7", ("::1",), "2001:db8::7"),
+        ("::1", "not-an-ip", ("::1",), "not-an-ip"),
+        (None, "1.1.1.1", ("10.0.0.0/8",), "unknown"),
+    ],
+)
+def test_resolve_client(peer, forwarded_for, trusted, expected):
+    """The rule other front ends (gRPC metadata) call with their own peer and header."""
+    assert resolve_client(peer, forwarded_for, TrustedProxies(trusted)) == expected
