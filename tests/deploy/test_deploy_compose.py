@@ -170,13 +170,16 @@ def test_grafana_is_provisioned_anonymous_viewer_and_admin_password_from_env(com
 def test_admin_password_and_settings_are_taken_from_an_env_file(tmp_path):
     """The optional .env really feeds the files (docker-compose reads it; here passed explicitly)."""
     env_file = tmp_path / ".env"
-    env_file.write_text("GRAFANA_ADMIN_PASSWORD=s3cret-from-env\nMIXINFER_MODEL_NAME=cifar10-mixup\n")
+    env_file.write_text(
+        "GRAFANA_ADMIN_PASSWORD=s3cret-from-env\nMIXINFER_MODEL_NAME=cifar10-mixup\nMIXINFER_LATENCY_P99_TARGET_S=0.25\n"
+    )
     for path in COMPOSE_FILES:
         proc = _compose(path, env_file, "config")
         assert proc.returncode == 0, proc.stderr
         config = yaml.safe_load(proc.stdout)
         assert config["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "s3cret-from-env"
         assert config["services"]["mixinfer"]["environment"]["MIXINFER_MODEL_NAME"] == "cifar10-mixup"
+        assert config["services"]["mixinfer"]["environment"]["MIXINFER_LATENCY_P99_TARGET_S"] == "0.25"
 
 
 def test_server_environment_holds_no_empty_values(compose):
