@@ -23,6 +23,7 @@ from service.batching import WithdrawnError
 from service.config import Settings
 from service.errors import DeadlineExceededError
 from service.metrics import Metrics
+from service.mi.detection import is_flagged
 from service.mi.engine import MIResult
 from service.mi.params import Mode
 
@@ -102,7 +103,7 @@ async def run_inference(
     if mode is Mode.COMBINED:
         adversarial: list[bool | None] = res.flagged.tolist()
     elif mode is Mode.PL:
-        adversarial = (res.gap >= np.float32(model.threshold)).tolist()
+        adversarial = is_flagged(res.gap, model.threshold).tolist()
     else:
         adversarial = [None] * len(res)
     branches = [b.value for b in res.branch]

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 import numpy as np
 from numpy.typing import NDArray
+
+#: a float32 numpy array (serving) or a torch tensor (the evaluation twin): both compare the same way
+GapArray = TypeVar("GapArray", NDArray[np.float32], Any)
 
 
 def detection_gap(clean_probs: NDArray[np.float32], pl_probs: NDArray[np.float32]) -> NDArray[np.float32]:
@@ -22,6 +27,11 @@ def detection_gap(clean_probs: NDArray[np.float32], pl_probs: NDArray[np.float32
     return (clean_probs.max(axis=1) - pl_probs.max(axis=1)).astype(np.float32)
 
 
-def is_flagged(gap: NDArray[np.float32], threshold: float) -> NDArray[np.bool_]:
-    """Flag iff gap >= threshold (equality counts as flagged)."""
-    return np.asarray(gap >= np.float32(threshold))
+def is_flagged(gap: GapArray, threshold: float) -> GapArray:
+    """Flag iff gap >= threshold (equality counts as flagged), compared in float32.
+
+    The one flag rule of serving (engine, the ``pl`` mode's flags) and evaluation (the torch twin); the reference
+    implementation keeps its own copy on purpose. ``gap``: a float32 numpy array, or a torch tensor (detached);
+    returns a bool array / tensor of the same kind.
+    """
+    return gap >= np.float32(threshold)  # type: ignore[operator,no-any-return]

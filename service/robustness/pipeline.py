@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from service.mi.detection import is_flagged
 from service.mi.params import MIParams, MixSpec, Mode
 from service.mi.pool import PoolIndex
 
@@ -197,7 +198,7 @@ class DifferentiableMI:
             gap = clean.max(dim=1).values.unsqueeze(0) - q_pl.max(dim=2).values
             if mode is Mode.PL:
                 return MIOutput(q_pl, clean, q_pl, None, gap, flagged)
-            flagged = gap.detach() >= torch.tensor(p.threshold, dtype=gap.dtype)
+            flagged = is_flagged(gap.detach(), p.threshold)
 
         spec = ol_spec if ol_spec is not None else (p.ol_standalone if mode is Mode.OL else p.ol_combined)
         ol = ol_partners if ol_partners is not None else self.draw(y_hat, spec.n, draws, False, gen)

@@ -157,6 +157,17 @@ def test_gap_uses_the_largest_pl_entry_not_the_entry_at_the_prediction() -> None
     assert is_flagged(gap, 0.0).tolist() == [True, False]
 
 
+def test_the_one_flag_rule_flags_torch_gaps_like_numpy_gaps() -> None:
+    """The evaluation twin calls the serving rule on torch tensors: same flags at and around a float32 threshold."""
+    torch = pytest.importorskip("torch")
+    threshold = 0.2  # not exact in float32: compared in float32 on both sides
+    t32 = float(np.float32(threshold))
+    gaps = np.array([t32, np.nextafter(np.float32(t32), np.float32(0)), 0.3, -0.1], dtype=np.float32)
+    flags = is_flagged(gaps, threshold)
+    assert flags.tolist() == [True, False, True, False]
+    assert is_flagged(torch.from_numpy(gaps), threshold).tolist() == flags.tolist()
+
+
 def test_engine_flags_an_image_whose_gap_equals_the_threshold(engine: MIEngine, bundle: Bundle) -> None:
     x = _images(6, seed=4)
     first = engine(x, Mode.COMBINED, return_partners=True)
