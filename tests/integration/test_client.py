@@ -67,7 +67,7 @@ def test_health_and_metadata(server):
     assert (meta.model, meta.model_version) == ("tiny", "1")
     assert meta.classes == ("class0", "class1", "class2", "class3")
     assert meta.input_shape == (1, 8, 8)
-    assert meta.response_detail in ("label", "full")
+    assert meta.response_detail == "full"  # the shared server runs at full detail
 
 
 def test_server_errors_carry_code_and_message_and_are_not_retried(server):
@@ -214,3 +214,12 @@ def test_the_async_client_retries_a_429_too(keyed):
     waited = asyncio.run(run())
     assert keyed.metric("mixinfer_requests_total", route="/predict", code="429") == before + 1
     assert 0.9 <= waited < 5.0
+
+
+def test_at_the_label_default_gap_threshold_and_mixes_are_none(http_store):
+    with run_server(settings_for(http_store, model_version="1")) as srv, Client(srv.base_url) as client:
+        (p,) = client.predict(PIXELS)
+        assert client.metadata().response_detail == "label"
+    assert p.gap is None and p.threshold is None and p.mixes is None
+    assert isinstance(p.adversarial, bool) and p.class_index is not None
+    assert len(p.probabilities) == 3 and max(p.probabilities, key=p.probabilities.__getitem__) == p.label

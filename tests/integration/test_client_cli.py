@@ -156,3 +156,11 @@ def test_a_progress_bar_counts_files_on_a_terminal(server, tmp_path):
     assert b"40/40" in drawn and b"file" in drawn
     assert b"HTTP Request" not in drawn  # httpx's per-request log lines stay quiet
     assert len(done.stdout.decode().splitlines()) == 41 and b"40/40" not in done.stdout
+
+
+def test_at_the_label_default_the_table_has_no_gap_column(http_store, pngs, capsys):
+    with run_server(settings_for(http_store, model_version="1")) as srv:
+        assert main(["predict", "--url", srv.base_url, *pngs[:2]]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["file", "label", "adversarial"]
+    assert len(out) == 3

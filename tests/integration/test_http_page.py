@@ -76,3 +76,11 @@ def test_info_names_the_served_model(server):
     body = server.client.get("/info").json()
     assert body["model"] == "tiny" and body["version"] == "1"
     assert body["input_shape"] == [1, 8, 8] and len(body["classes"]) == 4
+
+
+def test_at_the_label_default_gaps_are_hidden_and_info_says_so(http_store):
+    with run_server(settings_for(http_store, model_version="1")) as srv:
+        assert srv.client.get("/info").json()["response_detail"] == "label"
+        r = srv.client.get("/recent-gaps")
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+        assert "MIXINFER_RESPONSE_DETAIL=label" in r.json()["error"]["message"]

@@ -201,6 +201,22 @@ def test_an_api_key_typed_into_the_page_is_used_and_kept_in_memory_only(browser,
         assert len(errors) == 2 and all("401" in e for e in errors), errors
 
 
+def test_at_the_label_default_the_page_says_gap_and_history_are_hidden(browser, http_store):
+    driver = browser
+    with run_server(settings_for(http_store, model_version="1")) as srv:
+        driver.get(f"{srv.base_url}/")
+        wait_for(driver, lambda d: "Response detail: label" in text(d, "model"), "the model line")
+        drop_file(driver, EXAMPLES / "clean_7.png")
+        answered(driver, "clean_7.png")
+        gap = driver.find_element("id", "gap")
+        assert gap.get_attribute("data-shown") == "false"
+        assert "hidden: this server runs MIXINFER_RESPONSE_DETAIL=label" in gap.text
+        assert len(driver.find_elements("css selector", "#probs li.quiet")) == 1  # "top 3 of 4 classes"
+        assert len(driver.find_elements("css selector", "#probs meter")) == 3
+        assert driver.find_element("id", "recent").is_displayed() is False  # /recent-gaps is never asked for
+        assert severe_console_messages(driver) == []
+
+
 def test_chromium_is_installed_by_make_system_deps():
     makefile = (REPO / "Makefile").read_text()
     assert "chromium chromium-driver" in makefile

@@ -64,3 +64,13 @@ def test_registering_the_predict_command_imports_no_httpx():
     code = "import sys, service.cli; service.cli.build_parser(); print('httpx' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_the_predict_key_variable_does_not_stop_mixinfer_serve():
+    from service.client.cli import API_KEY_ENV
+    from service.config import unknown_variables
+
+    assert API_KEY_ENV == "MIXINFER_CLIENT_API_KEY"
+    assert unknown_variables({API_KEY_ENV: "k", "MIXINFER_CLIENT_API_KEYS": "k"}) == [
+        "MIXINFER_CLIENT_API_KEYS is not a mixinfer setting; did you mean MIXINFER_CLIENT_API_KEY?"
+    ]

@@ -14,7 +14,6 @@ from service.api.deps import ServedDep
 from service.api.responses import OrjsonResponse
 from service.api.runtime import RECENT_GAPS
 from service.api.schemas import ErrorBody, InfoResponse, RecentGapsResponse
-from service.config import Settings
 from service.errors import ForbiddenError
 
 LOGGER = logging.getLogger(__name__)
@@ -28,11 +27,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def response_detail(settings: Settings) -> str:
-    """``label`` or ``full``: how much /predict discloses (``MIXINFER_RESPONSE_DETAIL``; full until it exists)."""
-    return str(getattr(settings, "response_detail", "full"))
-
-
 @router.get("/info", response_model=InfoResponse, responses=_ERRORS)
 async def info(served: ServedDep) -> Response:
     """The served model, its classes and input shape, and how much the server discloses per prediction."""
@@ -44,7 +38,7 @@ async def info(served: ServedDep) -> Response:
             "version": model.version,
             "classes": list(model.class_names),
             "input_shape": list(model.spec.shape),
-            "response_detail": response_detail(served.settings),
+            "response_detail": served.settings.response_detail,
         }
     )
 
@@ -59,7 +53,7 @@ async def info(served: ServedDep) -> Response:
 )
 async def recent_gaps(served: ServedDep) -> Response:
     """The latest detection gaps of the served version and its threshold (only with full response detail)."""
-    detail = response_detail(served.settings)
+    detail = served.settings.response_detail
     if detail != "full":
         raise ForbiddenError(
             f"recent detection gaps are hidden: this server runs MIXINFER_RESPONSE_DETAIL={detail}, they are "
