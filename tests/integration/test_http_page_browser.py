@@ -214,6 +214,8 @@ def test_at_the_label_default_the_page_says_gap_and_history_are_hidden(browser, 
         assert len(driver.find_elements("css selector", "#probs li.quiet")) == 1  # "top 3 of 4 classes"
         assert len(driver.find_elements("css selector", "#probs meter")) == 3
         assert driver.find_element("id", "recent").is_displayed() is False  # /recent-gaps is never asked for
+        driver.find_element("id", "file").send_keys(str(EXAMPLES / "clean_3.png"))  # what the file picker sets
+        answered(driver, "clean_3.png")
         assert severe_console_messages(driver) == []
 
 
