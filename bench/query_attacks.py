@@ -45,6 +45,8 @@ from common import emit_json, log, machine_info  # noqa: E402
 from PIL import Image  # noqa: E402
 
 BENIGN_CLIENTS = 8
+#: the adaptive attackers: name -> (noise per query, clients the queries are spread over)
+ADAPTIVE = {"oars": (0.1, 1), "spread": (0.0, 16)}
 
 
 def address(i: int) -> str:
@@ -71,10 +73,13 @@ class Trace:
     suspect_at: int | None = None
     first_success: int | None = None
     success_after_refusals: bool = False
+    #: queries that near-copied an earlier query of another client (service-wide hits), and the first one
+    service_hits: int = 0
+    first_service_hit: int | None = None
 
 
 @contextmanager
-def serve(bundle: Path, policy: str, ban_hits: int) -> Iterator[tuple[str, Any]]:
+def serve(bundle: Path, policy: str, ban_hits: int, detail: str) -> Iterator[tuple[str, Any]]:
     """A real uvicorn server (this process, a thread), no API keys: clients are told apart by address."""
     import uvicorn
 
@@ -88,6 +93,7 @@ def serve(bundle: Path, policy: str, ban_hits: int) -> Iterator[tuple[str, Any]]
         providers=("CPUExecutionProvider",),
         query_watch=policy,
         query_watch_ban_hits=ban_hits,
+        response_detail=detail,
         max_images_per_request=256,
         seed=0,  # the served randomness is fixed: a rerun reproduces every row
         log_json=False,
@@ -118,7 +124,9 @@ class Oracle:
         self.client = address(client)
         self.http = http_from(url, client)
         self.trace = Trace()
-        self.n_classes = len(app.state.holder.model.class_names)
+        names = app.state.holder.model.class_names
+        self.n_classes = len(names)
+        self.class_index = {name: i for i, name in enumerate(names)}
 
     def ask(self, x: np.ndarray) -> tuple[int, np.ndarray | None]:
         """(status, probabilities as the response detail shows them) for one image (C, H, W) in [0, 1]."""
@@ -127,8 +135,14 @@ class Oracle:
             raise BudgetSpentError
         t.queries += 1
         body = {"inputs": [{"name": "images", "shape": [1, *x.shape], "datatype": "FP32", "data": x.ravel().tolist()}]}
+        watch = self.app.state.query_screen.watch
+        service_before = watch.service_hits
         resp = self.http.post("/v2/models/" + self.app.state.holder.model.name + "/infer", json=body)
-        hits = self.app.state.query_screen.watch.hits_of(self.client)
+        hits = watch.hits_of(self.client)
+        if watch.service_hits > service_before:
+            t.service_hits += 1
+            if t.first_service_hit is None:
+                t.first_service_hit = t.queries
         if hits and t.first_hit is None:
             t.first_hit = t.queries
         if hits >= self.cfg.ban_hits and t.suspect_at is None:
@@ -137,8 +151,7 @@ class Oracle:
             t.refused += 1
             return 403, None
         resp.raise_for_status()
-        out = {o["name"]: o for o in resp.json()["outputs"]}
-        probs = np.asarray(out["probabilities"]["data"], dtype=np.float32)
+        probs = self.probabilities({o["name"]: o["data"] for o in resp.json()["outputs"]})
         if int(np.argmax(probs)) != self.label and self.within_threat(x) and t.first_success is None:
             t.first_success = t.queries
             t.success_after_refusals = t.refused > 0
@@ -154,24 +167,28 @@ class Oracle:
             return float(np.abs(d).max()) <= self.cfg.eps + 1e-6
         return float(np.linalg.norm(d)) <= self.cfg.l2_eps + 1e-6
 
-    def predict(self, batch: np.ndarray, detail: str) -> np.ndarray:
+    def probabilities(self, outputs: dict[str, list[Any]]) -> np.ndarray:
+        """The class probabilities as the attacker estimates them from what the response shows: all of them at
+        ``full`` detail; at ``label`` detail the top-3, the rest of the mass spread evenly over the other classes."""
+        if "probabilities" in outputs:
+            return np.asarray(outputs["probabilities"], dtype=np.float32)
+        top = [self.class_index[str(name)] for name in outputs["top_classes"]]
+        top_p = np.asarray(outputs["top_probabilities"], dtype=np.float32)
+        rest = max(0.0, 1.0 - float(top_p.sum())) / max(1, self.n_classes - len(top))
+        probs = np.full(self.n_classes, rest, dtype=np.float32)
+        probs[top] = top_p
+        return probs
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
         """ART's predict_fn: probabilities per image; a refusal looks like the true class (no information)."""
         out = np.zeros((len(batch), self.n_classes), dtype=np.float32)
         for i, x in enumerate(batch):
-            _status, probs = self.ask(x.astype(np.float32))
+            _, probs = self.ask(x.astype(np.float32))
             if probs is None:
                 out[i, self.label] = 1.0
-                continue
-            out[i] = label_view(probs) if detail == "label" else probs
+            else:
+                out[i] = probs
         return out
-
-
-def label_view(probs: np.ndarray, k: int = 3) -> np.ndarray:
-    """What MIXINFER_RESPONSE_DETAIL=label shows (the top-3 probabilities), the rest spread evenly."""
-    keep = np.argsort(-probs)[:k]
-    out = np.full_like(probs, max(0.0, 1.0 - float(probs[keep].sum())) / max(1, probs.size - k))
-    out[keep] = probs[keep]
-    return out
 
 
 @dataclass
@@ -200,64 +217,65 @@ def art_attack(name: str, classifier: Any, cfg: EvalConfig) -> Any:
     raise ValueError(name)
 
 
-def classifier_for(oracle: Oracle, detail: str, shape: tuple[int, ...]) -> Any:
+def classifier_for(oracle: Oracle, shape: tuple[int, ...]) -> Any:
     from art.estimators.classification import BlackBoxClassifierNeuralNetwork
 
     return BlackBoxClassifierNeuralNetwork(
-        lambda b: oracle.predict(b, detail), input_shape=shape, nb_classes=oracle.n_classes, clip_values=(0.0, 1.0)
+        oracle.predict, input_shape=shape, nb_classes=oracle.n_classes, clip_values=(0.0, 1.0)
     )
 
 
-def run_art(name: str, detail: str, oracle: Oracle) -> None:
-    clf = classifier_for(oracle, detail, oracle.x0.shape)
+def run_art(name: str, oracle: Oracle) -> None:
+    clf = classifier_for(oracle, oracle.x0.shape)
     attack = art_attack(name, clf, oracle.cfg)
     with suppress(BudgetSpentError):
         attack.generate(oracle.x0[None], y=np.eye(oracle.n_classes, dtype=np.float32)[[oracle.label]])
 
 
-def run_oars(oracle: Oracle, rng: np.random.Generator, spread: int = 1, tries: int = 10) -> None:
-    """OARS-style adaptive random search (Feng et al. 2023): Square-like steps, each query blurred by fresh noise,
-    a refused query resampled up to ``tries`` times (the refusal is the oracle), optionally over ``spread`` keys."""
+def run_random_search(oracle: Oracle, rng: np.random.Generator, noise: float, spread: int, tries: int = 10) -> None:
+    """An adaptive random search in the style of OARS (Feng et al. 2023) on Square's moves: each query blurred by
+    fresh uniform noise of +-``noise`` (to break fingerprints), a refused query resampled up to ``tries`` times (the
+    refusal is the oracle), the queries spread round-robin over ``spread`` clients. The budget counts every query
+    of every client."""
     cfg = oracle.cfg
     x0 = oracle.x0
-    keys = [oracle] if spread == 1 else [oracle.sibling(i) for i in range(spread)]
-    best = x0.copy()
-    best_margin = np.inf
-    q = 0
+    clients = [oracle] + [oracle.sibling(i) for i in range(1, spread)]
+    best, best_margin, q = x0.copy(), np.inf, 0
     try:
         while True:
             size = max(1, round(x0.shape[-1] * max(0.05, 0.5 * (1 - q / 1000))))
             r, c = rng.integers(0, x0.shape[-1] - size + 1, 2)
             cand = best.copy()
-            cand[..., r : r + size, c : c + size] = np.clip(
-                x0[..., r : r + size, c : c + size] + rng.choice([-cfg.eps, cfg.eps], size=(x0.shape[0], 1, 1)), 0, 1
-            )
+            step = rng.choice([-cfg.eps, cfg.eps], size=(x0.shape[0], 1, 1))
+            cand[..., r : r + size, c : c + size] = np.clip(x0[..., r : r + size, c : c + size] + step, 0, 1)
+            probs = None
             for _ in range(tries):
-                noisy = np.clip(cand + rng.uniform(-0.1, 0.1, cand.shape).astype(np.float32), 0, 1)
-                noisy = np.clip(noisy, x0 - cfg.eps, x0 + cfg.eps)
-                who = keys[q % len(keys)]
-                status, probs = who.ask(noisy)
+                if q >= cfg.queries:
+                    raise BudgetSpentError
+                query = cand + rng.uniform(-noise, noise, cand.shape).astype(np.float32) if noise else cand
+                query = np.clip(np.clip(query, x0 - cfg.eps, x0 + cfg.eps), 0, 1).astype(np.float32)
+                _, probs = clients[q % spread].ask(query)
                 q += 1
-                if status == 200:
+                if probs is not None:
                     break
-            if probs is None:
-                continue
-            p = probs.copy()
-            margin = p[oracle.label] - np.max(np.delete(p, oracle.label))
-            if margin < best_margin:
-                best, best_margin = np.clip(noisy, x0 - cfg.eps, x0 + cfg.eps), margin
+            if probs is not None:
+                margin = probs[oracle.label] - np.max(np.delete(probs, oracle.label))
+                if margin < best_margin:
+                    best, best_margin = query, margin
     except BudgetSpentError:
         pass
-    if spread > 1:  # one attack, many keys: merge what the keys saw
-        t = oracle.trace
-        for k in keys:
-            kt = k.trace
-            t.queries += kt.queries
-            t.refused += kt.refused
-            for f in ("first_hit", "suspect_at", "first_success"):
-                v = getattr(kt, f)
-                if v is not None and (getattr(t, f) is None or v < getattr(t, f)):
-                    setattr(t, f, v)
+    finally:
+        for sib in clients[1:]:
+            sib.http.close()
+    t = oracle.trace  # one attack, many clients: what they saw together (query numbers are per client)
+    for kt in (k.trace for k in clients[1:]):
+        t.queries += kt.queries
+        t.refused += kt.refused
+        t.service_hits += kt.service_hits
+        for f in ("first_hit", "suspect_at", "first_success", "first_service_hit"):
+            v = getattr(kt, f)
+            if v is not None and (getattr(t, f) is None or v * spread < getattr(t, f)):
+                setattr(t, f, v * spread)
 
 
 @dataclass
@@ -296,6 +314,9 @@ class Row:
             "success": success,
             "queries_mean": float(np.mean([t.queries for t in self.traces])) if n else 0.0,
             "refused_mean": float(np.mean([t.refused for t in self.traces])) if n else 0.0,
+            "service_hit_within_50": sum(
+                1 for t in self.traces if t.first_service_hit is not None and t.first_service_hit <= 50
+            ),
         }
 
 
@@ -351,13 +372,39 @@ def reencoded(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (np.asarray(img, dtype=np.float32) / 255.0)[None]
 
 
+def attack_row(
+    attack: str,
+    detail: str,
+    policy: str,
+    url: str,
+    app: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    attacked: np.ndarray,
+    cfg: EvalConfig,
+    first_client: int,
+) -> Row:
+    """One attack on every attacked image, each image from a client of its own."""
+    row = Row(attack, detail, policy)
+    norm = "2" if attack in ("hopskipjump", "boundary") else "inf"
+    for n, i in enumerate(attacked):
+        oracle = Oracle(url, app, first_client + n, x[i], int(y[i]), EvalConfig(**{**asdict(cfg), "norm": norm}))
+        if attack in ADAPTIVE:
+            run_random_search(oracle, np.random.default_rng(int(i)), *ADAPTIVE[attack])
+        else:
+            run_art(attack, oracle)
+        oracle.http.close()
+        row.traces.append(oracle.trace)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=ROOT / "model_store/mnist-mixup/1")
     parser.add_argument("--images", type=int, default=50, help="attacked images per attack")
     parser.add_argument("--queries", type=int, default=5000, help="query budget per attacked image")
     parser.add_argument("--benign", type=int, default=None, help="benign images (default: the whole test split)")
-    parser.add_argument("--attacks", default="square,simba,hopskipjump,boundary,oars,oars-spread")
+    parser.add_argument("--attacks", default="square,simba,hopskipjump,boundary,oars,spread")
     parser.add_argument("--ban-hits", type=int, default=10)
     parser.add_argument("--eps", type=float, default=0.3, help="L-inf threat model of the score-based attacks")
     parser.add_argument("--out", type=Path, default=None, help="write results.json and report.md here")
@@ -378,32 +425,24 @@ def main(argv: list[str] | None = None) -> int:
     cfg = EvalConfig(queries=args.queries, ban_hits=args.ban_hits, eps=args.eps)
     t0 = time.monotonic()
     rows: list[Row] = []
-    plan = [
-        (a, d) for a in args.attacks.split(",") for d in (("full", "label") if a in ("square", "simba") else ("label",))
-    ]
+    score_based = ("square", "simba")
+    attacks = args.attacks.split(",")
+    benign_result: dict[str, Any] = {}
     for policy in ("observe", "reject"):
-        with serve(args.bundle, policy, args.ban_hits) as (url, app):
-            client = 0
-            for attack, detail in plan:
-                row = Row(attack, detail, policy)
-                norm_cfg = EvalConfig(
-                    **{**asdict(cfg), "norm": "2" if attack in ("hopskipjump", "boundary") else "inf"}
-                )
-                for i in attacked:
-                    oracle = Oracle(url, app, client, x[i], int(y[i]), norm_cfg)
-                    client += 1
-                    if attack.startswith("oars"):
-                        run_oars(oracle, np.random.default_rng(int(i)), spread=16 if attack == "oars-spread" else 1)
-                    else:
-                        run_art(attack, detail, oracle)
-                    oracle.http.close()
-                    row.traces.append(oracle.trace)
-                rows.append(row)
-                log("%s/%s/%s: %s", attack, detail, policy, row.summary(args.ban_hits))
-            if policy == "observe":
-                n_benign = len(x) if args.benign is None else args.benign
-                benign_result = benign(url, app, x[order[args.images : args.images + n_benign]], rng)
-                log("benign: %s", benign_result)
+        for detail in ("full", "label"):  # a stranger's view is `label`; `full` is what an operator may enable
+            planned = [a for a in attacks if detail == "label" or a in score_based]
+            if not planned:
+                continue
+            with serve(args.bundle, policy, args.ban_hits, detail) as (url, app):
+                client = 0
+                for attack in planned:
+                    rows.append(attack_row(attack, detail, policy, url, app, x, y, attacked, cfg, client))
+                    client += len(attacked)
+                    log("%s/%s/%s: %s", attack, detail, policy, rows[-1].summary(args.ban_hits))
+                if policy == "observe" and detail == "label":
+                    n_benign = len(x) if args.benign is None else args.benign
+                    benign_result = benign(url, app, x[order[args.images : args.images + n_benign]], rng)
+                    log("benign: %s", benign_result)
     results = {
         "machine": machine_info(),
         "bundle": str(args.bundle.relative_to(ROOT)) if args.bundle.is_relative_to(ROOT) else str(args.bundle),
@@ -434,15 +473,16 @@ def report(results: dict[str, Any]) -> str:
         f"success = a wrong answer within L-inf {results['config']['eps']} (L2 {results['config']['l2_eps']} for "
         "HopSkipJump and Boundary).",
         "",
-        "| attack | detail | policy | suspect | suspect within 50 q | first hit within 50 q | ran >= 50 q | "
-        "queries to suspect (median / p95) | first hit (median) | success before suspect | success | "
-        "queries (mean) | refused (mean) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| attack | detail | policy | suspect | suspect within 50 q | first hit within 50 q | service-wide hit "
+        "within 50 q | ran >= 50 q | queries to suspect (median / p95) | first hit (median) | success before "
+        "suspect | success | queries (mean) | refused (mean) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         lines.append(
             f"| {r['attack']} | {r['detail']} | {r['policy']} | {r['detected']}/{r['images']} | "
             f"{r['detected_within_50']}/{r['images']} | {r['first_hit_within_50']}/{r['images']} | "
+            f"{r['service_hit_within_50']}/{r['images']} | "
             f"{r['ran_50_queries']}/{r['images']} | "
             f"{r['queries_to_suspect_median']} / {r['queries_to_suspect_p95']} | "
             f"{r['queries_to_first_hit_median']} | {r['success_before_detection']}/{r['images']} | "

@@ -99,6 +99,8 @@ class QueryWatch:
         self.history = QueryHistory(config.window_s, config.max_queries)
         self._clients: dict[str, _Client] = {}
         self._lock = threading.Lock()
+        #: images that near-copied another client's earlier query, since start (the evaluation reads it)
+        self.service_hits = 0
 
     def check(self, client: str, images: NDArray[np.floating], now: float | None = None) -> Verdict:
         """Record the images (N, ...) of one request from ``client`` and return what to do with it."""
@@ -129,6 +131,7 @@ class QueryWatch:
                 times.popleft()
             times.extend([now] * hits)
             state.total_hits += hits
+            self.service_hits += service_hits
             action = Action.ANSWER
             if hits and cfg.policy is Policy.REJECT:
                 action = Action.REJECT
