@@ -469,3 +469,27 @@ def test_container_healthcheck_script_against_the_live_server(stack: Stack):
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=30, check=False
     )
     assert down.returncode == 1 and "unreachable" in down.stderr
+
+
+def test_query_watch_panels_show_the_client_that_resends_its_images(stack: Stack, run: Run):
+    """The traffic above resends the same 48 images in a loop, as a client averaging the server's randomness
+    does: beyond MIXINFER_QUERY_WATCH_RESENDS resends each is a hit, so by the end of the clean phase the hits
+    panel shows client hits, the suspect panel one client, and no image was refused (policy observe)."""
+    panels = {p["title"]: p for p in dashboard_panels()}
+    hits_expr = substitute_grafana_variables(panels["Near-copy hits per second"]["targets"][0]["expr"], WINDOW)
+    by_scope = {
+        r["metric"]["scope"]: float(r["value"][1])
+        for r in _api(stack, "query", {"query": hits_expr, "time": run.clean_end - 0.5})["result"]
+    }
+    assert by_scope["client"] > 0, by_scope
+    (suspects,) = _instant(
+        stack, substitute_grafana_variables(panels["Suspect clients"]["targets"][0]["expr"]), at=run.clean_end
+    )
+    assert suspects == 1
+    refused_expr = substitute_grafana_variables(panels["Refused by the query watch"]["targets"][0]["expr"], WINDOW)
+    assert all(v == 0 for v in _instant(stack, refused_expr, at=run.end))
+    remembered, capacity = (
+        _instant(stack, substitute_grafana_variables(t["expr"]), at=run.end)[0]
+        for t in panels["Remembered queries vs capacity"]["targets"]
+    )
+    assert 0 < remembered <= capacity
