@@ -120,7 +120,7 @@ class MicroBatcher(Generic[T]):
         pin: called on the loop when a request is admitted (e.g. the current model); may raise to refuse it.
         max_batch_images: images per engine call (a request with more is split into several pieces).
         max_delay_s: while the engine is busy, seal a batch once its oldest image has waited this long.
-        max_queue_images: images waiting (not yet sealed) before new requests are refused with 429.
+        max_queue_images: images waiting (not yet sealed) before new requests are refused with 503 (overloaded).
         observer: metric hooks.
     """
 

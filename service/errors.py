@@ -12,6 +12,8 @@ class MixinferError(Exception):
 
     status_code: int = 500
     code: str = "internal_error"
+    #: seconds a client should wait before retrying (sent as ``Retry-After``); None: no header
+    retry_after_s: int | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -116,11 +118,11 @@ class ModelNotFoundError(ClientError):
     code = "model_not_found"
 
 
-class OverloadedError(ClientError):
-    """The queue is full; retry after a short delay."""
+class RateLimitedError(ClientError):
+    """The caller exceeded its per-key (or per-client) request rate; retry after ``Retry-After`` seconds."""
 
     status_code = 429
-    code = "overloaded"
+    code = "rate_limited"
 
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
@@ -133,6 +135,18 @@ class NotReadyError(MixinferError):
 
     status_code = 503
     code = "not_ready"
+    retry_after_s = 1
+
+
+class OverloadedError(MixinferError):
+    """The queue is full (the server, not the caller, is short of capacity); retry after a short delay."""
+
+    status_code = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceededError(MixinferError):

@@ -141,7 +141,7 @@ class Metrics:
         )
         self.queue_images = Gauge("mixinfer_queue_images", "Images waiting for a batch", registry=reg)
         self.queue_capacity = Gauge(
-            "mixinfer_queue_capacity_images", "Images that may wait before requests get 429", registry=reg
+            "mixinfer_queue_capacity_images", "Images that may wait before requests get 503 (overloaded)", registry=reg
         )
         self.ready = Gauge("mixinfer_ready", "1 when a model is loaded and warmed up, else 0", registry=reg)
         self.predictions = Counter(

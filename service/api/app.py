@@ -94,6 +94,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             app.state.metrics, settings.host, settings.metrics_port, settings.metrics_key_value()
         )
         metrics_server.start()
+    holder.loop = asyncio.get_running_loop()
     holder.batcher.start()
     # Load in the background: liveness answers at once, readiness flips to 200 after warm-up.
     bundle, app.state.initial_bundle = app.state.initial_bundle, None  # served once, then its memory is free

@@ -33,11 +33,10 @@ def serve(args: argparse.Namespace) -> int:
     """Validate settings and the bundle (refuse at start-up, exit 2), then run uvicorn until stopped."""
     import os
 
-    import uvicorn
     from pydantic import ValidationError
 
     from service.api.logs import configure_logging
-    from service.api.serving import uvicorn_config
+    from service.api.serving import Server, uvicorn_config
     from service.config import Settings, unknown_variables
     from service.errors import MixinferError
 
@@ -64,7 +63,7 @@ def serve(args: argparse.Namespace) -> int:
         LOGGER.error("refusing to start: %s", exc.message)
         return 2
     LOGGER.info("serving %s on http://%s:%d", path, settings.host, settings.port)
-    uvicorn.Server(uvicorn_config(app, settings)).run()
+    Server(uvicorn_config(app, settings)).run()
     return 0
 
 

@@ -24,7 +24,7 @@ from fastapi.security.utils import get_authorization_scheme_param
 from service.api.identity import client_address
 from service.api.runtime import ModelHolder
 from service.config import Settings
-from service.errors import ForbiddenError, OverloadedError, UnauthorizedError
+from service.errors import ForbiddenError, RateLimitedError, UnauthorizedError
 from service.metrics import Metrics
 from service.mi.params import Mode
 
@@ -63,7 +63,7 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     def take(self, who: str) -> None:
-        """Spend one token of ``who`` or raise :class:`OverloadedError` with the seconds until the next one."""
+        """Spend one token of ``who`` or raise :class:`RateLimitedError` with the seconds until the next one."""
         now = time.monotonic()
         with self._lock:
             if len(self._buckets) > _MAX_BUCKETS:  # forget clients whose bucket has refilled (bounded memory)
@@ -74,7 +74,7 @@ class RateLimiter:
             if tokens < 1.0:
                 self._buckets[who] = (tokens, now)
                 wait = (1.0 - tokens) / self.rate
-                raise OverloadedError(
+                raise RateLimitedError(
                     f"rate limit of {self.rate:g} requests/s per key exceeded; retry in {wait:.2f} s",
                     retry_after_s=max(1, int(wait + 0.999)),
                 )
@@ -106,7 +106,7 @@ def identify_caller(request: Request, settings: Settings, limiter: RateLimiter |
 
     Raises:
         UnauthorizedError: keys are configured and the request carries none of them.
-        OverloadedError: the caller's rate limit is exhausted.
+        RateLimitedError: the caller's rate limit is exhausted.
     """
     keys = settings.api_key_values()
     if keys:

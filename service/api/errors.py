@@ -11,9 +11,12 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from service.api.responses import error_response
-from service.errors import MixinferError, OverloadedError, UnauthorizedError
+from service.errors import MixinferError, NotReadyError, OverloadedError, UnauthorizedError
 
 LOGGER = logging.getLogger(__name__)
+
+#: scope key of the request id (set by service.api.middleware.ObserveMiddleware)
+REQUEST_ID_KEY = "mixinfer.request_id"
 
 
 class ClientGoneError(MixinferError):
@@ -28,21 +31,31 @@ CLIENT_CLOSED_REQUEST = 499
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "payload_too_large"}
 
 
-def mixinfer_error_response(path: str, exc: MixinferError) -> Response:
-    """The response for one of our exceptions (also used by the ASGI middlewares)."""
+def mixinfer_error_response(path: str, exc: MixinferError, request_id: str | None = None) -> Response:
+    """The response for one of our exceptions (also used by the ASGI middlewares); a 5xx names the request id in
+    its log line and its message, so that a client's report finds the log line."""
     headers: dict[str, str] = {}
-    if isinstance(exc, OverloadedError):
+    if exc.retry_after_s is not None:
         headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, UnauthorizedError):
         headers["WWW-Authenticate"] = "Bearer"
-    if exc.status_code >= 500:
-        LOGGER.error("%s: %s", exc.code, exc.message)
-    return error_response(path, exc.status_code, exc.code, exc.message, headers or None)
+    message = exc.message
+    if exc.status_code >= 500 and request_id is not None:
+        message = f"{message} (request id {request_id})"
+    if exc.status_code >= 500 and not isinstance(exc, (NotReadyError, OverloadedError)):
+        LOGGER.error("%s: %s", exc.code, message)
+    return error_response(path, exc.status_code, exc.code, message, headers or None)
+
+
+def internal_error_response(path: str, request_id: str) -> Response:
+    """The 500 of an unhandled exception: no detail, the request id to find the log line."""
+    message = f"internal server error (request id {request_id}); see the server log"
+    return error_response(path, 500, "internal_error", message)
 
 
 async def _on_mixinfer_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, MixinferError)
-    return mixinfer_error_response(request.url.path, exc)
+    return mixinfer_error_response(request.url.path, exc, request.scope.get(REQUEST_ID_KEY))
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> Response:
@@ -68,8 +81,10 @@ async def _on_client_disconnect(request: Request, exc: Exception) -> Response:
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
-    LOGGER.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(request.url.path, 500, "internal_error", "internal server error; see the server log")
+    """Last resort (ObserveMiddleware answers unhandled errors of the app itself, with the request id)."""
+    request_id = request.scope.get(REQUEST_ID_KEY, "none")
+    LOGGER.exception("unhandled error on %s %s (request id %s)", request.method, request.url.path, request_id)
+    return internal_error_response(request.url.path, request_id)
 
 
 def install_error_handlers(app: FastAPI) -> None:

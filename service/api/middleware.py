@@ -11,7 +11,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import mixinfer_error_response
+from service.api.errors import REQUEST_ID_KEY, internal_error_response, mixinfer_error_response
 from service.errors import PayloadTooLargeError
 from service.metrics import UNMATCHED_ROUTE, Metrics
 
@@ -22,7 +22,6 @@ REQUEST_ID_HEADER = b"x-request-id"
 _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 #: scope keys shared with the routes
 START_KEY = "mixinfer.start"  # time.monotonic() at arrival
-REQUEST_ID_KEY = "mixinfer.request_id"
 LOG_KEY = "mixinfer.log"  # dict the route fills with per-request facts for the access log (branch, gap, images)
 
 
@@ -51,15 +50,27 @@ class ObserveMiddleware:
         scope[LOG_KEY] = facts
         status = 500
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
+                started = True
                 status = int(message["status"])
                 message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER, rid)]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # answered here, inside the request id: one log line with the traceback and the id, and a 500 that
+            # names the id (Starlette's outermost handler would answer without it and log the traceback twice)
+            LOGGER.exception(
+                "unhandled error on %s %s (request id %s)", scope["method"], scope["path"], scope[REQUEST_ID_KEY]
+            )
+            if started:
+                raise
+            await internal_error_response(scope["path"], scope[REQUEST_ID_KEY])(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - t0
             route = scope.get("route") or _refused_route(scope)

@@ -171,6 +171,9 @@ class ModelHolder:
         self.wrap = wrap
         self._model: LoadedModel | None = None
         self._swap_lock = asyncio.Lock()
+        self._draining = False
+        #: the event loop serving the app (set at start-up), for :meth:`start_drain` from a signal handler
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.batcher: MicroBatcher[LoadedModel] = MicroBatcher(
             LoadedModel.run,
             pin=lambda: self.model,  # a request is answered by the model installed when it was admitted
@@ -182,7 +185,20 @@ class ModelHolder:
 
     @property
     def ready(self) -> bool:
-        return self._model is not None
+        """A model is loaded and warmed up and the server is not draining (what readiness answers)."""
+        return self._model is not None and not self._draining
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def start_drain(self) -> None:
+        """SIGTERM: readiness answers 503 from now on, so load balancers stop sending; requests in flight, and any
+        that still arrive, are served. Safe in a signal handler and from any thread (one flag, one loop callback)."""
+        self._draining = True
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.metrics.ready.set, 0)
 
     @property
     def model(self) -> LoadedModel:
@@ -203,7 +219,7 @@ class ModelHolder:
             gap_quantiles=m.calibration.gap_quantiles,
             pool_images=model.pool_size,
         )
-        self.metrics.ready.set(1)
+        self.metrics.ready.set(0 if self._draining else 1)
 
     async def load_initial(self, bundle: Bundle | None = None) -> None:
         """Serve ``bundle`` (verified already, e.g. by ``mixinfer serve``), else the configured version."""

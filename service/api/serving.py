@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -31,3 +32,14 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
         **uvicorn_proxy_options(settings.trusted_proxies),
     }
     return uvicorn.Config(app, **(options | overrides))
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, plus: the first SIGTERM/SIGINT starts the app's drain at once (readiness 503, the
+    ``mixinfer_ready`` gauge 0), before uvicorn stops accepting and waits for the requests in flight."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        holder = getattr(getattr(self.config.app, "state", None), "holder", None)
+        if holder is not None:
+            holder.start_drain()
+        super().handle_exit(sig, frame)

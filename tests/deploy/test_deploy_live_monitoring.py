@@ -1,6 +1,6 @@
 """The dashboard and the alert rules against live data: a real ``mixinfer serve`` on the default bundle, scraped
 every second by a real Prometheus loaded with deploy/prometheus/alerts.yml; clean traffic, then PGD traffic made
-here with torch against the bundle's own weights, then a burst that overflows the queue (429), then a hot swap to
+here with torch against the bundle's own weights, then a burst that overflows the queue (503), then a hot swap to
 version 2 (the committed interpolated-AT bundle, re-labelled as version 2 of the same model in a temporary store)
 and clean traffic on it. Then EVERY panel query of deploy/grafana/dashboards/mixinfer.json goes through
 Prometheus's HTTP API and must return finite data, the flag-rate panel must read higher in the adversarial phase
@@ -301,7 +301,7 @@ def _phase(stack: Stack, images: np.ndarray, seconds: float) -> list[dict]:
 
 
 def _overflow(stack: Stack, images: np.ndarray) -> list[int]:
-    """Concurrent 64-image requests against a 64-image queue: all but the first few must be refused with 429."""
+    """Concurrent 64-image requests against a 64-image queue: all but the first few must be refused with 503."""
     batch = np.concatenate([images] * (64 // len(images) + 1))[:64]
 
     def one(_: int) -> int:
@@ -312,7 +312,7 @@ def _overflow(stack: Stack, images: np.ndarray) -> list[int]:
     for _ in range(3):  # bounded: a burst on a loaded machine may fit by luck
         with ThreadPoolExecutor(max_workers=8) as pool:
             codes += list(pool.map(one, range(8)))
-        if 429 in codes:
+        if 503 in codes:
             break
     return codes
 
@@ -365,8 +365,8 @@ def test_traffic_was_clean_then_adversarial_then_overloaded(run: Run):
     adv_flags = np.mean([p["adversarial"] for p in run.adversarial])
     assert len(run.clean) >= 4 * IMAGES_PER_REQUEST and len(run.adversarial) >= 4 * IMAGES_PER_REQUEST
     assert adv_flags > clean_flags, f"server flagged {adv_flags:.0%} of PGD inputs vs {clean_flags:.0%} of clean ones"
-    assert 429 in run.codes, f"no 429 from a burst over the queue: {run.codes}"
-    assert set(run.codes) <= {200, 429}, run.codes
+    assert 503 in run.codes, f"no 503 from a burst over the queue: {run.codes}"
+    assert set(run.codes) <= {200, 503}, run.codes
     assert {p["version"] for p in run.clean + run.adversarial} == {"1"}
     assert {p["version"] for p in run.after_swap} == {"2"} and len(run.after_swap) >= 4 * IMAGES_PER_REQUEST
 

@@ -15,7 +15,7 @@ import uvicorn
 
 from service.api.app import create_app
 from service.api.runtime import BackendWrapper
-from service.api.serving import uvicorn_config
+from service.api.serving import Server, uvicorn_config
 from service.config import Settings
 
 ADMIN_KEY = "test-admin-key-0123456789"
@@ -121,7 +121,7 @@ def run_app(app: Any, wait_ready: bool = True) -> Iterator[Served]:
         log_config=uvicorn.config.LOGGING_CONFIG,
         lifespan="on",
     )
-    server = uvicorn.Server(config)
+    server = Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
     try:

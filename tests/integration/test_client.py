@@ -139,7 +139,9 @@ def test_not_ready_503_is_retried_until_ready_and_a_slow_answer_times_out(http_s
         with Client(srv.base_url) as client:
             assert client.health() == Health(live=True, ready=False)
         results: list[object] = []
-        patient = Client(srv.base_url, retry=RetryPolicy(retries=100, backoff_s=0.1, max_wait_s=0.2))
+        patient = Client(
+            srv.base_url, retry=RetryPolicy(retries=100, backoff_s=0.1, max_wait_s=2.0)
+        )  # not-ready 503s say Retry-After: 1
         worker = threading.Thread(target=lambda: results.append(patient.predict(PIXELS)))
         worker.start()
         wait_until(lambda: srv.metric("mixinfer_requests_total", route="/predict", code="503") >= 1, 10, "a 503")

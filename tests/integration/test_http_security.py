@@ -112,7 +112,7 @@ def test_rate_limit_is_per_key(http_store):
         assert srv.client.post("/predict", json=BODY, headers=bearer(KEYS[0])).status_code == 200
         r = srv.client.post("/predict", json=BODY, headers=bearer(KEYS[0]))
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
-        assert "rate limit" in r.json()["error"]["message"]
+        assert r.json()["error"]["code"] == "rate_limited" and "rate limit" in r.json()["error"]["message"]
         assert srv.client.post("/predict", json=BODY, headers=bearer(KEYS[1])).status_code == 200
 
 

@@ -147,7 +147,7 @@ def test_busy_engine_seals_after_the_delay_of_the_oldest_image():
     assert [ids for ids, _ in eng.calls] == [[0], [1, 2], [3]]
 
 
-def test_full_queue_answers_429_before_any_batch_completes():
+def test_full_queue_answers_503_overloaded_before_any_batch_completes():
     async def main():
         eng = Engine(gated=True)
         b = make(eng, max_batch_images=2, max_queue_images=4)

@@ -11,11 +11,14 @@ from service.api.deps import HolderDep, MetricsDep, SettingsDep
 from service.api.metrics_port import UNAUTHORIZED_MESSAGE, metrics_authorised
 from service.api.responses import OrjsonResponse
 from service.api.schemas import ErrorBody, LiveResponse, ReadyResponse
-from service.errors import NotFoundError, UnauthorizedError
+from service.errors import NotFoundError, NotReadyError, UnauthorizedError
 
 LOGGER = logging.getLogger(__name__)
 
 router = APIRouter(tags=["health"])
+
+#: a 503 readiness answer says when to look again, as a 503 error does
+NOT_READY_HEADERS = {"Retry-After": str(NotReadyError.retry_after_s)}
 
 
 @router.get("/health/live", response_model=LiveResponse)
@@ -27,8 +30,9 @@ async def live() -> Response:
 @router.get("/health/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
 async def ready(holder: HolderDep) -> Response:
     """200 once the model is loaded and warmed up, 503 before."""
-    ok = holder.ready
-    return OrjsonResponse({"ready": ok}, status_code=200 if ok else 503)
+    if holder.ready:
+        return OrjsonResponse({"ready": True})
+    return OrjsonResponse({"ready": False}, status_code=503, headers=NOT_READY_HEADERS)
 
 
 @router.get(

@@ -15,6 +15,7 @@ from service.api.detail import OIP_OUTPUTS, answer_view, check_requested_outputs
 from service.api.inference import INLINE_BODY_BYTES, off_loop, request_deadline, run_inference
 from service.api.oip import HEADER_LENGTH, encode_infer, parse_infer
 from service.api.responses import OrjsonResponse
+from service.api.routes.health import NOT_READY_HEADERS
 from service.api.runtime import LoadedModel, ModelHolder
 from service.api.schemas import INPUT_DATATYPE, InferResponse, ModelMetadata, OipErrorBody, ServerMetadata
 from service.errors import ModelNotFoundError, NotReadyError
@@ -85,7 +86,9 @@ async def v2_live() -> Response:
 )
 async def v2_ready(holder: HolderDep) -> Response:
     """Readiness: 200 once the model is loaded and warmed up."""
-    return Response(status_code=200 if holder.ready else 503)
+    if holder.ready:
+        return Response(status_code=200)
+    return Response(status_code=503, headers=NOT_READY_HEADERS)
 
 
 @router.get("/models/{name}", response_model=ModelMetadata, responses=ERRORS)
