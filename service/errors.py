@@ -15,9 +15,11 @@ class MixinferError(Exception):
     #: seconds a client should wait before retrying (sent as ``Retry-After``); None: no header
     retry_after_s: int | None = None
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
 
 
 # --- artifact / start-up -------------------------------------------------------------------------------------
@@ -123,10 +125,7 @@ class RateLimitedError(ClientError):
 
     status_code = 429
     code = "rate_limited"
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+    retry_after_s = 1
 
 
 # --- server state (5xx, not the client's fault) --------------------------------------------------------------
@@ -143,10 +142,7 @@ class OverloadedError(MixinferError):
 
     status_code = 503
     code = "overloaded"
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+    retry_after_s = 1
 
 
 class DeadlineExceededError(MixinferError):
