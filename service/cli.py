@@ -15,7 +15,13 @@ from collections.abc import Sequence
 from service import __version__
 
 #: modules exposing ``register(subparsers: argparse._SubParsersAction) -> None``
-COMMAND_MODULES = ("service.api.cli", "service.client.cli", "service.training.cli", "service.robustness.cli")
+COMMAND_MODULES = (
+    "service.api.cli",
+    "service.client.cli",
+    "service.training.cli",
+    "service.importing.cli",
+    "service.robustness.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

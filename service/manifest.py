@@ -8,7 +8,8 @@ listed with its sha256 in ``files``, or loading fails):
 - ``pool.npz``: ``images`` uint8 (P,C,H,W) and ``labels`` int64 (P,), sorted by label (``allow_pickle=False``).
 - ``splits.npz``: int64 index arrays ``train``, ``pool``, ``calibration``, ``test`` into the dataset's canonical
   order; test is disjoint from train, pool and calibration; calibration is disjoint from train and pool.
-- ``weights.safetensors``: the same network's weights, for gradient-based evaluation (not needed to serve).
+- ``weights.safetensors``: the same network's weights, for gradient-based evaluation (not needed to serve;
+  absent from imported bundles, whose twin is ``model.onnx`` converted to torch).
 - ``manifest.json``: this model, written last.
 """
 
@@ -119,6 +120,50 @@ class Recipe(_Frozen):
     training: dict[str, float | int | str | bool] = Field(default_factory=dict, description="hyper-parameters")
 
 
+class ImportParity(_Frozen):
+    """Served graph against the user's original model on the user's images (probabilities)."""
+
+    n_images: int = Field(ge=1)
+    batch: int = Field(ge=1, description="images per call of the batched comparison")
+    max_dp_batch1: float = Field(ge=0.0, description="max |delta p| with one image per call")
+    max_dp_batched: float = Field(ge=0.0, description="max |delta p| with `batch` images per call")
+    tol: float = Field(gt=0.0, description="--parity-tol: the import is refused above it")
+
+
+class ImportTwin(_Frozen):
+    """The differentiable twin (served graph converted to torch with onnx2torch) for gradient attacks."""
+
+    converted: bool
+    max_dp: float | None = Field(None, ge=0.0, description="max |delta p| against the served graph")
+    zero_gradient_images: int | None = Field(None, ge=0, description="check images with an all-zero gradient")
+    reason: str | None = Field(None, description="why there is no twin (black-box evaluation only)")
+
+
+class ImportInfo(_Frozen):
+    """How an exported model was imported (``mixinfer import``); the adapters are inside ``model.onnx``."""
+
+    source_file: str = Field(description="file name of the user's ONNX model")
+    source_sha256: str = Field(pattern=_SHA256_PATTERN, description="sha256 of the user's ONNX file")
+    source_input: str
+    source_output: str
+    opset: int = Field(ge=1)
+    input_layout: Literal["nchw", "nhwc"]
+    pixel_range: Literal["0-1", "0-255"]
+    mean: tuple[float, ...] | None = Field(None, description="per channel, in pixel_range units")
+    std: tuple[float, ...] | None = None
+    input_type: Literal["float32", "float16", "uint8"]
+    output: Literal["logits", "probabilities"]
+    batch: Literal["symbolic", "dynamic", "scan"] = Field(
+        description="symbolic: the model's own batch axis; dynamic: a fixed batch of 1 made symbolic; scan: run "
+        "one image at a time inside an ONNX Scan"
+    )
+    class_names_from: Literal["data", "file"]
+    parity: ImportParity
+    twin: ImportTwin
+    training_data: str = Field(description="what is known about the model's training data")
+    test_dir: str | None = Field(None, description="--test-dir: the held-out folder of the test split")
+
+
 class Manifest(_Frozen):
     """``manifest.json`` of a bundle; see the module docstring for the layout."""
 
@@ -137,6 +182,7 @@ class Manifest(_Frozen):
     accuracy: Accuracy
     recipe: Recipe
     files: dict[str, str] = Field(description="sha256 of every file in the bundle but manifest.json")
+    imported: ImportInfo | None = Field(None, description="set for bundles made by `mixinfer import` (no weights)")
 
     @property
     def n_classes(self) -> int:
@@ -159,10 +205,15 @@ class Manifest(_Frozen):
                 raise ValueError(f"files: {fname!r} is not a plain file name of the bundle")
             if not re.fullmatch(_SHA256_PATTERN, digest):
                 raise ValueError(f"files[{fname!r}]: expected a 64-hex sha256, got {digest!r}")
-        missing = [f for f in BUNDLE_FILES if f not in v]
-        if missing:
-            raise ValueError(f"files must list {list(BUNDLE_FILES)}, missing {missing}")
         return v
+
+    @model_validator(mode="after")
+    def _listed(self) -> Manifest:
+        needed = SERVING_FILES if self.imported is not None else BUNDLE_FILES
+        missing = [f for f in needed if f not in self.files]
+        if missing:
+            raise ValueError(f"files must list {list(needed)}, missing {missing}")
+        return self
 
     @model_validator(mode="after")
     def _split_sizes(self) -> Manifest:

@@ -27,7 +27,7 @@ from service.robustness.attacks import crosscheck, eot_combined, ol_direct, pgd,
 from service.robustness.attacks.core import eot_gradient, quantize
 from service.robustness.baselines import BASELINES, predict_baseline
 from service.robustness.budgets import Budget, ThreatModel, threat_for
-from service.robustness.pipeline import DifferentiableMI
+from service.robustness.pipeline import DifferentiableMI, twin_or_reason
 from service.robustness.served import SERVED_MODES, SeedScores, ServedScorer
 
 LOGGER = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ OBLIVIOUS, TRANSFER, ADAPTIVE, BLACKBOX, CROSSCHECK = "oblivious", "transfer", "
 class Context:
     """Everything an attack needs: the twin, the served scorer, the budget, the threat model, generators."""
 
-    mi: DifferentiableMI
+    mi: DifferentiableMI | None  #: None: no faithful twin (imported graph), black-box attacks only
     scorer: ServedScorer
     budget: Budget
     threat: ThreatModel
@@ -85,6 +85,7 @@ def _oblivious(
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Oblivious untargeted PGD on the base model; label = clean prediction (``pred``) or ground truth (``gt``)."""
     b, mi = ctx.budget, ctx.mi
+    assert mi is not None  # attack_plan returns before any white-box attack without a twin
 
     def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         label = mi.logits(x).argmax(1).detach() if which == "pred" else y
@@ -103,6 +104,8 @@ def attack_plan(ctx: Context, targets: torch.Tensor) -> list[AttackSpec]:
         targets: int64 (B,) the targeted attack's target per image (uniform over the other classes).
     """
     b, t, mi = ctx.budget, ctx.threat, ctx.mi
+    if mi is None:
+        return [square_spec(ctx)]
     specs: list[AttackSpec] = []
     for eps in t.eps_curve:
         step = step_for(t.step, eps, b.oblivious_steps)
@@ -188,25 +191,7 @@ def attack_plan(ctx: Context, targets: torch.Tensor) -> list[AttackSpec]:
             ),
         )
     )
-    specs.append(
-        AttackSpec(
-            f"square@{e:.3g}",
-            BLACKBOX,
-            e,
-            f"Square (score-based) on the served MI-Combined outputs, {b.square_queries} queries, fresh draws each",
-            lambda c, x, y: torch.from_numpy(
-                square.square_linf(
-                    c.scorer.fresh_probs,
-                    x.cpu().numpy(),
-                    y.cpu().numpy(),
-                    eps=e,
-                    queries=b.square_queries,
-                    gen=c.gen,
-                    progress=c.progress,
-                )
-            ),
-        )
-    )
+    specs.append(square_spec(ctx))
     n_cc = min(b.crosscheck_images, b.n_images)
     specs.append(
         AttackSpec(
@@ -234,6 +219,28 @@ def attack_plan(ctx: Context, targets: torch.Tensor) -> list[AttackSpec]:
     return specs
 
 
+def square_spec(ctx: Context) -> AttackSpec:
+    """The score-based Square attack on the served MI-Combined outputs (needs no gradients, no twin)."""
+    b, e = ctx.budget, ctx.threat.eps
+    return AttackSpec(
+        f"square@{e:.3g}",
+        BLACKBOX,
+        e,
+        f"Square (score-based) on the served MI-Combined outputs, {b.square_queries} queries, fresh draws each",
+        lambda c, x, y: torch.from_numpy(
+            square.square_linf(
+                c.scorer.fresh_probs,
+                x.cpu().numpy(),
+                y.cpu().numpy(),
+                eps=e,
+                queries=b.square_queries,
+                gen=c.gen,
+                progress=c.progress,
+            )
+        ),
+    )
+
+
 def score_inputs(ctx: Context, x_adv: NDArray[np.float32]) -> dict[str, SeedScores]:
     """Every served mode on the (8-bit) inputs, under every server seed."""
     return {str(m): ctx.scorer.score(x_adv, m) for m in SERVED_MODES}
@@ -241,10 +248,13 @@ def score_inputs(ctx: Context, x_adv: NDArray[np.float32]) -> dict[str, SeedScor
 
 def baseline_probs(ctx: Context, x: NDArray[np.float32]) -> dict[str, NDArray[np.float32]]:
     """Softmax averaged over ``baseline_draws`` random transforms, per baseline."""
+    if ctx.mi is None:
+        return {}
     tgen = torch.Generator().manual_seed(int(ctx.gen.integers(2**31)))
     xt = torch.from_numpy(x).to(ctx.mi.device)
+    mi = ctx.mi
     return {
-        name: predict_baseline(ctx.mi.logits, fn, xt, ctx.budget.baseline_draws, gen=tgen).cpu().numpy()
+        name: predict_baseline(mi.logits, fn, xt, ctx.budget.baseline_draws, gen=tgen).cpu().numpy()
         for name, fn in BASELINES.items()
     }
 
@@ -326,15 +336,16 @@ def run_evaluation(
     started = time.time()
     seeds = seeds if seeds is not None else [int(s) for s in np.random.SeedSequence().generate_state(budget.seeds)]
     gen = np.random.default_rng(np.random.SeedSequence())
-    mi = DifferentiableMI.from_bundle(bundle, device=device)
+    mi, blackbox_only = twin_or_reason(bundle, device)
+    dev = mi.device if mi is not None else torch.device("cpu")
     scorer = ServedScorer.from_bundle(bundle, seeds)
     threat = threat_for(bundle.manifest.input.shape)
     if eps is not None:
         threat = replace(threat, eps=eps)
     ctx = Context(mi, scorer, budget, threat, gen)
     x_np, y_np, idx = load_split(bundle, "test", budget.n_images, data_root)
-    x, y = torch.from_numpy(x_np).to(mi.device), torch.from_numpy(y_np).to(mi.device)
-    targets = pgd.random_targets(y, mi.n_classes, gen)
+    x, y = torch.from_numpy(x_np).to(dev), torch.from_numpy(y_np).to(dev)
+    targets = pgd.random_targets(y, bundle.manifest.n_classes, gen)
     targets_np = targets.cpu().numpy()
 
     clean_scores = score_inputs(ctx, x_np)
@@ -342,8 +353,11 @@ def run_evaluation(
     clean_gap = clean_scores[str(Mode.COMBINED)].gap
     clean["gap_auroc"] = None
     warnings = checks.check_randomness(clean_scores[str(Mode.COMBINED)].label, budget.eot, len(seeds))
-    _, grad = eot_gradient(eot_combined.combined_loss(mi, gen), x, y, budget.eot, 8)
-    warnings += checks.check_zero_gradients(grad.flatten(1).abs().sum(1).cpu().numpy())
+    if mi is not None:
+        _, grad = eot_gradient(eot_combined.combined_loss(mi, gen), x, y, budget.eot, 8)
+        warnings += checks.check_zero_gradients(grad.flatten(1).abs().sum(1).cpu().numpy())
+    else:
+        warnings.append(str(blackbox_only))
 
     rows: list[dict[str, Any]] = []
     plan = [s for s in attack_plan(ctx, targets) if only is None or s.name.startswith(only)]
@@ -403,7 +417,9 @@ def run_evaluation(
             "dataset": manifest.dataset.name,
             "mi": manifest.mi.model_dump(mode="json"),
             "training": manifest.recipe.training,
+            "imported": manifest.imported.model_dump(mode="json") if manifest.imported else None,
         },
+        "blackbox_only": blackbox_only,
         "budget": budget.as_dict(),
         "budget_text": budget.describe(),
         "threat": threat.as_dict(),
@@ -414,7 +430,7 @@ def run_evaluation(
         "attacks": rows,
         "worst_case": worst,
         "warnings": warnings,
-        "environment": environment(mi.device),
+        "environment": environment(dev),
         "runtime_seconds": round(time.time() - started, 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -215,3 +215,17 @@ class DifferentiableMI:
             probs_flat = probs_flat.index_copy(0, rows, q_rows)
         probs = probs_flat.view(draws, b, k)
         return MIOutput(probs, clean, q_pl, probs, gap, flagged)
+
+
+def twin_or_reason(bundle: Bundle, device: str) -> tuple[DifferentiableMI | None, str | None]:
+    """The differentiable twin, or None and the reason (an imported graph that cannot be converted faithfully)."""
+    if bundle.manifest.imported is None:
+        return DifferentiableMI.from_bundle(bundle, device=device), None
+    from service.importing.twin import TwinUnavailableError
+
+    try:
+        return DifferentiableMI.from_bundle(bundle, device=device), None
+    except TwinUnavailableError as exc:
+        reason = f"black-box attacks only: {exc}"
+        LOGGER.warning("%s", reason)
+        return None, reason

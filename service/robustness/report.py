@@ -69,6 +69,20 @@ def _where(env: dict[str, Any] | None) -> str:
     )
 
 
+def _imported_lines(res: dict[str, Any]) -> list[str]:
+    """What an imported bundle's report must say: the source model, its training data, black-box only."""
+    imp = res["bundle"].get("imported")
+    if not imp:
+        return []
+    out = [
+        f"- Imported model (`mixinfer import` of `{imp['source_file']}`, sha256 {imp['source_sha256'][:12]}…): "
+        f"{imp['training_data']}."
+    ]
+    if res.get("blackbox_only"):
+        out.append(f"- **{res['blackbox_only']}**; the white-box rows are absent.")
+    return out
+
+
 def render_markdown(res: dict[str, Any]) -> str:
     """The human report (tables in percent; MI numbers are mean ± std over server seeds, then all-seeds)."""
     b, t = res["bundle"], res["threat"]
@@ -88,6 +102,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         "`mean ± std over seeds (all seeds right)`; the last figure counts an image only if every seed classified "
         "it correctly. Baselines average the softmax over random transforms.",
         f"- Runtime {res['runtime_seconds'] / 60:.1f} min; {_where(res.get('environment'))}; created {res['created']}.",
+        *_imported_lines(res),
         "",
         "## Clean accuracy (%)",
         "",
@@ -99,7 +114,8 @@ def render_markdown(res: dict[str, Any]) -> str:
         flag = _pct(clean["flag_rate"], False) if d == "combined" else "–"
         out.append(f"| {DEFENCE_NAMES[d]} | {_pct(clean['accuracy'][d])} | {flag} |")
     for k, name in BASELINE_NAMES.items():
-        out.append(f"| {name} | {_pct(clean['accuracy'][k], False)} | – |")
+        if k in clean["accuracy"]:  # no baselines without a differentiable twin
+            out.append(f"| {name} | {_pct(clean['accuracy'][k], False)} | – |")
     groups = (
         ("oblivious", "Oblivious attacks (the paper's protocol: PGD on the base model, then each defence)", True),
         ("transfer", "Transfer check", False),
@@ -174,6 +190,8 @@ def make_plots(res: dict[str, Any], out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     eps_values = [0.0, *t["eps_curve"]]
     for key, name in [*DEFENCE_NAMES.items(), *BASELINE_NAMES.items()]:
+        if key not in res["clean"]["accuracy"]:  # baselines need the twin
+            continue
         ys = [res["clean"]["accuracy"][key]["worst"]]
         for eps in t["eps_curve"]:
             accs = [

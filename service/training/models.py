@@ -262,6 +262,7 @@ def load_bundle_model(bundle: Bundle | Path | str) -> Classifier:
 
     Raises:
         BundleError: the bundle has no weights file or fails verification.
+        service.importing.twin.TwinUnavailableError: an imported bundle whose graph has no faithful torch conversion.
     """
     from service.errors import BundleError
 
@@ -271,6 +272,11 @@ def load_bundle_model(bundle: Bundle | Path | str) -> Classifier:
         bundle = load_bundle(Path(bundle), require_weights=True)
     b: Any = bundle
     manifest = b.manifest
+    if manifest.imported is not None:  # an imported graph: its twin is model.onnx in torch
+        from service.importing.twin import bundle_twin
+
+        twin: Any = bundle_twin(b)
+        return twin
     if b.weights is None:
         raise BundleError(f"bundle {b.path} has no weights.safetensors, needed to rebuild the torch model")
     from safetensors.torch import load as load_safetensors

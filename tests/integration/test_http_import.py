@@ -1,0 +1,56 @@
+"""Imported models behind a real server: mode ``off`` answers as the user's original model does (same labels,
+probabilities within the parity tolerance); MI-Combined answers as the in-process engine at the same seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from importmodels import VARIANTS, Variant, class_images, import_variant, reference_probs, write_folder
+from mixserver import png_bytes, run_server, settings_for
+
+from service.backends.onnx import OrtBackend
+from service.mi.engine import MIEngine
+from service.mi.params import Mode
+from service.store import load_bundle
+
+pytestmark = pytest.mark.integration
+
+SEED = 5
+CASES = [*VARIANTS, Variant("fixed-batch-1-hardcoded-reshape", batch=1)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_folder(tmp_path_factory.mktemp("import-http") / "images")
+
+
+@pytest.mark.parametrize("variant", CASES, ids=lambda v: v.name)
+def test_imported_model_served(variant, data, tmp_path):
+    bundle_dir = import_variant(
+        variant, tmp_path, data, tmp_path / "store", hardcoded_reshape="hardcoded" in variant.name
+    )
+    bundle = load_bundle(bundle_dir)
+    m = bundle.manifest
+    rng = np.random.default_rng(21)
+    images = np.concatenate([class_images(k, 4, rng) for k in range(3)])  # (12, 3, 8, 8) uint8
+    files = [("images", (f"{i}.png", png_bytes(img.transpose(1, 2, 0)), "image/png")) for i, img in enumerate(images)]
+    want_off = reference_probs(variant, tmp_path / f"{variant.name}.onnx", images)
+    x = images.astype(np.float32) * np.float32(1.0 / 255.0)  # the server's decoder scales so (service.preprocess)
+    engine = MIEngine(
+        OrtBackend.from_bundle(bundle, providers=["CPUExecutionProvider"]), bundle.pool_labels, m.mi, seed=SEED
+    )
+    want_mi = engine(x, Mode.COMBINED)
+    settings = settings_for(tmp_path / "store", name=variant.name, seed=SEED, allow_mode_override=True)
+    with run_server(settings) as srv:
+        combined = srv.client.post("/predict", files=files)  # the first draws of the seeded server
+        off = srv.client.post("/predict", params={"mode": "off"}, files=files)
+    assert off.status_code == 200 and combined.status_code == 200, (off.text, combined.text)
+    names = list(m.class_names)
+    got_off = np.array([[p["probabilities"][n] for n in names] for p in off.json()["predictions"]])
+    assert [p["class_index"] for p in off.json()["predictions"]] == want_off.argmax(1).tolist()
+    assert np.max(np.abs(got_off - want_off)) <= m.imported.parity.tol
+    preds = combined.json()["predictions"]
+    assert [p["class_index"] for p in preds] == want_mi.label.tolist()
+    assert [p["adversarial"] for p in preds] == want_mi.flagged.tolist()
+    got_mi = np.array([[p["probabilities"][n] for n in names] for p in preds])
+    np.testing.assert_allclose(got_mi, want_mi.probs, rtol=0, atol=1e-6)
