@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from service.importing.options import ImportRefusedError
+from service.training.bundle import dataset_splits
 from service.training.datasets import Dataset, DatasetError, load_dataset, load_imagefolder
-from service.training.splits import SplitError, Splits, make_splits
+from service.training.splits import SplitError, Splits
 
 LOGGER = logging.getLogger(__name__)
 
@@ -101,15 +102,7 @@ def import_splits(ds: Dataset, seed: int) -> Splits:
             f"{'' if need == 2 else ' and test'} need one each), got {int(counts[k])}"
         )
     try:
-        splits = make_splits(
-            ds.labels,
-            ds.n_classes,
-            seed=seed,
-            test_size=ds.test_size,
-            calibration_size=ds.calibration_size,
-            pool_per_class=ds.pool_per_class,
-            fixed_test=ds.fixed_test,
-        )
+        splits = dataset_splits(ds, seed)
         splits.check(ds.labels.size)
     except SplitError as exc:
         raise ImportRefusedError(f"splits: {exc}") from None

@@ -6,8 +6,6 @@ user's images, calibrate and measure through the real engine, and write a bundle
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +121,7 @@ def _warn_mi_cost(acc: dict[str, Any]) -> None:
         if value is not None and acc["plain"] - value > MI_LOSS_WARNING:
             LOGGER.warning(
                 "%s costs %.1f points of clean accuracy against the plain model (%.1f%% vs %.1f%%): MI assumes a "
-                "mixup-trained model, an ordinary one pays",
+                "mixup-trained model (an ordinary one pays more); consider --lam-pl/--lam-ol closer to 1",
                 label,
                 100 * (acc["plain"] - value),
                 100 * value,
@@ -217,7 +215,6 @@ def run_import(opts: ImportOptions) -> Path:
         LOGGER.warning("%s", TRAINING_DATA_UNKNOWN)
     manifest = _write_bundle(
         opts,
-        final,
         served=served,
         ds=ds,
         splits=splits,
@@ -230,7 +227,6 @@ def run_import(opts: ImportOptions) -> Path:
 
 def _write_bundle(
     opts: ImportOptions,
-    final: Path,
     *,
     served: bytes,
     ds: Dataset,
@@ -238,14 +234,10 @@ def _write_bundle(
     params: MIParams,
     fields: dict[str, Any],
 ) -> Manifest:
-    from service.training.bundle import finish_bundle
+    from service.training.bundle import finish_bundle, staged_bundle
     from service.training.pool import write_pool
 
-    Path(opts.store).mkdir(parents=True, exist_ok=True)
-    stage_root = Path(tempfile.mkdtemp(prefix=".staging-", dir=opts.store))
-    try:
-        staging = stage_root / opts.name / str(opts.version)
-        staging.mkdir(parents=True)
+    with staged_bundle(opts.store, opts.name, str(opts.version)) as staging:
         (staging / MODEL_FILE).write_bytes(served)
         write_pool(staging / POOL_FILE, ds, splits)
         splits.save(staging / SPLITS_FILE)
@@ -260,11 +252,5 @@ def _write_bundle(
             target_fpr=opts.target_fpr,
             threads=opts.threads,
         )
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            final.replace(stage_root / "old")
-        staging.replace(final)
-    finally:
-        shutil.rmtree(stage_root, ignore_errors=True)
-    LOGGER.info("imported bundle %s ready: %s", final, manifest.accuracy)
+    LOGGER.info("imported bundle %s/%s ready: %s", opts.name, opts.version, manifest.accuracy)
     return manifest

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +158,25 @@ def finish_bundle(
     return finalize_bundle(bundle_dir, {**fields, "mi": params.model_dump(), "calibration": calib, "accuracy": acc})
 
 
+@contextmanager
+def staged_bundle(store: Path, name: str, version: str) -> Iterator[Path]:
+    """A staging directory ``<store>/.staging-*/<name>/<version>``; when the block finishes without an error it
+    replaces ``<store>/<name>/<version>``, and the staging root is removed either way."""
+    Path(store).mkdir(parents=True, exist_ok=True)
+    stage_root = Path(tempfile.mkdtemp(prefix=".staging-", dir=store))
+    final = Path(store) / name / str(version)
+    try:
+        staging = stage_root / name / str(version)
+        staging.mkdir(parents=True)
+        yield staging
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            final.replace(stage_root / "old")
+        staging.replace(final)
+    finally:
+        shutil.rmtree(stage_root, ignore_errors=True)
+
+
 def build_bundle(req: BundleRequest) -> Path:
     """Build ``<store>/<name>/<version>`` end to end; returns its path.
 
@@ -185,11 +206,7 @@ def build_bundle(req: BundleRequest) -> Path:
         progress=req.progress,
         eval_set=(ds.images[splits.calibration], ds.labels[splits.calibration]),
     )
-    Path(req.store).mkdir(parents=True, exist_ok=True)
-    stage_root = Path(tempfile.mkdtemp(prefix=".staging-", dir=req.store))
-    try:
-        staging = stage_root / req.name / str(req.version)
-        staging.mkdir(parents=True)
+    with staged_bundle(req.store, req.name, req.version) as staging:
         export_bundle_model(result.model, staging, ds.input_shape, samples=ds.images[splits.calibration[:256]])
         write_pool(staging / "pool.npz", ds, splits)
         splits.save(staging / SPLITS_FILE)
@@ -204,13 +221,6 @@ def build_bundle(req: BundleRequest) -> Path:
             target_fpr=req.target_fpr,
             threads=req.threads,
         )
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            trash = stage_root / "old"
-            final.replace(trash)
-        staging.replace(final)
-    finally:
-        shutil.rmtree(stage_root, ignore_errors=True)
     from service.store import load_bundle
 
     bundle = load_bundle(final, require_weights=True)

@@ -27,6 +27,14 @@ def _command_line() -> str:
     return "mixinfer " + shlex.join(sys.argv[1:])
 
 
+def _arch(text: str) -> str:
+    """``--arch``: a built-in network or ``PACKAGE.MODULE:FACTORY`` (checked for shape here, imported later)."""
+    module, sep, name = text.partition(":")
+    if text in ARCH_CHOICES or (sep and name.isidentifier() and all(p.isidentifier() for p in module.split("."))):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {list(ARCH_CHOICES)} or PACKAGE.MODULE:FACTORY, got {text!r}")
+
+
 # --- shared flags ----------------------------------------------------------------------------------------------
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
@@ -62,9 +70,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--arch",
-        choices=ARCH_CHOICES,
+        type=_arch,
         default=None,
-        help="network (default: mnist_cnn for mnist5k, resnet50_3layer for CIFAR, resnet18 for image folders)",
+        help=f"network: one of {', '.join(ARCH_CHOICES)}, or your own as PACKAGE.MODULE:FACTORY (FACTORY(n_classes) "
+        "returns a torch.nn.Module that gets (x - 0.5) / 0.5 pixels; the module must be importable wherever the "
+        "bundle is evaluated) (default: mnist_cnn for mnist5k, resnet50_3layer for CIFAR, resnet18 for image folders)",
     )
     g.add_argument("--epochs", type=int, default=None, help="epochs (default: 50 on mnist5k, 200 on CIFAR)")
     g.add_argument(

@@ -214,7 +214,7 @@ def build_model(arch: str, n_classes: int, in_channels: int) -> Classifier:
     """Build a registered network with the [0,1] -> [-1,1] normalisation inside.
 
     Args:
-        arch: a key of :data:`MODELS`.
+        arch: a key of :data:`MODELS`, or ``PACKAGE.MODULE:FACTORY`` (the user's own network, :func:`user_body`).
         n_classes: number of output logits (>= 2).
         in_channels: 1 (grey) or 3 (RGB).
 
@@ -224,13 +224,35 @@ def build_model(arch: str, n_classes: int, in_channels: int) -> Classifier:
     Raises:
         ValueError: unknown architecture or bad sizes.
     """
-    if arch not in MODELS:
-        raise ValueError(f"unknown architecture {arch!r}, expected one of {sorted(MODELS)}")
+    if arch not in MODELS and ":" not in arch:
+        raise ValueError(f"unknown architecture {arch!r}, expected one of {sorted(MODELS)} or PACKAGE.MODULE:FACTORY")
     if n_classes < 2:
         raise ValueError(f"n_classes must be >= 2, got {n_classes}")
     if in_channels not in (1, 3):
         raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
-    return Classifier(MODELS[arch](n_classes, in_channels), arch, n_classes, in_channels)
+    body = MODELS[arch](n_classes, in_channels) if arch in MODELS else user_body(arch, n_classes)
+    return Classifier(body, arch, n_classes, in_channels)
+
+
+def user_body(arch: str, n_classes: int) -> nn.Module:
+    """The user's network from ``PACKAGE.MODULE:FACTORY``: ``FACTORY(n_classes)`` must return a ``torch.nn.Module``.
+
+    It receives what every built-in body receives: the normalised pixels ``(x - 0.5) / 0.5`` (B, C, H, W).
+
+    Raises:
+        ValueError: the module or factory cannot be imported, or the factory returns no ``nn.Module``.
+    """
+    import importlib
+
+    module_name, _, factory_name = arch.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"--arch {arch}: expected an importable PACKAGE.MODULE:FACTORY, got {exc}") from None
+    body = factory(n_classes)
+    if not isinstance(body, nn.Module):
+        raise ValueError(f"--arch {arch}: expected FACTORY(n_classes) to return a torch.nn.Module, got {type(body)}")
+    return body
 
 
 def load_weights(model: nn.Module, weights_path: Path) -> None:
