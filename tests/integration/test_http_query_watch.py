@@ -88,13 +88,15 @@ def test_ban_refuses_every_query_of_a_suspect_client_and_no_other(http_store):
         assert served.metric("mixinfer_query_watch_refusals_total", reason="client_banned") == 2
 
 
-def test_observe_counts_hits_and_answers_every_query(server, caplog):
-    image = rgb_image(6)[..., 0]
-    image = np.kron(image, np.ones((1, 1), np.uint8))[:8, :8]  # the shared server serves tiny/1 (1x8x8)
-    before = server.metric("mixinfer_query_watch_hits_total", scope="client")
-    with caplog.at_level("WARNING", logger="service.watch.watch"):
-        codes = [post(server, image, **{"x-test": str(i)}).status_code for i in range(6)]
-    assert codes == [200] * 6
-    # the first send and 3 resends are retries; resends 4 and 5 are hits
-    assert server.metric("mixinfer_query_watch_hits_total", scope="client") - before == 2
-    assert any("query watch: client 127.0.0.1" in r.getMessage() for r in caplog.records)
+def test_observe_counts_hits_and_answers_every_query(http_store, caplog):
+    # its own server: the shared one has seen other tests resend images from this client (no first-hit log line)
+    with run_server(settings_for(http_store, model_version="1", seed=0)) as server:
+        image = rgb_image(6)[..., 0]
+        image = np.kron(image, np.ones((1, 1), np.uint8))[:8, :8]  # tiny/1 takes 1x8x8
+        before = server.metric("mixinfer_query_watch_hits_total", scope="client")
+        with caplog.at_level("WARNING", logger="service.watch.watch"):
+            codes = [post(server, image, **{"x-test": str(i)}).status_code for i in range(6)]
+        assert codes == [200] * 6
+        # the first send and 3 resends are retries; resends 4 and 5 are hits
+        assert server.metric("mixinfer_query_watch_hits_total", scope="client") - before == 2
+        assert any("query watch: client 127.0.0.1" in r.getMessage() for r in caplog.records)
