@@ -21,28 +21,28 @@ L-inf attacks, L2 <= l2_eps for the L2 ones); "before detection" means before th
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # `python bench/x.py` puts bench/ first on sys.path, where bench/http.py would shadow
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the standard library's http: use the repo root
+
 import argparse
 import io
 import json
 import logging
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-# bench/http.py would shadow the standard library's http package that httpx imports: bench/ goes last
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH] + [str(BENCH)]
+import httpx
+import numpy as np
+from PIL import Image
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-from common import emit_json, log, machine_info  # noqa: E402
-from PIL import Image  # noqa: E402
+from bench.common import ROOT, emit_json, log, machine_info
 
 BENIGN_CLIENTS = 8
 #: the adaptive attackers: name -> (noise per query, clients the queries are spread over)

@@ -34,14 +34,15 @@ class FingerprintParams:
     Attributes:
         quant_step: pixel values per quantisation level (50: levels 0..5 of 0..255).
         window: quantised pixels per hashed window.
-        top: distinct window hashes kept per image (the largest ones).
+        top: distinct window hashes kept per image (the largest ones; 20 detected as many near-copies as 50 on
+            MNIST at 2.5x less lookup work and memory).
         match: shared hashes that make two queries near-copies (of ``top``).
     """
 
     quant_step: int = 50
     window: int = 20
-    top: int = 50
-    match: int = 38
+    top: int = 20
+    match: int = 15
 
     def __post_init__(self) -> None:
         if not 1 <= self.quant_step <= 256:
