@@ -17,7 +17,7 @@ from fastapi.routing import iter_route_contexts
 from pydantic import TypeAdapter
 
 from service import __version__
-from service.api.deps import RateLimiter
+from service.api.deps import RateLimiter, admin_limiter
 from service.api.errors import install_error_handlers
 from service.api.identity import TrustedProxies
 from service.api.metrics_port import MetricsServer
@@ -74,6 +74,7 @@ def create_app(
     app.state.exit_on_load_failure = exit_on_load_failure
     app.state.initial_bundle = bundle
     app.state.trusted_proxies = TrustedProxies(settings.trusted_proxies)
+    app.state.admin_limiter = admin_limiter(settings)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_key) if settings.rate_limit_per_key else None
     app.state.query_screen = QueryScreen.from_settings(settings, metrics.registry)
     install_error_handlers(app)

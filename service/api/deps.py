@@ -54,11 +54,13 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 class RateLimiter:
-    """Token bucket per client identity: ``rate`` requests per second, bursts up to ``max(1, rate)``."""
+    """Token bucket per client identity: ``rate`` requests per second, bursts up to ``burst`` (default
+    ``max(1, rate)``); ``per`` names the identity in the refusal."""
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, burst: float | None = None, per: str = "key") -> None:
         self.rate = rate
-        self.burst = max(1.0, rate)
+        self.burst = max(1.0, rate) if burst is None else burst
+        self.per = per
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
@@ -75,7 +77,7 @@ class RateLimiter:
                 self._buckets[who] = (tokens, now)
                 wait = (1.0 - tokens) / self.rate
                 raise RateLimitedError(
-                    f"rate limit of {self.rate:g} requests/s per key exceeded; retry in {wait:.2f} s",
+                    f"rate limit of {self.rate:g} requests/s per {self.per} exceeded; retry in {wait:.2f} s",
                     retry_after_s=max(1, int(wait + 0.999)),
                 )
             self._buckets[who] = (tokens - 1.0, now)
@@ -154,15 +156,39 @@ class ApiKeyScheme(SecurityBase):
         return Served(settings, state.holder, state.metrics, who)
 
 
-async def require_admin(settings: SettingsDep, creds: Bearer) -> None:
-    """Admin routes: 403 when no ADMIN_KEY is configured, 401 without a key, 403 with any other key."""
+#: the admin routes' limit per client address when MIXINFER_RATE_LIMIT_PER_KEY is unset: a hot swap now and then
+#: passes, guessing the admin key does not
+ADMIN_RATE_PER_S = 1.0
+ADMIN_BURST = 10.0
+
+
+def admin_limiter(settings: Settings) -> RateLimiter:
+    """The admin routes' limiter, per client address: MIXINFER_RATE_LIMIT_PER_KEY when set, else
+    :data:`ADMIN_RATE_PER_S` with bursts of :data:`ADMIN_BURST`."""
+    if settings.rate_limit_per_key is not None:
+        return RateLimiter(settings.rate_limit_per_key, per="client address")
+    return RateLimiter(ADMIN_RATE_PER_S, burst=ADMIN_BURST, per="client address")
+
+
+async def require_admin(request: Request, settings: SettingsDep, creds: Bearer) -> None:
+    """Admin routes, rate-limited per client address before any key is looked at: 403 when no ADMIN_KEY is
+    configured, 401 without a key or with a wrong one, 403 with a valid API key (which never authorises admin).
+
+    Raises:
+        RateLimitedError: this client address is over the admin limit (429).
+    """
+    request.app.state.admin_limiter.take(client_address(request))
     admin_key = settings.admin_key_value()
     if admin_key is None:
         raise ForbiddenError("admin routes are disabled: the server runs without MIXINFER_ADMIN_KEY")
     if creds is None:
         raise UnauthorizedError("missing admin key: send 'Authorization: Bearer <admin key>'")
-    if not hmac.compare_digest(creds.credentials.encode(), admin_key):
-        raise ForbiddenError("this key does not authorise admin routes")
+    given = creds.credentials.encode()
+    if hmac.compare_digest(given, admin_key):
+        return
+    if _key_index(given, settings.api_key_values()) >= 0:
+        raise ForbiddenError("this key does not authorise admin routes: it is an API key, not the admin key")
+    raise UnauthorizedError("wrong admin key")
 
 
 def resolve_mode(requested: Mode | None, settings: Settings) -> Mode:

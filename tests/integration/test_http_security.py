@@ -81,7 +81,10 @@ def test_an_api_key_never_authorises_admin_routes(keyed):
     r = c.post(url, json={"parameters": {"version": "1"}}, headers=bearer(KEYS[0]))
     assert r.status_code == 403 and "does not authorise admin" in r.json()["error"]
     r = c.post(url, json={"parameters": {"version": "1"}})
-    assert r.status_code == 401
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    # a wrong admin key is a 401 like a wrong API key: 403 is kept for a valid key without the right
+    r = c.post(url, json={"parameters": {"version": "1"}}, headers=bearer("not-the-admin-key-0123"))
+    assert r.status_code == 401 and r.json()["error"] == "wrong admin key" and r.headers["www-authenticate"] == "Bearer"
     r = c.post(url, json={"parameters": {"version": "1"}}, headers=bearer(ADMIN_KEY))
     assert r.status_code == 200 and r.json()["version"] == "1"
 
@@ -135,3 +138,40 @@ def test_keys_from_files_authorise_a_real_server(http_store, tmp_path):
         load = "/v2/repository/models/tiny/load"
         r = srv.client.post(load, json={"parameters": {"version": "1"}}, headers=bearer(ADMIN_KEY))
         assert r.status_code == 200 and r.json()["version"] == "1"
+
+
+def test_admin_key_guessing_is_throttled_per_client_address(http_store):
+    """Without MIXINFER_RATE_LIMIT_PER_KEY the admin routes still allow 10 quick tries, then 1 per second, per
+    client address; the refusal comes before any key is compared, the right key included."""
+    with run_server(settings_for(http_store, model_version="1", admin_key=ADMIN_KEY)) as srv:
+        url = "/v2/repository/models/tiny/load"
+        codes = [srv.client.post(url, json={}, headers=bearer(f"guess-{i:04d}")).status_code for i in range(10)]
+        assert codes == [401] * 10
+        r = srv.client.post(url, json={}, headers=bearer("guess-final"))
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"].startswith("rate limit of 1 requests/s per client address exceeded")
+        assert srv.client.post(url, json={}, headers=bearer(ADMIN_KEY)).status_code == 429
+        assert srv.client.post("/predict", json=BODY).status_code == 200  # other routes are not affected
+
+
+def test_admin_routes_follow_the_configured_rate_limit(http_store):
+    settings = settings_for(http_store, model_version="1", admin_key=ADMIN_KEY, rate_limit_per_key=0.2)
+    with run_server(settings) as srv:
+        url = "/v2/repository/models/tiny/load"
+        assert srv.client.post(url, json={}, headers=bearer(ADMIN_KEY)).status_code == 200
+        r = srv.client.post(url, json={}, headers=bearer(ADMIN_KEY))
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("/v2/models/guess/ready", "unknown model 'guess'"),
+        ("/v2/models/tiny/versions/7/ready", "model 'tiny' version '7' is not served"),
+    ],
+)
+def test_model_readiness_does_not_name_the_served_model(keyed, path, message):
+    """The readiness route is open to anyone (no key): its 404 says what was asked for, not what is served."""
+    r = keyed.client.get(path)
+    assert r.status_code == 404 and r.json() == {"error": message}
+    assert keyed.client.get("/v2/models/tiny/ready").status_code == 200

@@ -20,8 +20,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     c: {"model": OipErrorBody, "description": d}
     for c, d in {
         400: "the new version cannot replace the served one (other input shape or classes)",
-        401: "missing admin key",
-        403: "admin routes disabled (no MIXINFER_ADMIN_KEY) or wrong key",
+        401: "missing or wrong admin key",
+        403: "admin routes disabled (no MIXINFER_ADMIN_KEY), or an API key instead of the admin key",
+        429: "too many admin requests from this client address; see Retry-After",
         404: "no such model or version in the store",
         422: "invalid body",
         500: "the new version failed to load; the old one keeps serving",

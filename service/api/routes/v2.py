@@ -54,14 +54,16 @@ INFER_BODY: dict[str, Any] = {
 }
 
 
-def _served(holder: ModelHolder, name: str, version: str | None = None) -> LoadedModel:
+def _served(holder: ModelHolder, name: str, version: str | None = None, *, disclose: bool = True) -> LoadedModel:
+    """The served model if ``name`` (and ``version``) name it; the 404 names the served one only if ``disclose``
+    (not on the open readiness route, which anyone may probe)."""
     model = holder.model
     if name != model.name:
-        raise ModelNotFoundError(f"unknown model {name!r}; this server serves {model.name!r}")
+        hint = f"; this server serves {model.name!r}" if disclose else ""
+        raise ModelNotFoundError(f"unknown model {name!r}{hint}")
     if version is not None and version != model.version:
-        raise ModelNotFoundError(
-            f"model {name!r} version {version!r} is not served; the served version is {model.version}"
-        )
+        hint = f"; the served version is {model.version}" if disclose else ""
+        raise ModelNotFoundError(f"model {name!r} version {version!r} is not served{hint}")
     return model
 
 
@@ -121,7 +123,7 @@ async def model_ready(holder: HolderDep, name: ModelName, version: Version | Non
     """200 when this model (version) is loaded and warmed up."""
     if not holder.ready:
         raise NotReadyError("the model is still loading and warming up")
-    _served(holder, name, version)
+    _served(holder, name, version, disclose=False)
     return Response(status_code=200)
 
 
