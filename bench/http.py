@@ -270,13 +270,12 @@ def knee(results: list[OpenLoopResult], p50_single_ms: float) -> OpenLoopResult 
 # --- in-process engine ----------------------------------------------------------------------------------------
 def engine_throughput(b: BundleUnderTest, threads: int | None, seconds: float) -> dict[str, float]:
     """Images/s of ``MIEngine`` (Combined) on the decoded bench inputs at batch 1 and at batch 64, no HTTP."""
-    from service.backends.onnx import OrtBackend
     from service.mi.engine import MIEngine
     from service.preprocess import ImageSpec, decode_image
-    from service.store import load_bundle
+    from service.store import load_bundle, open_backend
 
     bundle = load_bundle(b.path)
-    backend = OrtBackend.from_bundle(bundle, providers=["CPUExecutionProvider"], intra_op_threads=threads)
+    backend = open_backend(bundle, providers=["CPUExecutionProvider"], intra_op_threads=threads)
     engine = MIEngine(backend, bundle.pool_labels, bundle.manifest.mi)
     spec = ImageSpec(*bundle.manifest.input.shape)
     x = np.stack([decode_image(p.read_bytes(), spec) for p in b.inputs])

@@ -41,12 +41,11 @@ def create_app(bundle_dir: Path, intra_op_threads: int | None = None) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
-        from service.backends.onnx import OrtBackend
         from service.mi.engine import MIEngine
-        from service.store import load_bundle
+        from service.store import load_bundle, open_backend
 
         bundle = load_bundle(bundle_dir)
-        backend = OrtBackend.from_bundle(bundle, providers=["CPUExecutionProvider"], intra_op_threads=intra_op_threads)
+        backend = open_backend(bundle, providers=["CPUExecutionProvider"], intra_op_threads=intra_op_threads)
         engine = MIEngine(backend, bundle.pool_labels, bundle.manifest.mi)
         engine.warmup((1,))
         c, h, w = bundle.manifest.input.shape

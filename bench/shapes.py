@@ -30,10 +30,9 @@ if __name__ == "__main__":  # `python bench/x.py` puts bench/ first on sys.path,
 
 from bench.common import emit_json, log, machine_info
 from bench.engine import rate
-from service.backends.onnx import OrtBackend
 from service.mi.engine import MIEngine
 from service.mi.params import Mode
-from service.store import load_bundle
+from service.store import load_bundle, open_backend
 
 DEFAULT_BUNDLES = ("model_store/mnist-mixup/1",)
 VARIED_BATCHES = (64, 48, 33, 64, 17, 64, 40)
@@ -49,7 +48,7 @@ def per_call_ms(fn: Callable[[], object], seconds: float) -> float:
 def measure(path: Path, providers: str, static: str, seconds: float) -> dict[str, Any]:
     bundle = load_bundle(path)
     p = bundle.manifest.mi
-    backend = OrtBackend.from_bundle(bundle, providers=providers, static_shapes=static)  # type: ignore[arg-type]
+    backend = open_backend(bundle, providers=providers, static_shapes=static)  # type: ignore[arg-type]
     engine = MIEngine(backend, bundle.pool_labels, p, seed=0)
     engine.warmup((1, max(VARIED_BATCHES)))
     rng = np.random.default_rng(0)

@@ -95,13 +95,12 @@ def write_inputs(directory: Path, images: np.ndarray) -> list[Path]:
 
 def measured_gaps(bundle_dir: Path, images_u8: np.ndarray, draws: int, seed: int) -> np.ndarray:
     """Detection gaps of ``images_u8`` through the real engine, ``draws`` independent draws each (flat)."""
-    from service.backends.onnx import OrtBackend
     from service.mi.engine import MIEngine
     from service.mi.params import Mode
-    from service.store import load_bundle
+    from service.store import load_bundle, open_backend
 
     bundle = load_bundle(bundle_dir)
-    backend = OrtBackend.from_bundle(bundle, providers=["CPUExecutionProvider"])
+    backend = open_backend(bundle, providers=["CPUExecutionProvider"])
     engine = MIEngine(backend, bundle.pool_labels, bundle.manifest.mi, seed=seed)
     x = images_u8.astype(np.float32) / 255.0
     return np.concatenate([engine(x, Mode.PL).gap for _ in range(draws)])

@@ -26,12 +26,13 @@ import zipfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 from pydantic import ValidationError
 
+from service.backends.signature import check_pool_images, check_signature, read_signature
 from service.errors import BundleError, BundleNotFoundError
 from service.manifest import (
     MANIFEST_FILE,
@@ -44,6 +45,9 @@ from service.manifest import (
     WEIGHTS_FILE,
     Manifest,
 )
+
+if TYPE_CHECKING:
+    from service.backends.onnx import OrtBackend
 
 LOGGER = logging.getLogger(__name__)
 
@@ -294,8 +298,10 @@ def _npz(fpath: Path, data: bytes, keys: tuple[str, ...]) -> dict[str, NDArray[A
 def _load_pool(fpath: Path, data: bytes, manifest: Manifest) -> tuple[PoolImages, PoolLabels]:
     arrays = _npz(fpath, data, ("images", "labels"))
     images, labels = arrays["images"], arrays["labels"]
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise BundleError(f"{fpath}: images must be uint8 (P,C,H,W), got {images.dtype} {images.shape}")
+    try:
+        check_pool_images(images)
+    except ValueError as exc:
+        raise BundleError(f"{fpath}: {exc}") from exc
     if tuple(images.shape[1:]) != tuple(manifest.input.shape):
         raise BundleError(
             f"{fpath}: pool image shape must equal the manifest input shape, expected {tuple(manifest.input.shape)}, "
@@ -380,34 +386,35 @@ def _check_model(fpath: Path, data: bytes, manifest: Manifest, pool_shape: tuple
     for init in model.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             raise BundleError(f"{fpath}: expected a self-contained model, got external data for {init.name!r}")
-    init_names = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in init_names]
-    spec = manifest.input
-    if len(inputs) != 1 or inputs[0].name != spec.name:
-        raise BundleError(f"{fpath}: expected one input named {spec.name!r}, got {[i.name for i in inputs]}")
-    ttype = inputs[0].type.tensor_type
-    if ttype.elem_type != onnx.TensorProto.FLOAT:
-        raise BundleError(
-            f"{fpath}: input {spec.name!r} must be float32, got {onnx.TensorProto.DataType.Name(ttype.elem_type)}"
+    try:
+        check_signature(
+            read_signature(model),
+            input_name=manifest.input.name,
+            output_name=manifest.input.output_name,
+            pool_shape=tuple(pool_shape),
+            expected_shape=tuple(manifest.input.shape),
+            expected_classes=manifest.n_classes,
         )
-    dims: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in ttype.shape.dim]
-    if len(dims) != 4:
-        raise BundleError(f"{fpath}: input {spec.name!r} must be 4-D (B,C,H,W), got {dims}")
-    if isinstance(dims[0], int):
-        raise BundleError(f"{fpath}: input {spec.name!r} must have a dynamic batch axis, got fixed size {dims[0]}")
-    model_shape = tuple(dims[1:])
-    if model_shape != tuple(spec.shape) or model_shape != tuple(pool_shape):
-        raise BundleError(
-            f"{fpath}: model input shape must agree with the manifest and the pool, expected "
-            f"{tuple(spec.shape)} (manifest) = {tuple(pool_shape)} (pool), got {model_shape}"
-        )
-    outputs = [o.name for o in model.graph.output]
-    if spec.output_name not in outputs:
-        raise BundleError(f"{fpath}: expected an output named {spec.output_name!r}, got {outputs}")
-    out = next(o for o in model.graph.output if o.name == spec.output_name)
-    odims = [d.dim_value if d.HasField("dim_value") else None for d in out.type.tensor_type.shape.dim]
-    if len(odims) != 2 or (odims[1] is not None and odims[1] != manifest.n_classes):
-        raise BundleError(f"{fpath}: output {spec.output_name!r} must be (B, {manifest.n_classes}) logits, got {odims}")
+    except ValueError as exc:
+        raise BundleError(f"{fpath}: {exc}") from exc
+
+
+def open_backend(bundle: Bundle, **options: Any) -> OrtBackend:
+    """An :class:`~service.backends.onnx.OrtBackend` over a verified bundle: its hashed model bytes and pool, with
+    the manifest's input and output names, input shape and class count; ``options`` as in ``OrtBackend``."""
+    from service.backends.onnx import OrtBackend
+
+    spec = bundle.manifest.input
+    return OrtBackend(
+        bundle.model_bytes,
+        bundle.pool_images,
+        input_name=spec.name,
+        output_name=spec.output_name,
+        expected_input_shape=spec.shape,
+        expected_n_classes=bundle.manifest.n_classes,
+        source=bundle.model_source,
+        **options,
+    )
 
 
 # --- writing -------------------------------------------------------------------------------------------------

@@ -116,10 +116,10 @@ def load_model(
     settings: Settings, bundle: Bundle, metrics: Metrics | None, wrap: BackendWrapper | None = None
 ) -> LoadedModel:
     """Serve a verified bundle: the backend over its model bytes and pool, the engine, warmed up. Blocking."""
-    from service.backends.onnx import OrtBackend
+    from service.store import open_backend
 
     t0 = time.perf_counter()
-    inner: MixingBackend = OrtBackend.from_bundle(
+    inner: MixingBackend = open_backend(
         bundle,
         providers=settings.providers,
         mixing=settings.mixing,

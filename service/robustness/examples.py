@@ -37,13 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from PIL import Image
 
-    from service.backends.onnx import OrtBackend
     from service.mi.engine import MIEngine
     from service.robustness.attacks.core import quantize
     from service.robustness.attacks.pgd import pgd_untargeted
     from service.robustness.data import load_split
     from service.robustness.pipeline import DifferentiableMI
-    from service.store import load_bundle
+    from service.store import load_bundle, open_backend
 
     p = argparse.ArgumentParser(prog="python -m service.robustness.examples", description=__doc__)
     p.add_argument("--bundle", type=Path, required=True)
@@ -57,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bundle = load_bundle(args.bundle, require_weights=True)
     names = bundle.manifest.class_names
-    engine = MIEngine(
-        OrtBackend.from_bundle(bundle, providers=["CPUExecutionProvider"]), bundle.pool_labels, bundle.manifest.mi
-    )
+    engine = MIEngine(open_backend(bundle, providers=["CPUExecutionProvider"]), bundle.pool_labels, bundle.manifest.mi)
     x_all, y_all, idx_all = load_split(bundle, "test")
     spread = np.linspace(0, y_all.size - 1, 150).astype(np.int64)  # the split is class-sorted: take every class
     x_np, y_np, idx = x_all[spread], y_all[spread], idx_all[spread]

@@ -61,9 +61,9 @@ class ServedScorer:
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, seeds: list[int]) -> ServedScorer:
-        from service.backends.onnx import OrtBackend
+        from service.store import open_backend
 
-        return cls(OrtBackend.from_bundle(bundle, providers=["CPUExecutionProvider"]), bundle, seeds)
+        return cls(open_backend(bundle, providers=["CPUExecutionProvider"]), bundle, seeds)
 
     def score(self, images: NDArray[np.float32], mode: Mode) -> SeedScores:
         """Run ``mode`` on ``images`` once per seed (float32 (B, C, H, W) in [0, 1], on the 8-bit grid)."""

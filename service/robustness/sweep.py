@@ -53,7 +53,6 @@ def run_sweep(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from service.backends.onnx import OrtBackend
     from service.mi.engine import MIEngine
     from service.mi.params import MixSpec, Mode
     from service.robustness.attacks.core import quantize
@@ -61,7 +60,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     from service.robustness.budgets import threat_for
     from service.robustness.data import load_split
     from service.robustness.pipeline import DifferentiableMI
-    from service.store import load_bundle
+    from service.store import load_bundle, open_backend
 
     if args.bundle is None:
         raise SystemExit("mixinfer calibrate --sweep: --bundle is required")
@@ -86,7 +85,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         ]
     )
     adv_np = quantize(x_adv, x, eps).numpy()
-    backend = OrtBackend.from_bundle(bundle, providers=["CPUExecutionProvider"])
+    backend = open_backend(bundle, providers=["CPUExecutionProvider"])
     base = bundle.manifest.mi
 
     def acc(params: Any, mode: Mode, images: Any) -> float:

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.backends.onnx import CPU, CUDA, OrtBackend
+from service.backends.providers import CPU, CUDA
 from service.mi.engine import MIEngine, Partners
 from service.mi.params import MIParams, Mode
-from service.store import load_bundle
+from service.store import load_bundle, open_backend
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -26,7 +26,7 @@ ATOL = 2e-3
 
 def test_cuda_session_uses_cuda_and_the_fused_device_path(tiny_bundle: Path) -> None:
     bundle = load_bundle(tiny_bundle)
-    gpu = OrtBackend.from_bundle(bundle, providers=[CUDA])
+    gpu = open_backend(bundle, providers=[CUDA])
     assert gpu.provider == CUDA
     assert gpu.mixing == "fused"
     assert gpu._fused is not None and gpu._fused.get_providers()[0] == CUDA
@@ -38,8 +38,8 @@ def test_cuda_session_uses_cuda_and_the_fused_device_path(tiny_bundle: Path) -> 
 @pytest.mark.parametrize("mixing", ["fused", "host"])
 def test_cuda_numbers_match_the_cpu_host_path(tiny_bundle: Path, mixing: str) -> None:
     bundle = load_bundle(tiny_bundle)
-    cpu = OrtBackend.from_bundle(bundle, providers=[CPU], mixing="host")
-    gpu = OrtBackend.from_bundle(bundle, providers=[CUDA, CPU], mixing=mixing, max_mixes_per_call=64)
+    cpu = open_backend(bundle, providers=[CPU], mixing="host")
+    gpu = open_backend(bundle, providers=[CUDA, CPU], mixing=mixing, max_mixes_per_call=64)
     rng = np.random.default_rng(0)
     x = rng.random((33, 1, 8, 8), dtype=np.float32)
     partners = rng.integers(0, bundle.pool_images.shape[0], size=(33, 15))
@@ -50,8 +50,8 @@ def test_cuda_numbers_match_the_cpu_host_path(tiny_bundle: Path, mixing: str) ->
 def test_cuda_engine_matches_the_cpu_engine_on_the_same_partners(tiny_bundle: Path) -> None:
     bundle = load_bundle(tiny_bundle)
     params = MIParams(threshold=0.04)
-    cpu = MIEngine(OrtBackend.from_bundle(bundle, providers=[CPU]), bundle.pool_labels, params, seed=0)
-    gpu = MIEngine(OrtBackend.from_bundle(bundle, providers=[CUDA]), bundle.pool_labels, params, seed=0)
+    cpu = MIEngine(open_backend(bundle, providers=[CPU]), bundle.pool_labels, params, seed=0)
+    gpu = MIEngine(open_backend(bundle, providers=[CUDA]), bundle.pool_labels, params, seed=0)
     x = np.random.default_rng(1).random((64, 1, 8, 8), dtype=np.float32)
     a = cpu(x, Mode.COMBINED, return_partners=True)
     assert a.partners is not None

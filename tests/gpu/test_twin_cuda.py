@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from service.backends.onnx import CPU, OrtBackend  # noqa: E402
+from service.backends.providers import CPU  # noqa: E402
 from service.mi.engine import MIEngine  # noqa: E402
 from service.mi.params import Mode  # noqa: E402
 from service.robustness.attacks.core import quantize  # noqa: E402
@@ -19,7 +19,7 @@ from service.robustness.attacks.eot_combined import eot_pgd_combined  # noqa: E4
 from service.robustness.baselines import BASELINES, predict_baseline  # noqa: E402
 from service.robustness.data import load_split  # noqa: E402
 from service.robustness.pipeline import DifferentiableMI  # noqa: E402
-from service.store import load_bundle  # noqa: E402
+from service.store import load_bundle, open_backend  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -39,7 +39,7 @@ def bundle():  # type: ignore[no-untyped-def]
 def test_cuda_twin_matches_the_served_engine_on_the_same_partners(bundle) -> None:  # type: ignore[no-untyped-def]
     twin = DifferentiableMI.from_bundle(bundle, device="cuda")
     assert twin.pool_x.is_cuda and next(twin.model.parameters()).is_cuda
-    engine = MIEngine(OrtBackend.from_bundle(bundle, providers=[CPU]), bundle.pool_labels, bundle.manifest.mi)
+    engine = MIEngine(open_backend(bundle, providers=[CPU]), bundle.pool_labels, bundle.manifest.mi)
     x, _, _ = load_split(bundle, "test", 64)
     res = engine(x, Mode.COMBINED, rng=np.random.default_rng(0), return_partners=True)
     ol = np.where(res.partners.ol < 0, 0, res.partners.ol)[None]

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from service.backends.onnx import OrtBackend
 from service.mi.params import Mode
 from service.robustness.attacks import eot_combined, ol_direct, pgd, pl_aware, square
 from service.robustness.attacks.core import project, quantize
 from service.robustness.data import load_split
 from service.robustness.pipeline import DifferentiableMI
 from service.robustness.served import ServedScorer
+from service.store import open_backend
 
 N = 20
 
@@ -29,7 +29,7 @@ def data(mnist_bundle):
 
 
 def _served_plain_accuracy(bundle, x: np.ndarray, y: np.ndarray) -> float:
-    backend = OrtBackend.from_bundle(bundle, providers=["CPUExecutionProvider"])
+    backend = open_backend(bundle, providers=["CPUExecutionProvider"])
     return float((backend.probs(x).argmax(1) == y).mean())
 
 
@@ -47,7 +47,7 @@ def test_targeted_pgd_reaches_its_target(mnist_bundle, twin, data):
     target = pgd.random_targets(y, 10, np.random.default_rng(0))
     assert (target != y).all()
     x_adv = quantize(pgd.pgd_targeted(twin.logits, x, target, eps=0.3, step=0.02, steps=30), x, 0.3)
-    backend = OrtBackend.from_bundle(mnist_bundle, providers=["CPUExecutionProvider"])
+    backend = open_backend(mnist_bundle, providers=["CPUExecutionProvider"])
     hit = (backend.probs(x_adv.numpy()).argmax(1) == target.numpy()).mean()
     assert hit >= 0.8, hit
 
@@ -102,7 +102,7 @@ def test_quantize_never_leaves_the_ball_even_where_rounding_would():
 
 def test_square_attack_breaks_an_undefended_model_without_gradients(mnist_bundle, data):
     x, y = data
-    backend = OrtBackend.from_bundle(mnist_bundle, providers=["CPUExecutionProvider"])
+    backend = open_backend(mnist_bundle, providers=["CPUExecutionProvider"])
     clean = (backend.probs(x.numpy()).argmax(1) == y.numpy()).mean()
     x_adv = square.square_linf(backend.probs, x.numpy(), y.numpy(), eps=0.3, queries=150, gen=np.random.default_rng(0))
     adv = (backend.probs(quantize(torch.from_numpy(x_adv), x, 0.3).numpy()).argmax(1) == y.numpy()).mean()

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.backends.onnx import OrtBackend
 from service.mi.engine import MIEngine
 from service.mi.params import Mode
-from service.store import load_bundle
+from service.store import load_bundle, open_backend
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "model_store" / "mnist-mixup" / "1"
@@ -21,9 +20,7 @@ RUNS = 20
 
 def _flags(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     bundle = load_bundle(BUNDLE)
-    engine = MIEngine(
-        OrtBackend.from_bundle(bundle, providers=["CPUExecutionProvider"]), bundle.pool_labels, bundle.manifest.mi
-    )
+    engine = MIEngine(open_backend(bundle, providers=["CPUExecutionProvider"]), bundle.pool_labels, bundle.manifest.mi)
     imgs = []
     for p in paths:
         with Image.open(p) as im:

@@ -6,21 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from service.backends.onnx import OrtBackend
 from service.mi.engine import MIEngine
 from service.mi.params import Mode
 from service.robustness.attacks.core import eot_gradient
 from service.robustness.attacks.eot_combined import nll
 from service.robustness.data import load_split
 from service.robustness.pipeline import DifferentiableMI
-from service.store import load_bundle
+from service.store import load_bundle, open_backend
 
 TOL = 1e-4
 
 
 def _engine_and_twin(bundle, **mi_overrides):
     params = bundle.manifest.mi.model_copy(update=mi_overrides)
-    backend = OrtBackend.from_bundle(bundle, providers=["CPUExecutionProvider"])
+    backend = open_backend(bundle, providers=["CPUExecutionProvider"])
     engine = MIEngine(backend, bundle.pool_labels, params)
     twin = DifferentiableMI.from_bundle(bundle)
     twin.params = params
@@ -71,7 +70,7 @@ def test_twin_of_tiny_onnx_bundle_matches_engine(tiny_bundle):
         model, bundle.pool_images, bundle.pool_labels, bundle.manifest.mi.model_copy(update={"threshold": 0.0})
     )
     engine = MIEngine(
-        OrtBackend.from_bundle(bundle, providers=["CPUExecutionProvider"]),
+        open_backend(bundle, providers=["CPUExecutionProvider"]),
         bundle.pool_labels,
         twin.params,
     )

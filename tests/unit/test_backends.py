@@ -12,9 +12,10 @@ from tinybundle import make_tiny_bundle, rehash, tiny_onnx_model, tiny_weights
 
 from service.backends.base import Classifier, MixingBackend
 from service.backends.fused import FUSED_OUTPUT, build_fused_model
-from service.backends.onnx import CPU, CUDA, OrtBackend, check_no_fallback, parse_providers, providers_for_build
-from service.errors import BackendError, ConfigError
-from service.store import Bundle, load_bundle
+from service.backends.onnx import OrtBackend
+from service.backends.providers import CPU, CUDA, check_no_fallback, parse_providers, providers_for_build
+from service.errors import BackendError, BundleError, ConfigError
+from service.store import Bundle, load_bundle, open_backend
 
 
 @pytest.fixture
@@ -47,14 +48,14 @@ def _x(b: int, seed: int = 0) -> np.ndarray:
 
 
 def test_backend_satisfies_both_protocols_and_reports_its_provider(bundle: Bundle) -> None:
-    be = OrtBackend.from_bundle(bundle)
+    be = open_backend(bundle)
     assert isinstance(be, MixingBackend) and isinstance(be, Classifier)
     assert be.provider == CPU and be.mixing == "host"  # auto picks host on the CPU provider
     assert be.n_classes == 4 and be.input_shape == (1, 8, 8)
 
 
 def test_logits_and_probs_match_an_independent_numpy_network(bundle: Bundle) -> None:
-    be = OrtBackend.from_bundle(bundle)
+    be = open_backend(bundle)
     x = _x(7)
     expected = _numpy_tiny_cnn(x, tiny_weights(4, (1, 8, 8), 0))
     np.testing.assert_allclose(be.logits(x), expected, atol=1e-4, rtol=1e-4)
@@ -63,7 +64,7 @@ def test_logits_and_probs_match_an_independent_numpy_network(bundle: Bundle) -> 
 
 @pytest.mark.parametrize("mixing", ["host", "fused"])
 def test_mean_mix_probs_is_the_mean_of_softmax_over_the_blends(bundle: Bundle, mixing: str) -> None:
-    be = OrtBackend.from_bundle(bundle, mixing=mixing)
+    be = open_backend(bundle, mixing=mixing)
     x = _x(5, seed=1)
     partners = np.random.default_rng(2).integers(0, 24, size=(5, 6))
     lam = 0.3
@@ -77,8 +78,8 @@ def test_mean_mix_probs_is_the_mean_of_softmax_over_the_blends(bundle: Bundle, m
 @pytest.mark.parametrize("n", [1, 5, 15, 40])
 @pytest.mark.parametrize("max_mixes", [1, 7, 1024])
 def test_fused_and_host_paths_agree_on_the_same_indices(bundle: Bundle, n: int, max_mixes: int) -> None:
-    host = OrtBackend.from_bundle(bundle, mixing="host", max_mixes_per_call=max_mixes)
-    fused = OrtBackend.from_bundle(bundle, mixing="fused", max_mixes_per_call=max_mixes)
+    host = open_backend(bundle, mixing="host", max_mixes_per_call=max_mixes)
+    fused = open_backend(bundle, mixing="fused", max_mixes_per_call=max_mixes)
     assert fused.mixing == "fused" and fused.provider == CPU
     x = _x(9, seed=n)
     partners = np.random.default_rng(n).integers(0, 24, size=(9, n))
@@ -97,8 +98,8 @@ def test_no_backend_call_exceeds_the_configured_number_of_mixes(bundle: Bundle) 
             seen.append(x.shape[0])
             return super()._run_classifier(x)
 
-    be = Recording.from_bundle(bundle, max_mixes_per_call=8)
-    big = OrtBackend.from_bundle(bundle)
+    be = Recording(bundle.model_bytes, bundle.pool_images, max_mixes_per_call=8)
+    big = open_backend(bundle)
     x = _x(5)
     partners = np.random.default_rng(0).integers(0, 24, size=(5, 7))  # 35 mixes
     seen.clear()
@@ -119,7 +120,7 @@ def test_the_fused_graph_keeps_the_pool_as_a_uint8_initializer(bundle: Bundle) -
 
 
 def test_warmup_runs_every_path_at_each_batch_size(bundle: Bundle) -> None:
-    be = OrtBackend.from_bundle(bundle, mixing="fused")
+    be = open_backend(bundle, mixing="fused")
     be.warmup((1, 3), mixes_per_image=(2, 5))
     with pytest.raises(ConfigError, match="warm-up batch sizes must be >= 1, got 0"):
         be.warmup((0,))
@@ -128,8 +129,8 @@ def test_warmup_runs_every_path_at_each_batch_size(bundle: Bundle) -> None:
 # --- static shapes: one session per (graph, row bucket, N), padded calls ------------------------------------------
 @pytest.mark.parametrize("mixing", ["host", "fused"])
 def test_static_shapes_give_the_unpadded_numbers_for_every_batch_size(bundle: Bundle, mixing: str) -> None:
-    plain = OrtBackend.from_bundle(bundle, mixing=mixing, static_shapes="off", max_mixes_per_call=40)
-    static = OrtBackend.from_bundle(bundle, mixing=mixing, static_shapes="on", max_mixes_per_call=40)
+    plain = open_backend(bundle, mixing=mixing, static_shapes="off", max_mixes_per_call=40)
+    static = open_backend(bundle, mixing=mixing, static_shapes="on", max_mixes_per_call=40)
     assert static.static_shapes and not plain.static_shapes
     rng = np.random.default_rng(4)
     for b in (1, 2, 3, 5, 8, 13, 40, 41, 100):
@@ -145,7 +146,7 @@ def test_static_shapes_give_the_unpadded_numbers_for_every_batch_size(bundle: Bu
 
 
 def test_static_shape_warmup_makes_every_bucket_up_to_the_largest_batch(bundle: Bundle) -> None:
-    be = OrtBackend.from_bundle(bundle, mixing="fused", static_shapes="on")
+    be = open_backend(bundle, mixing="fused", static_shapes="on")
     be.warmup((1, 12), mixes_per_image=(5, 15))
     buckets = (1, 2, 4, 8, 16)  # 1..12 rows land in one of these (12 pads to 16)
     expected = {("classifier", r, 1) for r in buckets} | {("fused", r, n) for r in buckets for n in (5, 15)}
@@ -159,15 +160,15 @@ def test_static_shape_warmup_makes_every_bucket_up_to_the_largest_batch(bundle: 
 
 
 def test_static_shapes_are_off_on_the_cpu_provider_unless_asked(bundle: Bundle) -> None:
-    be = OrtBackend.from_bundle(bundle)
+    be = open_backend(bundle)
     assert be.provider == CPU and not be.static_shapes
     be.probs(_x(3))
     assert be.static_sessions == []
 
 
 def test_thread_counts_are_applied(bundle: Bundle) -> None:
-    be = OrtBackend.from_bundle(bundle, intra_op_threads=1, inter_op_threads=1)
-    assert be._options.intra_op_num_threads == 1 and be._options.inter_op_num_threads == 1
+    be = open_backend(bundle, intra_op_threads=1, inter_op_threads=1)
+    assert be._factory.options.intra_op_num_threads == 1 and be._factory.options.inter_op_num_threads == 1
     assert be.probs(_x(2)).shape == (2, 4)
 
 
@@ -200,7 +201,7 @@ def test_a_model_with_a_symbolic_class_dimension_is_served(tiny_bundle: Path, mi
     onnx.save_model(_symbolic_class_model(), str(tiny_bundle / "model.onnx"))
     rehash(tiny_bundle)
     bundle = load_bundle(tiny_bundle)  # the store accepts it, so the backend must serve it
-    be = OrtBackend.from_bundle(bundle, mixing=mixing, static_shapes=static_shapes)
+    be = open_backend(bundle, mixing=mixing, static_shapes=static_shapes)
     assert be.n_classes == 4
     x = _x(3)
     weights = tiny_weights(4, (1, 8, 8), 0)
@@ -215,16 +216,31 @@ def test_a_model_with_a_symbolic_class_dimension_is_served(tiny_bundle: Path, mi
 def test_refuses_a_model_whose_input_disagrees_with_the_pool(bundle: Bundle, tmp_path: Path) -> None:
     other = make_tiny_bundle(tmp_path, shape=(1, 9, 9))
     with pytest.raises(
-        BackendError, match=r"must equal the pool image shape, expected \(1, 8, 8\) \(pool\), got \(1, 9, 9\)"
+        BackendError, match=r"input shape must agree with the pool, expected \(1, 8, 8\) \(pool\), got \(1, 9, 9\)"
     ):
         OrtBackend((other / "model.onnx").read_bytes(), bundle.pool_images)
 
 
 def test_refuses_a_model_that_disagrees_with_the_manifest(bundle: Bundle) -> None:
-    with pytest.raises(BackendError, match=r"must equal the manifest input shape, expected \(3, 8, 8\)"):
+    with pytest.raises(
+        BackendError, match=r"expected \(1, 8, 8\) \(pool\) = \(3, 8, 8\) \(manifest\), got \(1, 8, 8\)"
+    ):
         OrtBackend(bundle.model_bytes, bundle.pool_images, expected_input_shape=(3, 8, 8))
-    with pytest.raises(BackendError, match=r"model output classes must equal the manifest's, expected 10, got 4"):
+    with pytest.raises(BackendError, match=r"output 'logits' must be \(B, 10\) logits, got \[None, 4\]"):
         OrtBackend(bundle.model_bytes, bundle.pool_images, expected_n_classes=10)
+
+
+def test_the_store_and_the_backend_refuse_a_model_with_the_same_check(tiny_bundle: Path, tmp_path: Path) -> None:
+    """One signature check: a model the store refuses is refused by the backend with the same words."""
+    other = make_tiny_bundle(tmp_path, shape=(1, 9, 9))
+    (tiny_bundle / "model.onnx").write_bytes((other / "model.onnx").read_bytes())
+    rehash(tiny_bundle)
+    with pytest.raises(BundleError) as refused:
+        load_bundle(tiny_bundle)
+    pool = np.zeros((4, 1, 8, 8), np.uint8)
+    with pytest.raises(BackendError) as backend_refused:
+        OrtBackend((other / "model.onnx").read_bytes(), pool, expected_input_shape=(1, 8, 8))
+    assert str(refused.value).split("model.onnx: ")[1] == str(backend_refused.value).split("model.onnx: ")[1]
 
 
 def test_refuses_a_corrupt_model(bundle: Bundle) -> None:
@@ -254,7 +270,7 @@ def test_refuses_bad_settings(bundle: Bundle, kwargs: dict, message: str) -> Non
 
 
 def test_refuses_bad_mix_calls(bundle: Bundle) -> None:
-    be = OrtBackend.from_bundle(bundle)
+    be = open_backend(bundle)
     x = _x(2)
     with pytest.raises(ValueError, match=r"partners must index \[0, 23\], got \[0, 24\]"):
         be.mean_mix_probs(x, np.array([[0], [24]]), 0.5)
@@ -272,7 +288,7 @@ def test_parse_providers_accepts_the_settings_string() -> None:
 
 def test_cuda_then_cpu_on_a_cpu_only_build_runs_on_cpu(bundle: Bundle) -> None:
     assert providers_for_build([CUDA, CPU], [CPU]) == [CPU]
-    be = OrtBackend.from_bundle(bundle, providers=f"{CUDA},{CPU}")
+    be = open_backend(bundle, providers=f"{CUDA},{CPU}")
     if CUDA not in ort.get_available_providers():
         assert be.provider == CPU
 

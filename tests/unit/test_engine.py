@@ -13,7 +13,7 @@ from service.mi.detection import detection_gap, is_flagged
 from service.mi.engine import MIEngine, Partners
 from service.mi.params import Branch, MIParams, MixSpec, Mode
 from service.mi.reference import reference_mi
-from service.store import Bundle, load_bundle
+from service.store import Bundle, load_bundle, open_backend
 
 #: about half of the tiny model's gaps on uniform-noise inputs are above this (both branches get exercised)
 THRESHOLD = 0.04
@@ -34,7 +34,7 @@ def bundle(tiny_bundle: Path) -> Bundle:
 
 @pytest.fixture
 def backend(bundle: Bundle) -> OrtBackend:
-    return OrtBackend.from_bundle(bundle, mixing="host", intra_op_threads=1)
+    return open_backend(bundle, mixing="host", intra_op_threads=1)
 
 
 @pytest.fixture

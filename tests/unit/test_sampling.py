@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from service.backends.onnx import OrtBackend
 from service.errors import BundleError
 from service.mi.engine import MIEngine
 from service.mi.params import MIParams, Mode
 from service.mi.pool import PoolIndex
-from service.store import load_bundle
+from service.store import load_bundle, open_backend
 
 #: significance for the goodness-of-fit tests; seeds are fixed, so these tests are deterministic
 ALPHA = 1e-3
@@ -34,7 +33,7 @@ def test_pl_partners_always_come_from_the_predicted_class() -> None:
 
 def test_engine_pl_partners_follow_its_own_clean_prediction(tiny_bundle: Path) -> None:
     bundle = load_bundle(tiny_bundle)
-    engine = MIEngine(OrtBackend.from_bundle(bundle), bundle.pool_labels, MIParams(threshold=0.0), seed=4)
+    engine = MIEngine(open_backend(bundle), bundle.pool_labels, MIParams(threshold=0.0), seed=4)
     x = np.random.default_rng(0).random((64, 1, 8, 8), dtype=np.float32)
     res = engine(x, Mode.COMBINED, return_partners=True)
     assert res.partners is not None and res.flagged.any()

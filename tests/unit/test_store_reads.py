@@ -12,10 +12,9 @@ import onnx
 import pytest
 from tinybundle import make_tiny_bundle, tiny_onnx_model, tiny_weights
 
-from service.backends.onnx import OrtBackend
 from service.errors import BundleError
 from service.manifest import MODEL_FILE, POOL_FILE, SPLITS_FILE
-from service.store import load_bundle, resolve_bundle
+from service.store import load_bundle, open_backend, resolve_bundle
 
 _WATCHED: list[Path] = []
 _OPENED: Counter[str] = Counter()
@@ -45,17 +44,17 @@ def opened(tiny_bundle: Path):
 
 def test_loading_a_bundle_and_serving_it_opens_every_file_once(tiny_bundle: Path, opened: Counter) -> None:
     bundle = load_bundle(tiny_bundle, require_weights=True)
-    backend = OrtBackend.from_bundle(bundle, mixing="fused")
+    backend = open_backend(bundle, mixing="fused")
     backend.probs(np.zeros((2, 1, 8, 8), np.float32))
     assert {name: opened[name] for name in bundle.manifest.files} == dict.fromkeys(bundle.manifest.files, 1)
 
 
 def test_a_model_replaced_after_loading_is_not_served(tiny_bundle: Path) -> None:
     bundle = load_bundle(tiny_bundle)
-    before = OrtBackend.from_bundle(bundle).probs(np.full((1, 1, 8, 8), 0.3, np.float32))
+    before = open_backend(bundle).probs(np.full((1, 1, 8, 8), 0.3, np.float32))
     other = tiny_onnx_model(tiny_weights(4, (1, 8, 8), seed=9), (1, 8, 8), 4)
     onnx.save_model(other, str(tiny_bundle / MODEL_FILE))  # swapped on disk after the hash check
-    after = OrtBackend.from_bundle(bundle).probs(np.full((1, 1, 8, 8), 0.3, np.float32))
+    after = open_backend(bundle).probs(np.full((1, 1, 8, 8), 0.3, np.float32))
     np.testing.assert_array_equal(after, before)
 
 

@@ -13,12 +13,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from service.backends.onnx import OrtBackend  # noqa: E402
 from service.errors import BundleError  # noqa: E402
 from service.manifest import MANIFEST_FILE, MODEL_FILE  # noqa: E402
 from service.mi.engine import MIEngine  # noqa: E402
 from service.mi.params import Mode  # noqa: E402
-from service.store import load_bundle, sha256_file  # noqa: E402
+from service.store import load_bundle, open_backend, sha256_file  # noqa: E402
 from service.training.bundle import BundleRequest, build_bundle, default_train_config, recompute_numbers  # noqa: E402
 from service.training.calibrate import choose_threshold  # noqa: E402
 from service.training.datasets import load_dataset  # noqa: E402
@@ -58,7 +57,7 @@ def test_tiny_run_gives_a_bundle_the_loader_accepts_and_the_engine_serves(tiny_b
     ds = load_dataset("mnist5k")
     assert m.dataset.sha256 == ds.sha256
     assert np.array_equal(bundle.pool_images, ds.images[bundle.splits["pool"]])
-    backend = OrtBackend.from_bundle(bundle, intra_op_threads=1)
+    backend = open_backend(bundle, intra_op_threads=1)
     engine = MIEngine(backend, bundle.pool_labels, m.mi, seed=0)
     x = ds.images[bundle.splits["test"][:16]].astype(np.float32) / 255
     res = engine(x, Mode.COMBINED)
@@ -79,7 +78,7 @@ def test_torch_twin_rebuilt_from_weights_matches_the_onnx_model(tiny_bundle):
     model = load_bundle_model(bundle)
     assert not model.training
     x = np.random.default_rng(0).random((64, 1, 28, 28), dtype=np.float32)
-    ort_logits = OrtBackend.from_bundle(bundle, intra_op_threads=1).logits(x)
+    ort_logits = open_backend(bundle, intra_op_threads=1).logits(x)
     with torch.no_grad():
         torch_logits = model(torch.from_numpy(x)).numpy()
     assert np.max(np.abs(ort_logits - torch_logits)) <= 1e-4
