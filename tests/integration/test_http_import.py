@@ -8,10 +8,9 @@ import pytest
 from importmodels import VARIANTS, Variant, class_images, import_variant, reference_probs, write_folder
 from mixserver import png_bytes, run_server, settings_for
 
-from service.backends.onnx import OrtBackend
 from service.mi.engine import MIEngine
 from service.mi.params import Mode
-from service.store import load_bundle
+from service.store import load_bundle, open_backend
 
 pytestmark = pytest.mark.integration
 
@@ -36,9 +35,7 @@ def test_imported_model_served(variant, data, tmp_path):
     files = [("images", (f"{i}.png", png_bytes(img.transpose(1, 2, 0)), "image/png")) for i, img in enumerate(images)]
     want_off = reference_probs(variant, tmp_path / f"{variant.name}.onnx", images)
     x = images.astype(np.float32) * np.float32(1.0 / 255.0)  # the server's decoder scales so (service.preprocess)
-    engine = MIEngine(
-        OrtBackend.from_bundle(bundle, providers=["CPUExecutionProvider"]), bundle.pool_labels, m.mi, seed=SEED
-    )
+    engine = MIEngine(open_backend(bundle, providers=["CPUExecutionProvider"]), bundle.pool_labels, m.mi, seed=SEED)
     want_mi = engine(x, Mode.COMBINED)
     settings = settings_for(tmp_path / "store", name=variant.name, seed=SEED, allow_mode_override=True)
     with run_server(settings) as srv:
