@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from tinybundle import make_tiny_bundle
 pytestmark = pytest.mark.integration
 
 NAME = "rgb"
-SHAPE = (3, 16, 16)
+SHAPE = (3, 32, 32)
 SIDE = 4096
 DEFAULT_REQUEST_PIXELS = 64 * 1024 * 1024  # MIXINFER_MAX_PIXELS_PER_REQUEST's default: 4 images of 4096x4096
 
@@ -64,21 +65,41 @@ def served(store: Path) -> Iterator[Proc]:
         proc.stop()
 
 
-def test_liveness_is_answered_before_decode_heavy_requests(served: Proc) -> None:
-    """4 clients send a 4096x4096 PNG each (a few KB, ~0.1 s of decoding); a liveness probe sent after they have
-    started is answered before any of them, and so are the next probes sent one after another on its connection.
+def heavy_request(kind: str, host_port: str) -> tuple[bytes, int]:
+    """A decode-heavy request and its answer's status.
+
+    ``png_4096``: a 4096x4096 PNG (~25 KB, ~0.1 s of decoding). ``json_arrays``: 256 array instances (a 5.5 MB
+    body) whose very last value is out of range, so that the server converts everything, then answers 400 at once
+    without waiting for the engine (with the conversion on the event loop, that answer went out before a probe that
+    arrived meanwhile was even read). OIP bodies take the same worker-thread path (``off_loop``)."""
+    c, h, w = SHAPE
+    if kind == "png_4096":
+        return raw_post(host_port, "/predict", big_png(), "image/png"), 200
+    values = np.random.default_rng(0).random((256, c, h, w)).round(4)
+    values[-1, -1, -1, -1] = 2.0
+    body = json.dumps({"instances": values.tolist()}).encode()
+    return raw_post(host_port, "/predict", body, "application/json"), 400
+
+
+@pytest.mark.parametrize("kind", ["png_4096", "json_arrays"])
+def test_liveness_is_answered_before_decode_heavy_requests(served: Proc, kind: str) -> None:
+    """4 clients send a decode-heavy request each; a liveness probe sent after they have started is answered
+    before any of them, and so are the next probes sent one after another on its connection.
 
     Progress, not time: with the decoding on the event loop, the first probe waited for the decodes and came back
-    together with the first answers (2 probes at most came before any of them)."""
+    together with the first answers (2 probes at most came before any PNG answer), or after them (JSON)."""
     host_port = f"127.0.0.1:{served.port}"
-    request = raw_post(host_port, "/predict", big_png(), "image/png")
+    request, expected = heavy_request(kind, host_port)
     live = f"GET /v2/health/live HTTP/1.1\r\nHost: {host_port}\r\n\r\n".encode()
     order: list[tuple[str, int]] = []
+
+    sent = asyncio.Semaphore(0)
 
     async def heavy() -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
         writer.write(request)
         await writer.drain()
+        sent.release()
         status, _, _ = await asyncio.wait_for(read_response(reader), timeout=60)
         order.append(("heavy", status))
         writer.close()
@@ -86,7 +107,9 @@ def test_liveness_is_answered_before_decode_heavy_requests(served: Proc) -> None
     async def main() -> None:
         probe_reader, probe_writer = await asyncio.open_connection("127.0.0.1", served.port)
         tasks = [asyncio.ensure_future(heavy()) for _ in range(4)]
-        await asyncio.sleep(0.02)  # every heavy request is written and being read or decoded
+        for _ in tasks:
+            await sent.acquire()
+        await asyncio.sleep(0.005)  # every heavy request is written and being read or decoded
         while not any(name == "heavy" for name, _ in order) and len(order) < 1000:
             probe_writer.write(live)
             status, _, _ = await asyncio.wait_for(read_response(probe_reader), timeout=60)
@@ -96,7 +119,7 @@ def test_liveness_is_answered_before_decode_heavy_requests(served: Proc) -> None
 
     asyncio.run(main())
     heavy_statuses = [status for name, status in order if name == "heavy"]
-    assert heavy_statuses == [200] * 4, order
+    assert heavy_statuses == [expected] * 4, order
     assert order[0] == ("live", 200), f"the first liveness probe waited for a decode-heavy request: {order}"
     first_heavy = next(i for i, (name, _) in enumerate(order) if name == "heavy")
     assert first_heavy >= 3, f"only {first_heavy} liveness probes answered while 4 requests were decoded: {order}"
