@@ -81,8 +81,10 @@ def _c(name: str, value: Any, dtype: Any = np.float32) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
 
 
-def build_model(v: Variant, extra_output: bool = False, hardcoded_reshape: bool = False) -> onnx.ModelProto:
-    """The ONNX model of variant ``v`` (opset 17)."""
+def build_model(
+    v: Variant, extra_output: bool = False, hardcoded_reshape: bool = False, opset: int = 17
+) -> onnx.ModelProto:
+    """The ONNX model of variant ``v`` (opset 17 unless given)."""
     h: int | str = "h" if v.symbolic_size else SIZE
     w: int | str = "w" if v.symbolic_size else SIZE
     dims = [v.batch, 3, h, w] if v.layout == "nchw" else [v.batch, h, w, 3]
@@ -123,10 +125,47 @@ def build_model(v: Variant, extra_output: bool = False, hardcoded_reshape: bool 
     graph = helper.make_graph(
         nodes, v.name, [helper.make_tensor_value_info("input", _TYPES[v.input_type], dims)], outputs, initializer=inits
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="tests")
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+def build_grey_model(size: int = SIZE) -> onnx.ModelProto:
+    """A 1-channel NHWC model taking 0-255 pixels: class k is brightness level (0.2, 0.5, 0.8)[k] of the image."""
+    nodes = [
+        helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Div", ["nchw", "k255"], ["x01"]),
+        helper.make_node("GlobalAveragePool", ["x01"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["m"], axis=1),
+        helper.make_node("Sub", ["m", "centres"], ["d"]),
+        helper.make_node("Mul", ["d", "d"], ["d2"]),
+        helper.make_node("Mul", ["d2", "sharp"], ["scores"]),
+    ]
+    inits = [_c("k255", 255.0), _c("centres", [0.2, 0.5, 0.8]), _c("sharp", -60.0)]
+    graph = helper.make_graph(
+        nodes,
+        "grey",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", size, size, 1])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 3])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
+    model.ir_version = 8
+    return model
+
+
+def write_grey_folder(root: Path, n_per_class: int = 12, seed: int = 0) -> Path:
+    """``root/<level>/<i>.png`` greyscale images around brightness 0.2, 0.5, 0.8."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for k, level in enumerate((0.2, 0.5, 0.8)):
+        (root / f"level{k}").mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            img = np.clip(rng.normal(255 * level, 20, size=(SIZE, SIZE)), 0, 255).astype(np.uint8)
+            Image.fromarray(img, "L").save(root / f"level{k}" / f"{i:03d}.png")
+    return root
 
 
 def save(model: onnx.ModelProto, path: Path) -> Path:

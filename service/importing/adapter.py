@@ -5,9 +5,9 @@ Adapters, in order: layout transpose (NHWC models), scaling to 0-255, ``(x - mea
 type (float16: Cast; uint8: Round -> Clip(0, 255) -> Cast), the model, float32 output, and for a model that ends in
 softmax ``log(max(p, 1e-30))`` (the engine applies softmax to what the graph returns: ``softmax(log p) = p``).
 
-Batch: a model whose batch axis is symbolic keeps it; a fixed batch of 1 is first made symbolic (``dynamic``);
-when that does not reproduce the model at a batch above 1 (hard-coded Reshape nodes), the model runs inside an
-ONNX ``Scan`` over the batch, one image at a time (``scan``).
+Batch: a model whose batch axis is symbolic keeps it (``symbolic``); a fixed batch of 1 is made symbolic
+(``dynamic``); when that does not reproduce the model at a batch above 1 (hard-coded Reshape nodes), the model runs
+inside an ONNX ``Scan`` over the batch, one image at a time (``scan``).
 """
 
 from __future__ import annotations

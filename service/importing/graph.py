@@ -37,6 +37,7 @@ class Source:
     output_name: str
     output_type: str  #: float32 or float16
     output_dims: tuple[Dim, ...]
+    original: onnx.ModelProto  #: the model as read (``model`` may be converted up to :data:`MIN_OPSET`)
 
 
 def _dims(value: onnx.ValueInfoProto) -> tuple[Dim, ...] | None:
@@ -132,6 +133,7 @@ def inspect_source(path: Path, input_name: str | None = None, output_name: str |
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0][:200]
         raise ImportRefusedError(f"--onnx {path}: expected a graph that passes onnx.checker, got: {first}") from None
+    original = model
     if opset < MIN_OPSET:
         try:
             from onnx import version_converter
@@ -193,4 +195,6 @@ def inspect_source(path: Path, input_name: str | None = None, output_name: str |
         OUTPUT_TYPES[oelem],
         list(odims),
     )
-    return Source(model, digest, opset, chosen_in, INPUT_TYPES[elem], dims, chosen_out, OUTPUT_TYPES[oelem], odims)
+    return Source(
+        model, digest, opset, chosen_in, INPUT_TYPES[elem], dims, chosen_out, OUTPUT_TYPES[oelem], odims, original
+    )

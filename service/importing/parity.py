@@ -1,9 +1,9 @@
 """Parity of the served graph with the user's original model on the user's own images.
 
 The original runs on what the user's pipeline would feed it (:meth:`Adapters.model_input`), one image per call
-when its batch axis is fixed; the served graph runs on ``uint8 / 255`` NCHW, once one image per call and once
-``batch`` images per call (a hard-coded Reshape in a fixed-batch export breaks only there). Both sides are
-compared as probabilities (softmax of logits; a softmax output as it is).
+(the one batch size every export supports); the served graph runs on ``uint8 / 255`` NCHW, once one image per call
+and once ``batch`` images per call (a hard-coded Reshape in a fixed-batch export breaks only there). Both sides
+are compared as probabilities (softmax of logits; a softmax output as it is).
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ def _session(model_bytes: bytes):  # noqa: ANN202 - onnxruntime.InferenceSession
 
 def original_outputs(src: Source, a: Adapters, images_u8: NDArray[np.uint8]) -> NDArray[np.float64]:
     """The original model's raw outputs (B, K) on uint8 (B, C, H, W) images, fed as the user's pipeline would."""
-    sess = _session(src.model.SerializeToString())
+    sess = _session(src.original.SerializeToString())  # the user's file, not its opset conversion
     x = a.model_input(images_u8)
-    step = 1 if isinstance(src.input_dims[0], int) else PARITY_BATCH
+    step = 1  # the reference is the model at batch 1: the only batch every export supports
     out = [
         np.asarray(sess.run([src.output_name], {src.input_name: x[i : i + step]})[0], np.float64)
         for i in range(0, len(x), step)

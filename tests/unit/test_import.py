@@ -17,6 +17,7 @@ from importmodels import (
     SIZE,
     VARIANTS,
     Variant,
+    build_grey_model,
     build_model,
     class_images,
     import_args,
@@ -24,6 +25,7 @@ from importmodels import (
     reference_probs,
     save,
     write_folder,
+    write_grey_folder,
 )
 from onnx import TensorProto, helper
 
@@ -275,3 +277,46 @@ def test_refusal_from_the_command_line_is_one_line_exit_2(data, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("mixinfer import: refused: input 'input'")
+
+
+def test_one_channel_nhwc_model_imports(tmp_path):
+    grey = write_grey_folder(tmp_path / "grey")
+    path = save(build_grey_model(), tmp_path / "grey.onnx")
+    flags = ["--input-layout", "nhwc", "--pixel-range", "0-255"]
+    assert main(import_args(path, grey, tmp_path / "s", "grey", *flags)) == 0
+    m = load_bundle(tmp_path / "s" / "grey" / "1").manifest
+    assert m.input.shape == (1, SIZE, SIZE) and m.accuracy.plain >= 0.9
+
+
+def test_old_opset_is_converted_for_the_adapters(data, tmp_path):
+    path = save(build_model(Variant("old"), opset=11), tmp_path / "old.onnx")
+    assert main(import_args(path, data, tmp_path / "s", "old")) == 0
+    imp = load_bundle(tmp_path / "s" / "old" / "1").manifest.imported
+    assert imp.opset == 13 and imp.parity.max_dp_batched <= imp.parity.tol
+
+
+def test_symbolic_batch_with_a_hardcoded_reshape_falls_back_to_scan(data, tmp_path):
+    path = save(build_model(Variant("sym-hard"), hardcoded_reshape=True), tmp_path / "sym-hard.onnx")
+    assert main(import_args(path, data, tmp_path / "s", "symhard")) == 0
+    assert load_bundle(tmp_path / "s" / "symhard" / "1").manifest.imported.batch == "scan"
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--input-size", "4x4"], "expected the graph's fixed 8x8, got 4x4"),
+        (["--input-size", "eight"], "expected HxW"),
+        (["--mean", "0.5,0.5"], "expected both or neither"),
+        (["--mean", "0.5,0.5", "--std", "0.2,0.2"], "expected 1 or 3 values"),
+        (["--mean", "0.5", "--std", "0"], "expected non-zero values"),
+        (["--input-layout", "nhwc"], "expected 1 or 3 channels, got 8"),
+    ],
+)
+def test_options_that_contradict_the_graph_are_refused(capsys, plain, data, tmp_path, flags, needle):
+    assert needle in refused(capsys, import_args(plain, data, tmp_path / "s", "opts", *flags))
+
+
+def test_uint8_input_with_normalisation_is_refused(capsys, data, tmp_path):
+    path = save(build_model(Variant("u8", input_type="uint8", pixel_range="0-255")), tmp_path / "u8.onnx")
+    line = refused(capsys, import_args(path, data, tmp_path / "s", "u8", "--pixel-range", "0-1"))
+    assert "a uint8 input holds 0-255 pixels" in line
