@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +48,36 @@ def _x(b: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((b, 1, 8, 8), dtype=np.float32)
 
 
-def test_backend_satisfies_both_protocols_and_reports_its_provider(bundle: Bundle) -> None:
-    be = open_backend(bundle)
+def _protocol_methods(proto: type) -> dict[str, list[str]]:
+    """Method name -> parameter names (without self) of a protocol's methods."""
+    return {
+        name: list(inspect.signature(member).parameters)[1:]
+        for name, member in vars(proto).items()
+        if callable(member) and (not name.startswith("_") or name == "__call__")
+    }
+
+
+@pytest.mark.parametrize("mixing", ["host", "fused"])
+def test_backend_keeps_the_protocols_contract_and_reports_its_provider(bundle: Bundle, mixing: str) -> None:
+    """``isinstance`` on a runtime-checkable protocol only checks that the names exist: check the signatures and
+    what each member gives (types, shapes, rows summing to 1)."""
+    be = open_backend(bundle, mixing=mixing)
     assert isinstance(be, MixingBackend) and isinstance(be, Classifier)
-    assert be.provider == CPU and be.mixing == "host"  # auto picks host on the CPU provider
-    assert be.n_classes == 4 and be.input_shape == (1, 8, 8)
+    for proto in (MixingBackend, Classifier):
+        for name, params in _protocol_methods(proto).items():
+            assert list(inspect.signature(getattr(be, name)).parameters) == params, (proto.__name__, name)
+    assert be.provider == CPU and be.mixing == mixing  # auto picks host on the CPU provider
+    assert type(be.n_classes) is int and be.n_classes == 4
+    assert be.input_shape == (1, 8, 8) and all(type(d) is int for d in be.input_shape)
+    x = _x(3)
+    logits, probs = be(x), be.probs(x)
+    mixed = be.mean_mix_probs(x, np.zeros((3, 2), dtype=np.int64), 0.5)
+    for out in (logits, probs, mixed):
+        assert out.dtype == np.float32 and out.shape == (3, 4)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(mixed.sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(probs, _softmax64(logits.astype(np.float64)), atol=1e-6)
+    assert open_backend(bundle).mixing == "host"  # auto picks host on the CPU provider
 
 
 def test_logits_and_probs_match_an_independent_numpy_network(bundle: Bundle) -> None:
@@ -120,8 +146,21 @@ def test_the_fused_graph_keeps_the_pool_as_a_uint8_initializer(bundle: Bundle) -
 
 
 def test_warmup_runs_every_path_at_each_batch_size(bundle: Bundle) -> None:
-    be = open_backend(bundle, mixing="fused")
+    ran: list[tuple[str, int, int]] = []
+
+    class Recording(OrtBackend):
+        def _run_classifier(self, x: np.ndarray) -> np.ndarray:
+            ran.append(("classifier", x.shape[0], 1))
+            return super()._run_classifier(x)
+
+        def _run_fused(self, x: np.ndarray, idx: np.ndarray, lam: np.ndarray) -> np.ndarray:
+            ran.append(("fused", *idx.shape))
+            return super()._run_fused(x, idx, lam)
+
+    be = Recording(bundle.model_bytes, bundle.pool_images, mixing="fused", static_shapes="off")
     be.warmup((1, 3), mixes_per_image=(2, 5))
+    expected = {("classifier", b, 1) for b in (1, 3)} | {("fused", b, n) for b in (1, 3) for n in (2, 5)}
+    assert set(ran) == expected  # the plain path at each batch size, the mix path at each (batch size, N)
     with pytest.raises(ConfigError, match="warm-up batch sizes must be >= 1, got 0"):
         be.warmup((0,))
 
