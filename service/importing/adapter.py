@@ -221,7 +221,10 @@ def build_served_model(src: Source, a: Adapters, batch: BatchMode) -> onnx.Model
             "mixinfer_one_image",
             [helper.make_tensor_value_info("mixinfer_scan_x", elem, model_dims)],
             [helper.make_tensor_value_info("mixinfer_scan_y", out_elem, [None])],
+            initializer=inits,  # inside the body: the fused MI graph renames outer names (onnx.compose.add_prefix)
         )
+        body.sparse_initializer.extend(core.sparse_initializer)
+        inits = []
         scan = helper.make_node("Scan", [adapted], ["mixinfer_scan_scores"], body=body, num_scan_inputs=1)
         nodes = [*_input_nodes(a, in_name, adapted), scan, *_output_nodes(a, src, "mixinfer_scan_scores", out_name)]
     else:
@@ -231,7 +234,8 @@ def build_served_model(src: Source, a: Adapters, batch: BatchMode) -> onnx.Model
             *_output_nodes(a, src, src.output_name, out_name),
         ]
     graph = helper.make_graph(nodes, "mixinfer_served", [served_in], [served_out], initializer=inits)
-    graph.sparse_initializer.extend(core.sparse_initializer)
+    if batch != "scan":
+        graph.sparse_initializer.extend(core.sparse_initializer)
     model = helper.make_model(graph, opset_imports=list(src.model.opset_import), producer_name="mixinfer import")
     model.ir_version = src.model.ir_version
     model.functions.extend(src.model.functions)

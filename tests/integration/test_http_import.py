@@ -51,3 +51,19 @@ def test_imported_model_served(variant, data, tmp_path):
     assert [p["adversarial"] for p in preds] == want_mi.flagged.tolist()
     got_mi = np.array([[p["probabilities"][n] for n in names] for p in preds])
     np.testing.assert_allclose(got_mi, want_mi.probs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", CASES, ids=lambda v: v.name)
+def test_fused_mixing_graph_agrees_with_host_mixing(variant, data, tmp_path):
+    """The fused MI graph (the GPU path) wraps the served graph, adapters and Scan included; run on the CPU
+    provider here, it gives the host path's numbers on the same partners."""
+    bundle = load_bundle(
+        import_variant(variant, tmp_path, data, tmp_path / "store", hardcoded_reshape="hardcoded" in variant.name)
+    )
+    rng = np.random.default_rng(4)
+    x = np.concatenate([class_images(k, 3, rng) for k in range(3)]).astype(np.float32) / np.float32(255.0)
+    partners = rng.integers(0, bundle.pool_labels.size, size=(x.shape[0], 5))
+    host = open_backend(bundle, providers=["CPUExecutionProvider"], mixing="host")
+    fused = open_backend(bundle, providers=["CPUExecutionProvider"], mixing="fused")
+    np.testing.assert_allclose(fused.mean_mix_probs(x, partners, 0.5), host.mean_mix_probs(x, partners, 0.5), atol=1e-5)
+    np.testing.assert_allclose(fused.probs(x), host.probs(x), atol=1e-6)
