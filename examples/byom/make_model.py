@@ -41,11 +41,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("byom"))
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--per-class", type=int, default=500, help="images per digit (the subset has 500)")
     args = parser.parse_args()
     torch.manual_seed(0)
     x, y = mnist_data()
-    images = np.asarray(x, dtype=np.uint8).reshape(-1, 28, 28)
-    labels = np.asarray(y, dtype=np.int64)
+    keep = np.concatenate([np.flatnonzero(np.asarray(y) == k)[: args.per_class] for k in range(10)])
+    images = np.asarray(x, dtype=np.uint8).reshape(-1, 28, 28)[keep]
+    labels = np.asarray(y, dtype=np.int64)[keep]
     for k in range(10):
         (args.out / "digits" / str(k)).mkdir(parents=True, exist_ok=True)
     for i, (img, k) in enumerate(zip(images, labels, strict=True)):

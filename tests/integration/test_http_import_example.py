@@ -1,0 +1,32 @@
+"""The README's "Serve your own model" example, end to end at a smaller size: examples/byom/make_model.py, then
+`mixinfer import` with the README's flags, then a real server answering the README's curl image."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mixserver import run_server, settings_for
+
+from service.cli import main
+from service.store import load_bundle
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_readme_byom_example(tmp_path):
+    out = tmp_path / "byom"
+    make = [sys.executable, str(REPO / "examples" / "byom" / "make_model.py"), "--out", str(out), "--per-class", "100"]
+    subprocess.run(make, cwd=REPO, check=True, capture_output=True, timeout=600)
+    flags = ["--input-layout", "nhwc", "--mean", "0.1307", "--std", "0.3081", "--name", "byom"]
+    args = ["import", "--onnx", str(out / "model.onnx"), "--dataset", "imagefolder", "--data-dir", str(out / "digits")]
+    assert main([*args, *flags, "--store", str(out / "store")]) == 0
+    m = load_bundle(out / "store" / "byom" / "1").manifest
+    assert m.imported.batch == "dynamic" and m.imported.input_layout == "nhwc" and m.accuracy.plain >= 0.8
+    with run_server(settings_for(out / "store", name="byom")) as srv:
+        files = {"image": ("clean_5.png", (REPO / "examples" / "clean_5.png").read_bytes(), "image/png")}
+        r = srv.client.post("/predict", files=files)
+    assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "5", r.text
