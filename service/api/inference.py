@@ -21,7 +21,7 @@ from service.api.query_watch import QueryScreen
 from service.api.runtime import LoadedModel, ModelHolder
 from service.batching import WithdrawnError
 from service.config import Settings
-from service.errors import DeadlineExceededError
+from service.errors import DeadlineExceededError, MixinferError
 from service.metrics import Metrics
 from service.mi.detection import is_flagged
 from service.mi.engine import MIResult
@@ -52,6 +52,18 @@ async def off_loop(deadline: float, fn: Callable[_P, _T], *args: _P.args, **kwar
         raise DeadlineExceededError(
             "the request timeout (MIXINFER_REQUEST_TIMEOUT_S) passed while its body was decoded"
         ) from None
+
+
+def refuse_banned_caller(request: Request, caller: str) -> None:
+    """Before the body is read: a caller the query watch has banned is refused at once, so a ban costs no reading,
+    decoding or validation (the 403 is the same as the one :func:`run_inference` gives).
+
+    Raises:
+        ClientBannedError: policy ``ban`` and ``caller`` is banned now.
+    """
+    screen: QueryScreen | None = request.app.state.query_screen
+    if screen is not None:
+        screen.refuse_banned(caller)
 
 
 @dataclass(frozen=True)
@@ -96,10 +108,14 @@ async def run_inference(
     """Screen the images (query watch), queue them, wait for the engine, count the predictions; records
     branch/gap for the access log."""
     screen: QueryScreen | None = request.app.state.query_screen
-    if screen is not None:
-        await screen.screen(caller, images)
+    verdict = None if screen is None else await screen.screen(caller, images)
     deadline = request_deadline(request, settings)
-    model, res = await _submit_while_connected(request, holder, images, mode, deadline)
+    try:
+        model, res = await _submit_while_connected(request, holder, images, mode, deadline)
+    except MixinferError:  # overloaded, timed out, not ready, the client gone: nothing was answered
+        if screen is not None and verdict is not None:
+            screen.unanswered(caller, verdict)
+        raise
     if mode is Mode.COMBINED:
         adversarial: list[bool | None] = res.flagged.tolist()
     elif mode is Mode.PL:

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from service.config import Settings
 from service.errors import ClientBannedError, QueryRejectedError
 from service.watch.metrics import QueryWatchMetrics
-from service.watch.watch import Action, Policy, QueryWatch, WatchConfig
+from service.watch.watch import Action, Policy, QueryWatch, Verdict, WatchConfig
 
 LOGGER = logging.getLogger(__name__)
 
@@ -50,8 +50,18 @@ class QueryScreen:
         )
         return cls(QueryWatch(config), registry)
 
-    async def screen(self, caller: str, images: NDArray[np.float32]) -> None:
-        """Record the request's images for ``caller``.
+    def refuse_banned(self, caller: str) -> None:
+        """Refuse a banned caller before its body is read or decoded (a ban costs the server nothing more).
+
+        Raises:
+            ClientBannedError: policy ``ban`` and ``caller`` is banned now.
+        """
+        if self.watch.banned(caller):
+            self.metrics.refused(Action.BANNED)
+            raise self._banned_error()
+
+    async def screen(self, caller: str, images: NDArray[np.float32]) -> Verdict:
+        """Record the request's images for ``caller``; the verdict lets :meth:`unanswered` take them back.
 
         Raises:
             QueryRejectedError: policy ``reject`` and an image near-copies this caller's earlier queries.
@@ -67,7 +77,15 @@ class QueryScreen:
                 "query refused: it nearly repeats earlier queries of this client, as black-box attacks do"
             )
         if verdict.action is Action.BANNED:
-            raise ClientBannedError(
-                f"client refused for up to {self.watch.config.ban_s:g} s: too many of its queries nearly repeat "
-                "each other, as black-box attacks do"
-            )
+            raise self._banned_error()
+        return verdict
+
+    def unanswered(self, caller: str, verdict: Verdict) -> None:
+        """The request screened with ``verdict`` got no answer: a retry of it is not a resend."""
+        self.watch.unanswered(caller, verdict.digests)
+
+    def _banned_error(self) -> ClientBannedError:
+        return ClientBannedError(
+            f"client refused for up to {self.watch.config.ban_s:g} s: too many of its queries nearly repeat "
+            "each other, as black-box attacks do"
+        )

@@ -23,7 +23,7 @@ class Entry:
     client: str
     hashes: list[int]
     digest: bytes
-    #: exact resends of this image by this client after the first send
+    #: exact resends of this image by this client after the first send (-1: the first send was not answered)
     resends: int = 0
 
 
@@ -72,6 +72,12 @@ class QueryHistory:
         entry = self._entries[eid]
         entry.resends += 1
         return entry.resends
+
+    def unsend(self, client: str, digest: bytes) -> None:
+        """Take back one send of an image by ``client`` (the server did not answer it): its retry is no resend."""
+        eid = self._exact.get((client, digest))
+        if eid is not None:
+            self._entries[eid].resends -= 1
 
     def match(self, client: str, hashes: list[int], needed: int) -> Match:
         """Whether an earlier query of ``client`` / of anyone shares at least ``needed`` of ``hashes``.

@@ -51,6 +51,10 @@ class QueryWatchMetrics:
             self._client_hits.inc(verdict.hits)
         if verdict.service_hits:
             self._service_hits.inc(verdict.service_hits)
-        refused = self._refused.get(verdict.action)
-        if refused is not None:
-            refused.inc()
+        self.refused(verdict.action)
+
+    def refused(self, action: Action) -> None:
+        """Count a request refused with ``action`` (nothing for :attr:`Action.ANSWER`)."""
+        counter = self._refused.get(action)
+        if counter is not None:
+            counter.inc()

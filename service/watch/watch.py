@@ -76,6 +76,8 @@ class Verdict:
     service_hits: int
     #: the client's hits in the window, this request's included
     client_hits: int
+    #: exact digests of the images recorded (none when refused as banned): what :meth:`QueryWatch.unanswered` takes
+    digests: tuple[bytes, ...] = ()
 
 
 @dataclass(slots=True)
@@ -142,7 +144,23 @@ class QueryWatch:
         window_hits = len(times) if action is not Action.BANNED else cfg.ban_hits
         if hits:
             _log_hits(client, hits, window_hits, cfg, action)
-        return Verdict(action, hits, service_hits, window_hits)
+        return Verdict(action, hits, service_hits, window_hits, tuple(exact for _, exact in prints))
+
+    def unanswered(self, client: str, digests: tuple[bytes, ...]) -> None:
+        """The server did not answer a request :meth:`check` recorded (overloaded, timed out, the client gone):
+        its images do not count as sent, so a client's retry of it is not a resend. Hits it made stay counted."""
+        with self._lock:
+            for exact in digests:
+                self.history.unsend(client, exact)
+
+    def banned(self, client: str, now: float | None = None) -> bool:
+        """Whether ``client`` is banned now (policy ``ban``): cheap, so a server asks before reading the body."""
+        if self.config.policy is not Policy.BAN:
+            return False
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            state = self._clients.get(client)
+            return state is not None and state.banned_until > now
 
     def suspects(self, now: float | None = None) -> int:
         """Clients with at least ``ban_hits`` hits in the window (or banned) now."""

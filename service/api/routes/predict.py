@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from service.api.deps import API_KEY, resolve_mode
 from service.api.detail import answer_view, rest_predictions
-from service.api.inference import request_deadline, run_inference
+from service.api.inference import refuse_banned_caller, request_deadline, run_inference
 from service.api.inputs import read_images
 from service.api.responses import OrjsonResponse
 from service.api.schemas import ErrorBody, PredictResponse
@@ -102,6 +102,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 async def predict(request: Request) -> Response:
     """Classify images with Mixup Inference; flags inputs whose detection gap reaches the threshold."""
     served = await API_KEY(request)
+    refuse_banned_caller(request, served.caller)
     top_k, mode = query_params(request)
     settings = served.settings
     chosen = resolve_mode(mode, settings)

@@ -12,7 +12,13 @@ from starlette.responses import Response
 from service import __version__
 from service.api.deps import HolderDep, ServedDep, resolve_mode
 from service.api.detail import OIP_OUTPUTS, answer_view, check_requested_outputs, oip_output_metadata, oip_tensors
-from service.api.inference import INLINE_BODY_BYTES, off_loop, request_deadline, run_inference
+from service.api.inference import (
+    INLINE_BODY_BYTES,
+    off_loop,
+    refuse_banned_caller,
+    request_deadline,
+    run_inference,
+)
 from service.api.oip import HEADER_LENGTH, encode_infer, parse_infer
 from service.api.responses import OrjsonResponse
 from service.api.routes.health import NOT_READY_HEADERS
@@ -141,6 +147,7 @@ async def infer(
     """Classify a [B, C, H, W] tensor with Mixup Inference (Triton/KServe clients, JSON or binary tensors)."""
     settings, metrics = served.settings, served.metrics
     model = _served(served.holder, name, version)
+    refuse_banned_caller(request, served.caller)
     t0 = time.perf_counter()
     detail = settings.response_detail
     body = await request.body()

@@ -1,0 +1,56 @@
+"""Hostile checks of the query watch in a real server (outside review): a banned client costs no decoding, and a
+query the server never answered is not counted as a send, so a client retrying it is not taken for an attacker."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+from mixserver import Gate, png_bytes, run_server, settings_for
+
+
+def rgb_image(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+
+
+def post_png(base_url: str, data: bytes) -> httpx.Response:
+    return httpx.post(f"{base_url}/predict", content=data, headers={"content-type": "image/png"}, timeout=30)
+
+
+def test_a_banned_client_is_refused_before_its_body_is_decoded(http_store):
+    settings = settings_for(
+        http_store, name="rgb", query_watch="ban", query_watch_ban_hits=1, query_watch_resends=0, seed=0
+    )
+    with run_server(settings) as served:
+        image = png_bytes(rgb_image(11))
+        assert post_png(served.base_url, image).status_code == 200
+        banned = post_png(served.base_url, image)  # an exact resend beyond 0 allowed: the one hit that bans
+        assert banned.status_code == 403 and banned.json()["error"]["code"] == "client_banned"
+        decodes = served.metric("mixinfer_stage_duration_seconds_count", stage="decode")
+        # a banned client's body is not read, decoded or validated: undecodable bytes get the ban, not a 400
+        garbage = post_png(served.base_url, b"\x89PNG not really an image" * 100)
+        assert garbage.status_code == 403 and garbage.json()["error"]["code"] == "client_banned", garbage.text
+        oip = httpx.post(f"{served.base_url}/v2/models/rgb/infer", content=b"{not json", timeout=30)
+        assert oip.status_code == 403 and "client refused" in oip.json()["error"], oip.text
+        assert served.metric("mixinfer_stage_duration_seconds_count", stage="decode") == decodes
+
+
+def test_a_retry_of_a_request_the_server_did_not_answer_is_not_a_resend(http_store):
+    # no resend allowed: any exact resend of an ANSWERED image is a hit, refused under reject
+    gate = Gate(once=True)
+    settings = settings_for(
+        http_store, name="rgb", query_watch="reject", query_watch_resends=0, request_timeout_s=0.5, seed=0
+    )
+    with run_server(settings, wrap=gate) as served, ThreadPoolExecutor(1) as pool:
+        image = png_bytes(rgb_image(12))
+        gate.armed = True
+        late = pool.submit(post_png, served.base_url, image)
+        assert gate.entered.wait(10)
+        assert late.result().status_code == 504  # the server timed out: the client got no answer
+        gate.open.set()
+        retried = post_png(served.base_url, image)  # what any client does after a 504 (or a 503 overloaded)
+        assert retried.status_code == 200, retried.text
+        assert served.metric("mixinfer_query_watch_hits_total", scope="client") == 0
+        again = post_png(served.base_url, image)  # a resend of an answered image still counts
+        assert again.status_code == 403 and again.json()["error"]["code"] == "query_rejected"
