@@ -24,9 +24,9 @@ from service.api.metrics_port import MetricsServer
 from service.api.middleware import BodyLimitMiddleware, ObserveMiddleware
 from service.api.query_watch import QueryScreen
 from service.api.responses import OrjsonResponse
-from service.api.routes import admin, health, info, page, predict, v2
+from service.api.routes import admin, health, info, page, predict, stats, v2
 from service.api.runtime import BackendWrapper, ModelHolder
-from service.api.schemas import InferRequest, PredictJsonBody
+from service.api.schemas import IndexRequest, InferRequest, LoadRequest, PredictJsonBody, UnloadRequest
 from service.config import Settings
 from service.metrics import Metrics
 from service.mi.params import Mode
@@ -63,7 +63,8 @@ def create_app(
         default_response_class=OrjsonResponse,
         lifespan=_lifespan,
     )
-    for router in (predict.router, v2.router, admin.router, health.router, info.router, page.router):
+    # stats before v2: /v2/models/stats would otherwise match /v2/models/{name}
+    for router in (predict.router, stats.router, v2.router, admin.router, health.router, info.router, page.router):
         app.include_router(router)
     # FastAPI >= 0.160 keeps included routers as groups in app.routes: flatten them to get every template
     routes = [rc.path or "" for rc in iter_route_contexts(app.routes) if getattr(rc.route, "include_in_schema", False)]
@@ -133,7 +134,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (PredictJsonBody, InferRequest):
+    for model in (PredictJsonBody, InferRequest, IndexRequest, LoadRequest, UnloadRequest):
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(body.pop("$defs", {}))
         components[model.__name__] = body

@@ -171,18 +171,19 @@ def admin_limiter(settings: Settings) -> RateLimiter:
 
 
 async def require_admin(request: Request, settings: SettingsDep, creds: Bearer) -> None:
-    """Admin routes, rate-limited per client address before any key is looked at: 403 when no ADMIN_KEY is
-    configured, 401 without a key or with a wrong one, 403 with a valid API key (which never authorises admin).
+    """Admin routes: 403 when no ADMIN_KEY is configured, 401 without a key; a request that presents a key is
+    rate-limited per client address before the key is compared (guessing is throttled), then 401 for a wrong key
+    and 403 for a valid API key (which never authorises admin).
 
     Raises:
         RateLimitedError: this client address is over the admin limit (429).
     """
-    request.app.state.admin_limiter.take(client_address(request))
     admin_key = settings.admin_key_value()
     if admin_key is None:
         raise ForbiddenError("admin routes are disabled: the server runs without MIXINFER_ADMIN_KEY")
     if creds is None:
         raise UnauthorizedError("missing admin key: send 'Authorization: Bearer <admin key>'")
+    request.app.state.admin_limiter.take(client_address(request))
     given = creds.credentials.encode()
     if hmac.compare_digest(given, admin_key):
         return

@@ -95,6 +95,10 @@ async def _submit_while_connected(
         watch.cancel()
 
 
+def _ns(seconds: float) -> int:
+    return max(0, int(seconds * 1e9))
+
+
 async def run_inference(
     request: Request,
     *,
@@ -110,12 +114,19 @@ async def run_inference(
     screen: QueryScreen | None = request.app.state.query_screen
     verdict = None if screen is None else await screen.screen(caller, images)
     deadline = request_deadline(request, settings)
+    arrived = request.scope.get(START_KEY, time.monotonic())
+    queued = time.monotonic()
     try:
         model, res = await _submit_while_connected(request, holder, images, mode, deadline)
-    except MixinferError:  # overloaded, timed out, not ready, the client gone: nothing was answered
-        if screen is not None and verdict is not None:
+    except Exception as exc:
+        current = holder.current
+        if current is not None:
+            current.stats.failed(_ns(time.monotonic() - arrived))
+        # overloaded, timed out, not ready, the client gone: nothing was answered
+        if isinstance(exc, MixinferError) and screen is not None and verdict is not None:
             screen.unanswered(caller, verdict)
         raise
+    model.stats.answered(len(res), _ns(queued - arrived), _ns(time.monotonic() - queued))
     if mode is Mode.COMBINED:
         adversarial: list[bool | None] = res.flagged.tolist()
     elif mode is Mode.PL:

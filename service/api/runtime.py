@@ -8,11 +8,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
 
+from service.api.stats import ModelStats
 from service.backends.base import Images, MixingBackend, PartnerIndices, Probs
 from service.batching import MicroBatcher
 from service.config import Settings
@@ -90,6 +91,8 @@ class LoadedModel:
     pool_size: int
     #: the latest computed detection gaps (event loop only), oldest first; a swapped-in version starts empty
     recent_gaps: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_GAPS), compare=False)
+    #: inference statistics of this version (Triton's shape: GET /v2/models/{name}/stats)
+    stats: ModelStats = field(default_factory=ModelStats, compare=False)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -102,7 +105,10 @@ class LoadedModel:
     def run(self, images: NDArray[np.float32], mode: Mode) -> MIResult:
         """One engine call (worker thread)."""
         self.backend.expect(mode)
-        return self.engine(images, mode)
+        t0 = time.perf_counter_ns()
+        result = self.engine(images, mode)
+        self.stats.executed(int(images.shape[0]), time.perf_counter_ns() - t0)
+        return result
 
 
 def read_bundle(settings: Settings, version: str | None) -> Bundle:
@@ -161,6 +167,15 @@ def load_model(
     return LoadedModel(m.name, m.version, m, engine, backend, spec, len(bundle.pool_labels))
 
 
+class Identity(NamedTuple):
+    """What a model version serves: name, version, input shape and classes."""
+
+    name: str
+    version: str
+    shape: tuple[int, int, int]
+    class_names: tuple[str, ...]
+
+
 class ModelHolder:
     """The current model and the batcher in front of it; ``swap`` installs a new model for the requests admitted
     after it (a request is pinned to the model current at admission, every piece of it runs there)."""
@@ -172,6 +187,8 @@ class ModelHolder:
         self._model: LoadedModel | None = None
         self._swap_lock = asyncio.Lock()
         self._draining = False
+        #: what was served before an admin unload (name, version, input shape, classes): load checks against it
+        self._unloaded: Identity | None = None
         #: the event loop serving the app (set at start-up), for :meth:`start_drain` from a signal handler
         self.loop: asyncio.AbstractEventLoop | None = None
         self.batcher: MicroBatcher[LoadedModel] = MicroBatcher(
@@ -201,13 +218,58 @@ class ModelHolder:
             loop.call_soon_threadsafe(self.metrics.ready.set, 0)
 
     @property
+    def unloaded(self) -> Identity | None:
+        """What an admin unloaded (until the next load), else None."""
+        return self._unloaded
+
+    @property
+    def current(self) -> LoadedModel | None:
+        """The installed model, or None (loading, unloaded)."""
+        return self._model
+
+    @property
     def model(self) -> LoadedModel:
         if self._model is None:
-            raise NotReadyError("the model is still loading and warming up; retry shortly")
+            raise NotReadyError(self.not_ready_reason())
         return self._model
+
+    def not_ready_reason(self) -> str:
+        if self._draining:
+            return "the server is shutting down"
+        if self._unloaded is not None:
+            return "the model was unloaded by an admin; nothing is served until it is loaded again"
+        return "the model is still loading and warming up; retry shortly"
+
+    def _identity(self) -> Identity:
+        """What is served, or was until an unload."""
+        if self._model is not None:
+            m = self._model
+            return Identity(m.name, m.version, m.spec.shape, m.class_names)
+        if self._unloaded is not None:
+            return self._unloaded
+        raise NotReadyError(self.not_ready_reason())
+
+    async def unload(self, name: str) -> Identity:
+        """Stop serving ``name`` (Triton's unload): requests admitted already are answered by it, new ones get 503
+        and readiness is 503 until :meth:`swap` loads a version again. Unloading what is unloaded is a no-op.
+
+        Raises:
+            ModelNotFoundError: ``name`` is not the served model.
+        """
+        async with self._swap_lock:
+            served = self._identity()
+            if name != served.name:
+                raise ModelNotFoundError(f"this server serves model {served.name!r}, got {name!r}")
+            if self._model is not None:
+                self._model = None
+                self._unloaded = served
+                self.metrics.ready.set(0)
+                LOGGER.info("unloaded %s version %s", served.name, served.version)
+            return served
 
     def install(self, model: LoadedModel) -> None:
         self._model = model
+        self._unloaded = None
         m = model.manifest
         self.metrics.set_model(
             name=model.name,
@@ -237,7 +299,7 @@ class ModelHolder:
         """
         from service.store import list_versions
 
-        current = self.model
+        current = self._identity()
         if name != current.name:
             raise ModelNotFoundError(
                 f"this server serves model {current.name!r}, got {name!r}; serving another model needs a restart"
@@ -250,11 +312,11 @@ class ModelHolder:
         async with self._swap_lock:
             bundle = await asyncio.to_thread(read_bundle, self.settings, version or versions[-1])
             model = await asyncio.to_thread(load_model, self.settings, bundle, self.metrics, self.wrap)
-            old = self.model
-            if model.spec.shape != old.spec.shape or model.class_names != old.class_names:
+            old = self._identity()
+            if model.spec.shape != old.shape or model.class_names != old.class_names:
                 raise ClientError(
                     f"version {model.version} takes {model.spec.shape} with {len(model.class_names)} classes, the "
-                    f"served version {old.version} takes {old.spec.shape} with {len(old.class_names)}; a hot swap "
+                    f"served version {old.version} takes {old.shape} with {len(old.class_names)}; a hot swap "
                     "keeps inputs and classes, restart the server to change them"
                 )
             self.install(model)

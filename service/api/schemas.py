@@ -201,4 +201,63 @@ class LoadRequest(BaseModel):
 class LoadResponse(BaseModel):
     name: str
     version: str
-    previous_version: str
+    previous_version: str | None = Field(description="what was served (or was, before an unload); null if nothing")
+
+
+class IndexRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ready: StrictBool = Field(False, description="true: list the ready versions only")
+
+
+class RepositoryModel(BaseModel):
+    name: str
+    version: str
+    state: Literal["READY", "UNAVAILABLE"]
+    reason: str
+
+
+class UnloadParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    unload_dependents: StrictBool = Field(False, description="accepted for Triton clients; there are no dependents")
+
+
+class UnloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    parameters: UnloadParameters = Field(default_factory=UnloadParameters)
+
+
+class UnloadResponse(BaseModel):
+    name: str
+    version: str
+    state: Literal["UNAVAILABLE"]
+
+
+class DurationStat(BaseModel):
+    count: int
+    ns: int
+
+
+class BatchStats(BaseModel):
+    batch_size: int
+    compute_input: DurationStat
+    compute_infer: DurationStat
+    compute_output: DurationStat
+
+
+class ModelStatistics(BaseModel):
+    """Triton's per-version statistics (see service/api/stats.py for what each duration covers)."""
+
+    name: str
+    version: str
+    last_inference: int = Field(description="ms since the epoch of the last answer; 0 if none")
+    inference_count: int = Field(description="images answered")
+    execution_count: int = Field(description="engine calls")
+    inference_stats: dict[str, DurationStat]
+    batch_stats: list[BatchStats]
+
+
+class ModelStatsResponse(BaseModel):
+    model_stats: list[ModelStatistics]

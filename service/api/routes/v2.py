@@ -128,7 +128,7 @@ async def model_metadata(served: ServedDep, name: ModelName, version: Version | 
 async def model_ready(holder: HolderDep, name: ModelName, version: Version | None = None) -> Response:
     """200 when this model (version) is loaded and warmed up."""
     if not holder.ready:
-        raise NotReadyError("the model is still loading and warming up")
+        raise NotReadyError(holder.not_ready_reason())
     _served(holder, name, version, disclose=False)
     return Response(status_code=200)
 
