@@ -27,6 +27,11 @@ class OipErrorBody(BaseModel):
     error: str
 
 
+def oip_errors(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` of an OIP route: status -> error body model and description."""
+    return {code: {"model": OipErrorBody, "description": text} for code, text in descriptions.items()}
+
+
 # --- /predict -------------------------------------------------------------------------------------------------
 class B64Instance(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -21,10 +21,10 @@ from service.api.schemas import (
     IndexRequest,
     LoadRequest,
     LoadResponse,
-    OipErrorBody,
     RepositoryModel,
     UnloadRequest,
     UnloadResponse,
+    oip_errors,
 )
 from service.errors import InvalidInputError
 
@@ -38,16 +38,15 @@ _COMMON = {
     422: "invalid body",
     429: "too many admin requests from this client address; see Retry-After",
 }
-ERRORS: dict[int | str, dict[str, Any]] = {
-    c: {"model": OipErrorBody, "description": d}
-    for c, d in {
+ERRORS = oip_errors(
+    {
         **_COMMON,
         400: "the new version cannot replace the served one (other input shape or classes), or a body not JSON",
         404: "no such model or version in the store",
         500: "the new version failed to load; the old one keeps serving",
         503: "no model loaded yet",
-    }.items()
-}
+    }
+)
 _Body = TypeVar("_Body", bound=BaseModel)
 ModelName = Annotated[str, Path(max_length=64)]
 

@@ -4,14 +4,14 @@ tritonclient's ``get_inference_statistics``), for the served version (see :mod:`
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path
 from starlette.responses import Response
 
 from service.api.deps import ServedDep
 from service.api.responses import OrjsonResponse
-from service.api.schemas import ModelStatsResponse, OipErrorBody
+from service.api.schemas import ModelStatsResponse, oip_errors
 from service.errors import ModelNotFoundError
 
 LOGGER = logging.getLogger(__name__)
@@ -19,14 +19,9 @@ LOGGER = logging.getLogger(__name__)
 router = APIRouter(prefix="/v2/models", tags=["v2"])
 Version = Annotated[str, Path(max_length=16)]
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    c: {"model": OipErrorBody, "description": d}
-    for c, d in {
-        401: "missing or wrong API key",
-        404: "no such model or version",
-        429: "rate limit; see Retry-After",
-    }.items()
-}
+ERRORS = oip_errors(
+    {401: "missing or wrong API key", 404: "no such model or version", 429: "rate limit; see Retry-After"}
+)
 
 
 @router.get("/stats", response_model=ModelStatsResponse, responses=ERRORS)
