@@ -48,6 +48,7 @@ EXTRA_OF_MODULE = {
     "matplotlib": "eval",
     "scipy": "eval",
     "torchattacks": "eval",
+    "onnx2torch": "eval",
     "onnxruntime": "cpu",
     "httpx": "client",
 }
