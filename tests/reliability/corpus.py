@@ -359,6 +359,24 @@ def build_corpus(max_body_bytes: int, max_images: int, max_request_pixels: int, 
     doc = {"inputs": [{"name": OIP_INPUT, "datatype": "FP32", "shape": [1, C, H, W], "data": [0.5] * (C * H * W)}],
            "outputs": [{"name": "label", "parameters": {"binary_data": "false"}}]}  # fmt: skip
     add_oip("oip_output_binary_data_str", (js(doc), flags))
+    # issue 13 items 5-12: forged client identities are ignored (no trusted proxy), the repository extension's
+    # bodies are refused before they are parsed on a server without an admin key (403), never a 5xx
+    spoof = {"X-Forwarded-For": "203.0.113.9, 10.0.0.1", "X-Real-IP": "198.51.100.1", "Forwarded": "for=1.2.3.4"}
+    add("predict_forged_forwarded_for", png, ok, headers=spoof)
+    add("predict_garbage_forwarded_for", png, ok, headers={"X-Forwarded-For": "not-an-ip, , ::::, 999.1.1.1"})
+    forged_body, forged_headers = oip([1, C, H, W], good.reshape(-1).tolist())
+    add_oip("oip_forged_forwarded_for", (forged_body, {**forged_headers, **spoof}), ok)
+    guess = {"Authorization": "Bearer guessed-admin-key"}
+    repository = (
+        ("index_not_json", "index", b"{not json"),
+        ("index_ready_str", "index", b'{"ready": "yes"}'),
+        ("load_empty_no_ctype", "models/rgb/load", b"{}"),
+        ("load_triton_config", "models/rgb/load", b'{"parameters": {"config": "{\\"backend\\": \\"python\\"}"}}'),
+        ("load_other_model", "models/other/load", b""),
+        ("unload_list_body", "models/rgb/unload", b"[]"),
+    )
+    for name, route, raw in repository:
+        add(f"repository_{name}", raw, frozenset({403}), ctype=None, path=f"/v2/repository/{route}", headers=guess)
     return cases
 
 
