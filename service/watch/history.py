@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from itertools import chain
 
 #: memory of one tracked query with the default fingerprint (20 hashes): tracemalloc measured 2.0 KB per query over
-#: 5,000 MNIST digits (``bench/query_watch.py`` prints it); the memory cap counts 2,500 bytes to leave a margin
-BYTES_PER_QUERY = 2_500
+#: 5,000 MNIST digits (``bench/query_watch.py`` prints it) but 3.4 KB for noise images, whose hashes are all distinct
+#: index keys (the worst case, what an attacker sends); the memory cap counts 4,000 bytes
+BYTES_PER_QUERY = 4_000
 #: an index list keeps the most recent queries that hold one hash; older ones no longer match through it. An
 #: attack's near-copies follow each other, so the last few suffice, and a hash many queries hold is background
 #: (blank windows) whose long lists would only cost time

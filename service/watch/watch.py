@@ -26,8 +26,11 @@ from service.watch.history import BYTES_PER_QUERY, QueryHistory
 LOGGER = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-#: clients tracked at once (their hit times and ban); the least recently seen beyond this are forgotten
-MAX_CLIENTS = 100_000
+#: memory of one tracked client (hit times, ban; only clients with hits are tracked): tracemalloc measured 0.9 KB
+#: with an IPv6 address as its name (``tests/unit/test_query_watch_bounds.py`` holds the cap to it)
+BYTES_PER_CLIENT = 1_024
+#: the share of ``MIXINFER_QUERY_WATCH_MAX_MB`` for the clients table (the rest holds queries)
+CLIENTS_SHARE = 0.125
 
 
 class Policy(enum.StrEnum):
@@ -61,8 +64,13 @@ class WatchConfig:
 
     @property
     def max_queries(self) -> int:
-        """How many queries the memory cap holds (``max_mb`` over the measured bytes per query)."""
-        return max(1, int(self.max_mb * MiB) // BYTES_PER_QUERY)
+        """How many queries the memory cap holds (its share of ``max_mb`` over the measured bytes per query)."""
+        return max(1, int(self.max_mb * MiB * (1.0 - CLIENTS_SHARE)) // BYTES_PER_QUERY)
+
+    @property
+    def max_clients(self) -> int:
+        """How many clients with hits are tracked at once (the least recently seen beyond it are forgotten)."""
+        return max(1, int(self.max_mb * MiB * CLIENTS_SHARE) // BYTES_PER_CLIENT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +117,11 @@ class QueryWatch:
         cfg = self.config
         now = time.monotonic() if now is None else now
         prints = [_print(img, cfg.params) for img in images]  # outside the lock: pure numpy
+        digests = tuple(exact for _, exact in prints)
         with self._lock:
-            state = self._client(client, now)
-            if cfg.policy is Policy.BAN and state.banned_until > now:
-                return Verdict(Action.BANNED, 0, 0, len(state.hit_times))
+            known = self._clients.get(client)
+            if cfg.policy is Policy.BAN and known is not None and known.banned_until > now:
+                return Verdict(Action.BANNED, 0, 0, len(known.hit_times))
             self.history.forget_before(now)
             hits = service_hits = 0
             for hashes, exact in prints:
@@ -127,13 +136,17 @@ class QueryWatch:
                     self.history.add(now, client, hashes, exact)
                 hits += hit
                 service_hits += service_hit
+            self.service_hits += service_hits
+            if not hits and known is None:  # only clients with hits are tracked (bounded by the memory cap)
+                return Verdict(Action.ANSWER, 0, service_hits, 0, digests)
+            state = self._client(client, now)
             times = state.hit_times
             horizon = now - cfg.window_s
             while times and times[0] < horizon:
                 times.popleft()
             times.extend([now] * hits)
             state.total_hits += hits
-            self.service_hits += service_hits
+            window_hits = len(times)
             action = Action.ANSWER
             if hits and cfg.policy is Policy.REJECT:
                 action = Action.REJECT
@@ -141,10 +154,10 @@ class QueryWatch:
                 state.banned_until = now + cfg.ban_s
                 times.clear()  # the ban spends these hits: after it the client starts afresh
                 action = Action.BANNED
-        window_hits = len(times) if action is not Action.BANNED else cfg.ban_hits
+                window_hits = cfg.ban_hits
         if hits:
             _log_hits(client, hits, window_hits, cfg, action)
-        return Verdict(action, hits, service_hits, window_hits, tuple(exact for _, exact in prints))
+        return Verdict(action, hits, service_hits, window_hits, digests)
 
     def unanswered(self, client: str, digests: tuple[bytes, ...]) -> None:
         """The server did not answer a request :meth:`check` recorded (overloaded, timed out, the client gone):
@@ -180,6 +193,11 @@ class QueryWatch:
             state = self._clients.get(client)
             return 0 if state is None else state.total_hits
 
+    def tracked_clients(self) -> int:
+        """Clients tracked now (those with hits or a ban, at most ``config.max_clients``)."""
+        with self._lock:
+            return len(self._clients)
+
     def tracked(self) -> int:
         """Queries in the history now."""
         with self._lock:
@@ -188,7 +206,7 @@ class QueryWatch:
     def _client(self, client: str, now: float) -> _Client:
         state = self._clients.pop(client, None)  # pop + insert keeps the dict in least-recently-seen order
         if state is None:
-            if len(self._clients) >= MAX_CLIENTS:
+            if len(self._clients) >= self.config.max_clients:
                 del self._clients[next(iter(self._clients))]
             state = _Client(deque(maxlen=max(self.config.ban_hits, 1) * 4))
         state.last_seen = now
