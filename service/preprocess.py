@@ -156,10 +156,7 @@ def array_to_image(values: object, spec: ImageSpec) -> Image3D:
     Raises:
         InvalidInputError: ragged, non-numeric, wrong shape, NaN/inf or out of [0, 1].
     """
-    try:
-        arr = np.asarray(values, dtype=np.float32)
-    except (ValueError, TypeError) as exc:
-        raise InvalidInputError(f"instance is not a rectangular numeric array ({exc})") from None
+    arr = numeric_array(values, "instance")
     if arr.ndim == 2 and spec.channels == 1:
         arr = arr[None]
     if arr.shape != spec.shape:
@@ -167,6 +164,24 @@ def array_to_image(values: object, spec: ImageSpec) -> Image3D:
         raise InvalidInputError(f"array instance must be shaped {allowed} (C,H,W), got {arr.shape}")
     check_pixel_values(arr)
     return np.ascontiguousarray(arr)
+
+
+def numeric_array(values: object, what: str) -> NDArray[np.float32]:
+    """JSON values (nested lists) as float32, refusing anything but numbers: numpy alone would read the string
+    ``"0.5"`` as 0.5 and ``true`` as 1.0 (a list mixing booleans and numbers still reads as numbers).
+
+    Raises:
+        InvalidInputError: ragged, or strings, booleans, nulls or objects among the values.
+    """
+    try:
+        arr = np.asarray(values)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInputError(f"{what} is not a rectangular numeric array ({exc})") from None
+    if arr.dtype.kind not in "iuf":
+        kinds = {"b": "booleans", "U": "strings", "O": "nulls, objects or integers beyond 64 bits"}
+        got = kinds.get(arr.dtype.kind, arr.dtype.name)
+        raise InvalidInputError(f"{what} must hold JSON numbers only, got {got}")
+    return arr.astype(np.float32, copy=False)
 
 
 def check_pixel_values(arr: NDArray[np.float32]) -> None:

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from service.api.schemas import InferRequest, InferRequestedOutput
 from service.errors import InvalidInputError, PayloadTooLargeError
 from service.mi.params import Mode
-from service.preprocess import ImageSpec, check_pixel_values
+from service.preprocess import ImageSpec, check_pixel_values, numeric_array
 
 LOGGER = logging.getLogger(__name__)
 
@@ -85,10 +85,7 @@ def parse_infer(
             raise InvalidInputError("binary bytes follow the header but the input declares no binary_data_size")
         if inp.data is None:
             raise InvalidInputError("input needs 'data' (or parameters.binary_data_size with binary bytes)")
-        try:
-            flat = np.asarray(inp.data, dtype=np.float32).reshape(-1)
-        except (ValueError, TypeError) as exc:
-            raise InvalidInputError(f"input data is not a numeric array of FP32: {exc}") from None
+        flat = numeric_array(inp.data, "input data (FP32)").reshape(-1)
         if flat.size != count:
             raise InvalidInputError(f"input shape {inp.shape} needs {count} values, got {flat.size}")
         images = flat.reshape(inp.shape)

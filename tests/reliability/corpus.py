@@ -300,6 +300,10 @@ def build_corpus(max_body_bytes: int, max_images: int, max_request_pixels: int, 
     add("json_hw_for_rgb_model", js({"instances": [np.zeros((H, W)).tolist()]}), bad, ctype="application/json")
     add("json_ragged", js({"instances": [[[0.1, 0.2], [0.3]]]}), bad, ctype="application/json")
     add("json_strings", js({"instances": [[["a"] * W] * H]}), bad, ctype="application/json")
+    # numbers written as strings, booleans, nulls: numpy would read "0.5" as 0.5 and true as 1.0
+    add("json_numeric_strings", js({"instances": [[[["0.5"] * W] * H] * C]}), bad, ctype="application/json")
+    add("json_booleans", js({"instances": [[[[True] * W] * H] * C]}), bad, ctype="application/json")
+    add("json_nulls", js({"instances": [[[[None] * W] * H] * C]}), bad, ctype="application/json")
     add("json_bad_b64", js({"instances": [{"b64": "@@@not base64@@@"}]}), bad, ctype="application/json")
     add("json_b64_not_image", js({"instances": [{"b64": base64.b64encode(b"hello").decode()}]}), bad,
         ctype="application/json")  # fmt: skip
@@ -338,6 +342,8 @@ def build_corpus(max_body_bytes: int, max_images: int, max_request_pixels: int, 
     add_oip("oip_header_length_not_int", (body, {**hdr, "Inference-Header-Content-Length": "12abc"}))
     add_oip("oip_wrong_input_name", oip([1, C, H, W], good.reshape(-1).tolist(), name="nope"))
     add_oip("oip_strings_in_data", oip([1, C, H, W], ["x"] * (C * H * W)))
+    add_oip("oip_numeric_strings_in_data", oip([1, C, H, W], ["0.5"] * (C * H * W)))
+    add_oip("oip_booleans_in_data", oip([1, C, H, W], [False] * (C * H * W)))
     add_oip("oip_no_inputs", (b'{"inputs": []}', {"Content-Type": "application/json"}))
     add_oip("oip_not_json", (b"\x00\x01\x02", {"Content-Type": "application/json"}))
     add_oip("oip_too_many_images", oip([max_images + 1, C, H, W], binary=b"\x00" * ((max_images + 1) * C * H * W * 4)),

@@ -163,7 +163,9 @@ def test_arrays_two_and_three_dimensional():
         (np.zeros((8, 8)).tolist(), r"shaped \(3, 8, 8\)"),  # (H, W) only for 1-channel models
         (np.zeros((3, 9, 8)).tolist(), r"got \(3, 9, 8\)"),
         ([[0.1, 0.2], [0.3]], "rectangular numeric"),
-        ([["a"] * 8] * 8, "rectangular numeric"),
+        ([["a"] * 8] * 8, "JSON numbers only, got strings"),
+        ([["0.5"] * 8] * 8, "JSON numbers only, got strings"),  # numpy alone reads "0.5" as 0.5
+        ([[True] * 8] * 8, "JSON numbers only, got booleans"),
     ],
 )
 def test_bad_arrays_are_refused(values, needle):
