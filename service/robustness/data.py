@@ -42,16 +42,10 @@ def load_split(
     Raises:
         BundleError: the dataset's hash differs from the manifest's, or the split is empty.
     """
-    from service.training.datasets import load_dataset
+    from service.training.datasets import load_manifest_dataset
 
-    info, imported = bundle.manifest.dataset, bundle.manifest.imported
-    if imported is not None:  # the import's assembly: the model's class order and the --test-dir images
-        from service.importing.data import import_dataset
-
-        test_dir = Path(imported.test_dir) if imported.test_dir else None
-        ds = import_dataset(info.name, data_root, bundle.manifest.class_names, test_dir)
-    else:
-        ds = load_dataset(info.name, data_root)
+    info = bundle.manifest.dataset
+    ds = load_manifest_dataset(bundle.manifest, data_root)
     if ds.sha256 != info.sha256:
         raise BundleError(
             f"dataset {info.name!r} at {data_root}: sha256 {ds.sha256} differs from the manifest's {info.sha256}"

@@ -19,7 +19,7 @@ from typing import Any
 from service.manifest import SPLITS_FILE, Manifest
 from service.mi.params import MIParams, MixSpec
 from service.training.calibrate import DEFAULT_EVAL_SEED, DEFAULT_TARGET_FPR, EngineFactory, calibrate, split_accuracy
-from service.training.datasets import DEFAULT_ARCH, Dataset, load_dataset
+from service.training.datasets import DEFAULT_ARCH, Dataset, load_dataset, load_manifest_dataset
 from service.training.export import export_bundle_model
 from service.training.mixup import Augment
 from service.training.pool import write_pool
@@ -241,7 +241,7 @@ def recompute_numbers(bundle_dir: Path, data_dir: Path | None = None, threads: i
 
     bundle = load_bundle(Path(bundle_dir), require_weights=False)
     m = bundle.manifest
-    ds = load_dataset(m.dataset.name, data_dir)
+    ds = load_manifest_dataset(m, data_dir)
     if ds.sha256 != m.dataset.sha256:
         raise ValueError(f"dataset {ds.name}: sha256 {ds.sha256}, the bundle was built from {m.dataset.sha256}")
     factory = EngineFactory(

@@ -316,9 +316,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     splits = Splits.load(bundle_dir / SPLITS_FILE)
     if (bundle_dir / MANIFEST_FILE).is_file():  # re-calibrate a finished bundle: keep everything but the numbers
         from service.store import load_bundle
+        from service.training.datasets import load_manifest_dataset
 
         manifest = load_bundle(bundle_dir, require_weights=True).manifest
-        ds = load_dataset(manifest.dataset.name, args.data_dir)
+        ds = load_manifest_dataset(manifest, args.data_dir)
         if ds.sha256 != manifest.dataset.sha256:
             raise SystemExit(
                 f"dataset {ds.name} has sha256 {ds.sha256}, the bundle was built from {manifest.dataset.sha256}"

@@ -319,3 +319,15 @@ def load_dataset(name: str, root: Path | str | None = None, checksums: Mapping[s
     ds = DATASETS[name](Path(root) if root is not None else None, checksums)
     LOGGER.info("dataset %s: %d images %s, %d classes", name, ds.images.shape[0], ds.input_shape, ds.n_classes)
     return ds
+
+
+def load_manifest_dataset(manifest: Any, root: Path | str | None = None) -> Dataset:
+    """The dataset a bundle was built from, as its manifest names it; for an imported bundle the import's assembly
+    (labels in the model's class order, the ``--test-dir`` images appended). The caller compares the hash."""
+    imported = getattr(manifest, "imported", None)
+    if imported is None:
+        return load_dataset(manifest.dataset.name, root)
+    from service.importing.data import import_dataset
+
+    test_dir = Path(imported.test_dir) if imported.test_dir else None
+    return import_dataset(manifest.dataset.name, Path(root) if root else None, manifest.class_names, test_dir)

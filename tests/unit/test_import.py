@@ -230,6 +230,9 @@ def test_parity_above_tolerance_is_refused(capsys, data, tmp_path):
     assert "parity" in line and "max |dp| <= 1e-12" in line
 
 
+CLASSES_SWAPPED = ("a_blue", "b_green", "z_red")  # the folders' sorted order
+
+
 def test_folder_order_not_the_models_is_refused_then_fixed_by_class_names(capsys, plain, tmp_path):
     # folders sorted as blue, green, red while the model's outputs are red, green, blue
     swapped = write_folder(tmp_path / "swapped", classes=("z_red", "b_green", "a_blue"))
@@ -241,6 +244,10 @@ def test_folder_order_not_the_models_is_refused_then_fixed_by_class_names(capsys
     m = load_bundle(tmp_path / "s" / "swapped" / "1").manifest
     assert m.class_names == ("z_red", "b_green", "a_blue") and m.accuracy.plain >= 0.9
     assert m.imported.class_names_from == "file"
+    from service.robustness.data import load_split
+
+    _, y, idx = load_split(load_bundle(tmp_path / "s" / "swapped" / "1"), "test", None, swapped)
+    assert (y == np.asarray([("z_red", "b_green", "a_blue").index(CLASSES_SWAPPED[i // 24]) for i in idx])).all()
 
 
 def test_test_dir_is_the_test_split(plain, data, tmp_path):
@@ -256,6 +263,11 @@ def test_test_dir_is_the_test_split(plain, data, tmp_path):
 
     x, y, _ = load_split(bundle, "test", None, data)
     assert x.shape == (15, 3, SIZE, SIZE) and (np.bincount(y) == 5).all()
+    # re-calibration finds the same assembled dataset (data-dir + test-dir, hash checked)
+    assert (
+        main(["calibrate", "--bundle", str(store / "held" / "1"), "--data-dir", str(data), "--threshold", "0.2"]) == 0
+    )
+    assert load_bundle(store / "held" / "1").manifest.mi.threshold == 0.2
 
 
 def test_existing_bundle_needs_force(capsys, plain, data, tmp_path):
