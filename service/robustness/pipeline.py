@@ -216,6 +216,20 @@ class DifferentiableMI:
         probs = probs_flat.view(draws, b, k)
         return MIOutput(probs, clean, q_pl, probs, gap, flagged)
 
+    def branches(
+        self, x: TImages, *, draws: int, gen: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Both branches of MI-Combined on every row, whatever the detector decides (attacks on the switch).
+
+        Returns:
+            (q_PL (E, B, K), q_OL with the ``ol_combined`` spec (E, B, K), gap (E, B)), all differentiable in x,
+            from independent PL and OL draws made by the engine's samplers.
+        """
+        pl = self(x, Mode.PL, draws=draws, gen=gen)
+        ol = self(x, Mode.OL, draws=draws, gen=gen, ol_spec=self.params.ol_combined)
+        assert pl.gap is not None
+        return pl.probs, ol.probs, pl.gap
+
 
 def twin_or_reason(bundle: Bundle, device: str) -> tuple[DifferentiableMI | None, str | None]:
     """The differentiable twin, or None and the reason (an imported graph that cannot be converted faithfully)."""

@@ -60,6 +60,38 @@ def eot_gradient(
     return total_loss / eot, total_grad / eot
 
 
+#: select(x, y) -> (B,) objective (no gradient) deciding which iterate to keep per image; higher is better
+SelectFn: TypeAlias = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: called with the step index (0 .. steps; ``steps`` is the final evaluation) before each objective evaluation
+StepHook: TypeAlias = Callable[[int], None]
+
+
+def random_start(x: torch.Tensor, eps: float, gen: torch.Generator | None) -> torch.Tensor:
+    """Uniform random point of the eps-ball around ``x`` (clipped to [0, 1])."""
+    noise = (torch.rand(x.shape, generator=gen).to(x.device) * 2.0 - 1.0) * eps
+    return project(x + noise, x, eps)
+
+
+class BestIterate:
+    """Per-image best iterate over every step and every restart (not the last iterate of the last restart).
+
+    ``offer(x_adv, obj)`` keeps, per image, the input whose objective (to maximise) is the highest seen so far.
+    ``history`` records the batch-mean objective of every offer (the loss curve, restarts concatenated).
+    """
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x.clone()
+        self.obj = torch.full((x.shape[0],), -float("inf"), device=x.device)
+        self.history: list[float] = []
+
+    def offer(self, x_adv: torch.Tensor, obj: torch.Tensor) -> None:
+        obj = obj.detach().to(self.obj.device)
+        better = obj > self.obj
+        self.x[better] = x_adv.detach()[better]
+        self.obj = torch.where(better, obj, self.obj)
+        self.history.append(float(obj[torch.isfinite(obj)].mean()) if torch.isfinite(obj).any() else float("nan"))
+
+
 def pgd_linf(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -72,8 +104,15 @@ def pgd_linf(
     targeted: bool = False,
     gen: torch.Generator | None = None,
     progress: Callable[[int], None] | None = None,
+    select: SelectFn | None = None,
+    on_step: StepHook | None = None,
+    trace: list[float] | None = None,
 ) -> torch.Tensor:
-    """L-inf PGD (Madry et al. 2018) with uniform random starts; keeps, per image, the strongest restart.
+    """L-inf PGD (Madry et al. 2018) with uniform random starts, keeping per image the best iterate.
+
+    Every iterate of every restart (the random start included) is a candidate: per image the one with the highest
+    objective wins (``select`` when given, else the signed loss ``grad_fn`` returns at that iterate, which costs
+    nothing extra: the loss comes with the gradient).
 
     Args:
         x: float32 (B, C, H, W) clean images in [0, 1].
@@ -87,27 +126,30 @@ def pgd_linf(
         targeted: descend instead of ascend.
         gen: torch generator of the random starts.
         progress: called with 1 after every step (progress bars).
+        select: objective choosing the kept iterate (e.g. the hard-switch loss of a relaxed attack).
+        on_step: called with the step index before each objective evaluation (annealing schedules).
+        trace: if given, the batch-mean objective of every iterate is appended (loss curves).
 
     Returns:
         float32 (B, C, H, W), within eps of x and in [0, 1] (not yet rounded to 8 bits).
     """
     sign = -1.0 if targeted else 1.0
-    best = x.clone()
-    best_obj = torch.full((x.shape[0],), -float("inf"), device=x.device)
+    best = BestIterate(x)
     for _ in range(restarts):
-        noise = (torch.rand(x.shape, generator=gen).to(x.device) * 2.0 - 1.0) * eps
-        x_adv = project(x + noise, x, eps)
-        for _ in range(steps):
-            _, grad = grad_fn(x_adv, y)
+        x_adv = random_start(x, eps, gen)
+        for i in range(steps + 1):
+            if on_step is not None:
+                on_step(i)
+            loss, grad = grad_fn(x_adv, y)
+            best.offer(x_adv, select(x_adv, y) if select is not None else sign * loss)
+            if i == steps:
+                break
             x_adv = project(x_adv + sign * step * grad.sign(), x, eps)
             if progress is not None:
                 progress(1)
-        loss, _ = grad_fn(x_adv, y)
-        obj = sign * loss
-        better = obj > best_obj
-        best[better] = x_adv[better]
-        best_obj = torch.where(better, obj, best_obj)
-    return best
+    if trace is not None:
+        trace.extend(best.history)
+    return best.x
 
 
 def eot_pgd_linf(
@@ -119,15 +161,19 @@ def eot_pgd_linf(
     step: float,
     steps: int,
     eot: int,
-    restarts: int,
+    restarts: int = 1,
     gen: np.random.Generator,
-    draw_chunk: int,
+    draw_chunk: int = 8,
     progress: Callable[[int], None] | None = None,
+    select: SelectFn | None = None,
+    on_step: StepHook | None = None,
+    trace: list[float] | None = None,
 ) -> torch.Tensor:
-    """Untargeted :func:`pgd_linf` ascending the :func:`eot_gradient` of ``loss_fn`` (``eot`` draws per step).
+    """:func:`pgd_linf` ascending the :func:`eot_gradient` of ``loss_fn`` (``eot`` draws per step).
 
-    The random starts come from a torch generator seeded with one draw of ``gen``; ``loss_fn`` keeps drawing
-    its partners from ``gen`` itself.
+    ``loss_fn`` is always maximised (targeted losses are written as minus the loss towards the target). The random
+    starts come from a torch generator seeded with one draw of ``gen``; ``loss_fn`` keeps drawing its partners from
+    ``gen`` itself.
     """
     tgen = torch.Generator().manual_seed(int(gen.integers(2**31)))
     return pgd_linf(
@@ -140,4 +186,19 @@ def eot_pgd_linf(
         restarts=restarts,
         gen=tgen,
         progress=progress,
+        select=select,
+        on_step=on_step,
+        trace=trace,
     )
+
+
+@torch.no_grad()
+def eot_mean(loss_fn: DrawLoss, x: torch.Tensor, y: torch.Tensor, eot: int, chunk: int) -> torch.Tensor:
+    """The mean over ``eot`` draws of a per-draw loss, without gradients, (B,)."""
+    total = torch.zeros(x.shape[0], device=x.device)
+    done = 0
+    while done < eot:
+        n = min(chunk, eot - done)
+        total += loss_fn(x, y, n).sum(dim=0)
+        done += n
+    return total / eot

@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,11 +35,17 @@ def nll(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -torch.log(picked.clamp_min(PROB_FLOOR))
 
 
-def combined_loss(mi: DifferentiableMI, gen: np.random.Generator) -> DrawLoss:
-    """Per-draw cross-entropy of what MI-Combined returns, (draws, B)."""
+def ce_term(probs: torch.Tensor, y: torch.Tensor, targeted: bool) -> torch.Tensor:
+    """The classification part of every adaptive loss, to maximise, (E, B): CE away from ``y`` (untargeted) or
+    minus CE towards the target ``y`` (targeted)."""
+    return -nll(probs, y) if targeted else nll(probs, y)
+
+
+def combined_loss(mi: DifferentiableMI, gen: np.random.Generator, targeted: bool = False) -> DrawLoss:
+    """Per-draw cross-entropy of what MI-Combined returns, (draws, B) (see :func:`ce_term` for ``targeted``)."""
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor, draws: int) -> torch.Tensor:
-        return nll(mi(x, Mode.COMBINED, draws=draws, gen=gen).probs, y)
+        return ce_term(mi(x, Mode.COMBINED, draws=draws, gen=gen).probs, y, targeted)
 
     return loss_fn
 
@@ -49,27 +55,13 @@ def eot_pgd_combined(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    eps: float,
-    step: float,
-    steps: int,
-    eot: int,
-    restarts: int = 1,
     gen: np.random.Generator,
+    targeted: bool = False,
     draw_chunk: int = 8,
-    progress: Callable[[int], None] | None = None,
+    **pgd: Any,
 ) -> torch.Tensor:
-    """Untargeted EOT-PGD on MI-Combined's returned probabilities (ground-truth ``y``)."""
-    loss_fn = combined_loss(mi, gen)
-    return eot_pgd_linf(
-        loss_fn,
-        x,
-        y,
-        eps=eps,
-        step=step,
-        steps=steps,
-        eot=eot,
-        restarts=restarts,
-        gen=gen,
-        draw_chunk=draw_chunk,
-        progress=progress,
-    )
+    """EOT-PGD on MI-Combined's returned probabilities: away from ``y`` or, ``targeted``, towards it.
+
+    ``pgd``: eps, step, steps, eot, restarts, progress, trace (see :func:`core.eot_pgd_linf`).
+    """
+    return eot_pgd_linf(combined_loss(mi, gen, targeted), x, y, gen=gen, draw_chunk=draw_chunk, **pgd)

@@ -15,22 +15,22 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from service.mi.params import MixSpec, Mode
 from service.robustness.attacks.core import DrawLoss, eot_pgd_linf
-from service.robustness.attacks.eot_combined import nll
+from service.robustness.attacks.eot_combined import ce_term
 from service.robustness.pipeline import DifferentiableMI
 
 
-def ol_loss(mi: DifferentiableMI, gen: np.random.Generator, spec: MixSpec) -> DrawLoss:
-    """Per-draw CE of the MI-OL average, (draws, B)."""
+def ol_loss(mi: DifferentiableMI, gen: np.random.Generator, spec: MixSpec, targeted: bool = False) -> DrawLoss:
+    """Per-draw CE of the MI-OL average (see :func:`ce_term`), (draws, B)."""
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor, draws: int) -> torch.Tensor:
-        return nll(mi(x, Mode.OL, draws=draws, gen=gen, ol_spec=spec).probs, y)
+        return ce_term(mi(x, Mode.OL, draws=draws, gen=gen, ol_spec=spec).probs, y, targeted)
 
     return loss_fn
 
@@ -40,28 +40,15 @@ def ol_direct_pgd(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    eps: float,
-    step: float,
-    steps: int,
-    eot: int,
-    restarts: int = 1,
-    ol_spec: MixSpec | None = None,
     gen: np.random.Generator,
+    ol_spec: MixSpec | None = None,
+    targeted: bool = False,
     draw_chunk: int = 4,
-    progress: Callable[[int], None] | None = None,
+    **pgd: Any,
 ) -> torch.Tensor:
-    """Untargeted EOT-PGD on MI-OL (default: the branch MI-Combined answers flagged inputs with)."""
-    loss_fn = ol_loss(mi, gen, ol_spec if ol_spec is not None else mi.params.ol_combined)
-    return eot_pgd_linf(
-        loss_fn,
-        x,
-        y,
-        eps=eps,
-        step=step,
-        steps=steps,
-        eot=eot,
-        restarts=restarts,
-        gen=gen,
-        draw_chunk=draw_chunk,
-        progress=progress,
-    )
+    """EOT-PGD on MI-OL (default: the branch MI-Combined answers flagged inputs with), untargeted or ``targeted``.
+
+    ``pgd``: eps, step, steps, eot, restarts, progress, trace (see :func:`core.eot_pgd_linf`).
+    """
+    loss_fn = ol_loss(mi, gen, ol_spec if ol_spec is not None else mi.params.ol_combined, targeted)
+    return eot_pgd_linf(loss_fn, x, y, gen=gen, draw_chunk=draw_chunk, **pgd)

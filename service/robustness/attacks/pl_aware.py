@@ -14,25 +14,27 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from service.mi.params import Mode
 from service.robustness.attacks.core import DrawLoss, eot_pgd_linf
-from service.robustness.attacks.eot_combined import nll
+from service.robustness.attacks.eot_combined import ce_term
 from service.robustness.pipeline import DifferentiableMI
 
 
-def pl_aware_loss(mi: DifferentiableMI, gen: np.random.Generator, kappa: float, margin: float) -> DrawLoss:
-    """Per-draw CE(q_PL) minus the hinge penalty on the gap, (draws, B)."""
+def pl_aware_loss(
+    mi: DifferentiableMI, gen: np.random.Generator, kappa: float, margin: float, targeted: bool = False
+) -> DrawLoss:
+    """Per-draw CE(q_PL) (see :func:`ce_term`) minus the hinge penalty on the gap, (draws, B)."""
     tau = mi.params.threshold
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor, draws: int) -> torch.Tensor:
         out = mi(x, Mode.PL, draws=draws, gen=gen)
         assert out.gap is not None
-        return nll(out.probs, y) - kappa * torch.relu(out.gap - tau + margin)
+        return ce_term(out.probs, y, targeted) - kappa * torch.relu(out.gap - tau + margin)
 
     return loss_fn
 
@@ -42,29 +44,16 @@ def pl_aware_pgd(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    eps: float,
-    step: float,
-    steps: int,
-    eot: int,
-    restarts: int = 1,
+    gen: np.random.Generator,
     kappa: float = 10.0,
     margin: float = 0.05,
-    gen: np.random.Generator,
+    targeted: bool = False,
     draw_chunk: int = 8,
-    progress: Callable[[int], None] | None = None,
+    **pgd: Any,
 ) -> torch.Tensor:
-    """Untargeted detector-aware EOT-PGD on the PL branch."""
-    loss_fn = pl_aware_loss(mi, gen, kappa, margin)
-    return eot_pgd_linf(
-        loss_fn,
-        x,
-        y,
-        eps=eps,
-        step=step,
-        steps=steps,
-        eot=eot,
-        restarts=restarts,
-        gen=gen,
-        draw_chunk=draw_chunk,
-        progress=progress,
-    )
+    """Detector-aware EOT-PGD on the PL branch (keep-unflagged), untargeted or ``targeted`` towards ``y``.
+
+    ``pgd``: eps, step, steps, eot, restarts, progress, trace (see :func:`core.eot_pgd_linf`).
+    """
+    loss_fn = pl_aware_loss(mi, gen, kappa, margin, targeted)
+    return eot_pgd_linf(loss_fn, x, y, gen=gen, draw_chunk=draw_chunk, **pgd)
