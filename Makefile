@@ -67,9 +67,11 @@ bundle-iat: install  ## an interpolated-adversarial-training MNIST bundle next t
 evaluate: install  ## robustness reports of the default bundle, cpu budget (eps 0.3 and 0.1); DEVICE=cuda for a GPU
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/1 --budget cpu --device $(DEVICE) --out docs/robustness/mnist-mixup
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/1 --budget cpu --device $(DEVICE) --eps 0.1 --out docs/robustness/mnist-mixup-eps0.1
+	$(PY) -m service.robustness.tables
 
 evaluate-iat: install  ## robustness report of the interpolated-AT bundle, cpu budget (eps 0.3); DEVICE=cuda for a GPU
-	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/1 --budget cpu --device $(DEVICE) --out docs/robustness/mnist-iat
+	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/1 --budget cpu --device $(DEVICE) --out docs/robustness/mnist-iat --plateau force-flagged apgd-force-flagged
+	$(PY) -m service.robustness.tables
 
 examples: install  ## regenerate examples/ (clean digits, adversarial ones the server flags) and the page's samples
 	$(PY) -m service.robustness.examples --bundle model_store/mnist-mixup/1 --out examples

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "report.md and plots. Torch supplies gradients only; final adversarial inputs are rounded to 8-bit "
             "pixels and scored by the served ONNX engine under several fresh server seeds (broken if any seed is "
             "wrong). Budgets: quick (tests, ~20 images), cpu (the committed reports, 100 images: minutes on a GPU, "
-            "~40 min on 2 CPU cores), paper (SPEC 9.3)."
+            "hours on 2 CPU cores: state a smaller --n-images there), paper (SPEC 9.3)."
         ),
     )
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory, e.g. model_store/mnist-mixup/1")
@@ -29,6 +29,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="output directory (default: docs/robustness/<name>)")
     p.add_argument("--n-images", type=int, default=None, help="override the budget's number of test images")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="server seeds (default: fresh from OS entropy)")
+    p.add_argument(
+        "--attack-seed", type=int, default=0, help="root seed of the attacks' generators (recorded; default 0)"
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="adversarial inputs cached per attack and seed, so a stopped run resumes "
+        "(default: runs/robustness-cache/<name>-<version>; --no-cache disables)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the attack cache")
+    p.add_argument(
+        "--plateau",
+        nargs="+",
+        default=None,
+        metavar="ATTACK",
+        help="after the report, rerun these attacks (e.g. force-flagged apgd-force-flagged) with steps, EOT draws "
+        "and restarts doubled and across eps; writes plateau.json/.md/.png next to the report",
+    )
     p.add_argument(
         "--data-dir",
         "--data-root",
@@ -71,22 +90,31 @@ def run(args: argparse.Namespace) -> int:
     budget = get_budget(args.budget, **overrides)
     bundle = load_bundle(args.bundle, require_weights=True)
     out = args.out if args.out is not None else Path("docs/robustness") / bundle.manifest.name
+    cache = args.cache_dir or Path("runs/robustness-cache") / f"{bundle.manifest.name}-{bundle.manifest.version}"
     res = run_evaluation(
         bundle,
         budget,
         seeds=args.seeds,
+        attack_seed=args.attack_seed,
+        cache_dir=None if args.no_cache else cache,
         data_root=args.data_dir,
         only=tuple(args.only) if args.only else None,
         eps=args.eps,
         device=device,
         show_progress=not args.no_progress,
     )
+    if args.plateau:
+        from service.robustness.plateau import plateau_for_bundle, write_plateau
+
+        plateau = plateau_for_bundle(bundle, budget, tuple(args.plateau), seeds=res["seeds"], device=device)
+        write_plateau(plateau, out, res["budget_text"])
+        res["plateau"] = {name: r["plateaued"] for name, r in plateau["attacks"].items()}
     paths = write_report(res, out)
     comb = res["worst_case"]["combined"]
     base = res["worst_case"]["off"]
     print(f"wrote {', '.join(str(p) for p in paths)}")
     print(
-        f"{budget.describe()}\nper-image worst case at eps {res['threat']['eps']:.3g}: "
+        f"{res['budget_text']}\nper-image worst case at eps {res['threat']['eps']:.3g}: "
         f"base model {100 * base['all_attacks']:.1f}%, MI-Combined {100 * comb['all_attacks']:.1f}%"
     )
     for w in res["warnings"]:

@@ -16,6 +16,7 @@ class SeedStats:
         mean, std, min, max: over seeds.
         worst: the per-image worst case (an image counts only if every seed was right), for accuracies.
         per_seed: the value under each seed.
+        ci: Clopper-Pearson 95 % interval of ``worst`` (accuracies) or of the pooled rate (rates).
     """
 
     mean: float
@@ -24,6 +25,7 @@ class SeedStats:
     max: float
     worst: float | None
     per_seed: list[float]
+    ci: tuple[float, float] | None = None
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -36,24 +38,39 @@ class SeedStats:
         return text
 
 
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) confidence interval of a binomial proportion k / n, via scipy."""
+    if n == 0:
+        return (0.0, 1.0)
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="exact")
+    return (float(ci.low), float(ci.high))
+
+
 def seed_accuracy(correct: NDArray[np.bool_]) -> SeedStats:
-    """Accuracy from a (S, N) matrix of per-seed, per-image correctness; worst = correct under every seed."""
+    """Accuracy from a (S, N) matrix of per-seed, per-image correctness; worst = correct under every seed, with
+    its Clopper-Pearson 95 % interval over the N images."""
     per = correct.mean(axis=1)
+    robust = correct.all(axis=0)
     return SeedStats(
         float(per.mean()),
         float(per.std()),
         float(per.min()),
         float(per.max()),
-        float(correct.all(axis=0).mean()),
+        float(robust.mean()),
         [float(v) for v in per],
+        clopper_pearson(int(robust.sum()), int(robust.size)),
     )
 
 
 def seed_rate(values: NDArray[np.bool_] | NDArray[np.float64]) -> SeedStats:
     """Mean of a (S, N) matrix per seed (flag rates), no worst case."""
-    per = np.asarray(values, dtype=np.float64).mean(axis=1)
+    arr = np.asarray(values, dtype=np.float64)
+    per = arr.mean(axis=1)
+    ci = clopper_pearson(int(arr.sum()), int(arr.size)) if arr.size and np.isin(arr, (0.0, 1.0)).all() else None
     return SeedStats(
-        float(per.mean()), float(per.std()), float(per.min()), float(per.max()), None, [float(v) for v in per]
+        float(per.mean()), float(per.std()), float(per.min()), float(per.max()), None, [float(v) for v in per], ci
     )
 
 

@@ -21,15 +21,30 @@ BASELINE_NAMES = {
     "crop_pad": "crop+pad",
     "crop_resize": "crop+resize",
 }
-PLOTS = ("accuracy_vs_eps.png", "gap_histogram.png", "gap_roc.png", "attacks.png")
+PLOTS = ("accuracy_vs_eps.png", "gap_histogram.png", "gap_roc.png", "attacks.png", "loss_curves.png")
+GROUPS = (
+    ("oblivious", "Oblivious attacks (the paper's protocol: PGD on the base model, then each defence)", True),
+    ("transfer", "Transfer: the base model's own gradients, and an independently trained surrogate", False),
+    ("adaptive", "Adaptive attacks (white box through MI: every decision, both directions, targeted too)", False),
+    ("baseline-eot", "The input-transformation baselines attacked adaptively (EOT through their randomness)", True),
+    ("black-box", "Score-based black box on the served outputs (both response-detail levels)", False),
+    ("cross-check", "Cross-checks with torchattacks", False),
+)
+
+
+def _ci(ci: Any) -> str:
+    return f" [{100 * ci[0]:.0f}–{100 * ci[1]:.0f}]" if ci else ""
 
 
 def _pct(stats: dict[str, Any] | None, worst: bool = True) -> str:
+    """``mean ± std (all seeds [95 % CI])`` for accuracies over seeds, ``mean ± std`` for rates."""
     if stats is None:
         return "–"
     text = f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
     if worst and stats.get("worst") is not None and len(stats.get("per_seed", [])) > 1:
-        text += f" ({100 * stats['worst']:.1f})"
+        text += f" ({100 * stats['worst']:.1f}{_ci(stats.get('ci'))})"
+    elif worst and stats.get("worst") is not None:
+        text = f"{100 * stats['worst']:.1f}{_ci(stats.get('ci'))}"
     return text
 
 
@@ -42,7 +57,9 @@ def _attack_table(rows: list[dict[str, Any]], with_baselines: bool) -> list[str]
     if with_baselines:
         cols += list(BASELINE_NAMES.values())
     lines = [
-        "| attack | ε | images | " + " | ".join(cols) + " | flagged (all / base fooled) | AUROC gap | attack s |",
+        "| attack | ε | images | "
+        + " | ".join(cols)
+        + " | flagged (all / base fooled) | AUROC gap (all / successful) | attack s |",
         "|---" * (len(cols) + 6) + "|",
     ]
     for r in rows:
@@ -53,7 +70,8 @@ def _attack_table(rows: list[dict[str, Any]], with_baselines: bool) -> list[str]
         lines.append(
             f"| {r['name'].split('@')[0]} | {r['eps']:.3g} | {r['n_images']} | "
             + " | ".join(acc)
-            + f" | {flag} | {_num(r['gap_auroc'])} | {r['attack_seconds']:.0f} |"
+            + f" | {flag} | {_num(r['gap_auroc'])} / {_num(r.get('gap_auroc_successful'))}"
+            + f" | {r['attack_seconds']:.0f}{' (cached)' if r.get('resumed') else ''} |"
         )
     return lines
 
@@ -116,14 +134,7 @@ def render_markdown(res: dict[str, Any]) -> str:
     for k, name in BASELINE_NAMES.items():
         if k in clean["accuracy"]:  # no baselines without a differentiable twin
             out.append(f"| {name} | {_pct(clean['accuracy'][k], False)} | – |")
-    groups = (
-        ("oblivious", "Oblivious attacks (the paper's protocol: PGD on the base model, then each defence)", True),
-        ("transfer", "Transfer check", False),
-        ("adaptive", "Adaptive attacks (white box through MI)", False),
-        ("black-box", "Score-based black box on the served outputs", False),
-        ("cross-check", "Cross-checks with torchattacks", False),
-    )
-    for group, title, with_baselines in groups:
+    for group, title, with_baselines in GROUPS:
         sel = [r for r in rows if r["group"] == group]
         if not sel:
             continue
@@ -133,16 +144,23 @@ def render_markdown(res: dict[str, Any]) -> str:
         "",
         f"## Per-image worst case at ε = {t['eps']:.3g} (%)",
         "",
-        "An image counts as robust only if it survives every attack below under every server seed. "
-        f"_{res['budget_text']}_",
+        "An image counts as robust only if it survives every attack below under every server seed; [95 % "
+        "Clopper–Pearson interval over the images]. 8-bit: the inputs rounded to 8-bit pixels (PNG clients); "
+        "float32: the unrounded inputs (tensor clients, OIP/JSON). Non-oblivious: the attacks that know the "
+        f"defence (for the baselines: their EOT row). _{res['budget_text']}_",
         "",
-        "| defence | all attacks | non-oblivious attacks only |",
-        "|---|---|---|",
+        "| defence | all attacks, 8-bit | all attacks, float32 | non-oblivious only, 8-bit |",
+        "|---|---|---|---|",
     ]
-    for d in DEFENCES:
-        w = res["worst_case"][d]
-        out.append(f"| {DEFENCE_NAMES[d]} | {100 * w['all_attacks']:.1f} | {100 * w['non_oblivious']:.1f} |")
+    for d, w in res["worst_case"].items():
+        name = DEFENCE_NAMES.get(d, BASELINE_NAMES.get(d, d))
+        flt = f"{100 * w['all_attacks_float']:.1f}{_ci(w['all_attacks_float_ci'])}" if "all_attacks_float" in w else "–"
+        out.append(
+            f"| {name} | {100 * w['all_attacks']:.1f}{_ci(w.get('all_attacks_ci'))} | {flt} | "
+            f"{100 * w['non_oblivious']:.1f} |"
+        )
     out += ["", f"Attacks: {', '.join(res['worst_case']['combined']['attacks'])}.", ""]
+    out += _sanity_section(res)
     out += [
         "## Robustness Improving Condition (empirical)",
         "",
@@ -175,6 +193,54 @@ def render_markdown(res: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _sanity_section(res: dict[str, Any]) -> list[str]:
+    """Direction checks of the switch attacks, loss curves in numbers, and what the evaluation did not cover."""
+    rows = {r["name"].split("@")[0]: r for r in res["attacks"]}
+    out = ["## Sanity checks", ""]
+    for name, want in (("force-flagged", "should be high"), ("pl-aware", "should be low"), ("apgd-force-flagged", "")):
+        if name in rows:
+            out.append(
+                f"- `{name}` flag rate of MI-Combined on its inputs: {_pct(rows[name]['flag_rate'], False)} % "
+                f"({want or 'routes into OL'}; clean: {_pct(res['clean']['flag_rate'], False)} %)."
+            )
+    curves = [(n, r["trace"]) for n, r in rows.items() if r.get("trace")]
+    if curves:
+        out.append(
+            "- Loss curves (mean objective over images; first → best-of-run → last iterate; plot "
+            "`loss_curves.png`): "
+            + "; ".join(f"`{n}` {t[0]:.2f} → {max(t):.2f} → {t[-1]:.2f}" for n, t in curves)
+            + "."
+        )
+    out.append(
+        "- Plateau (steps, EOT draws, restarts doubled, image by image) and accuracy vs ε for the adaptive attacks: "
+        + (
+            "see `plateau.md`."
+            if res.get("plateau")
+            else "not run for this report (`mixinfer evaluate --plateau`; the budget did not allow it)."
+        )
+    )
+    return [*out, ""]
+
+
+def _plot_loss_curves(res: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    for r in res["attacks"]:
+        if r.get("trace"):
+            ax.plot(r["trace"], label=r["name"].split("@")[0], linewidth=1.2)
+    ax.set(
+        xlabel="iterate (restarts concatenated)",
+        ylabel="mean objective (maximised)",
+        title=f"Loss curves ({res['budget_text'].split(':')[0]})",
+    )
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def make_plots(res: dict[str, Any], out_dir: Path) -> list[Path]:
     """Accuracy vs eps per defence, gap histograms with the threshold, ROC of the gap, attacks bar chart."""
     import matplotlib
@@ -186,7 +252,7 @@ def make_plots(res: dict[str, Any], out_dir: Path) -> list[Path]:
     rows, t, tau = res["attacks"], res["threat"], res["bundle"]["mi"]["threshold"]
     budget = f"budget {res['budget']['name']}, {res['budget']['n_images']} images"
 
-    # accuracy vs eps (oblivious PGD, the worse of the two labels per image, all seeds)
+    # accuracy vs eps (oblivious PGD: per eps the worse of the two label cells, pgd-pred and pgd-gt; all seeds)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     eps_values = [0.0, *t["eps_curve"]]
     for key, name in [*DEFENCE_NAMES.items(), *BASELINE_NAMES.items()]:
@@ -263,6 +329,7 @@ def make_plots(res: dict[str, Any], out_dir: Path) -> list[Path]:
     fig.tight_layout()
     fig.savefig(paths[3], dpi=110)
     plt.close(fig)
+    _plot_loss_curves(res, paths[4])
     return paths
 
 

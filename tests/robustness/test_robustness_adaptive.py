@@ -126,3 +126,22 @@ def test_apgd_eot_attacks_every_image_and_keeps_the_best_iterate(twin, scorer, d
     clean = (scorer.score(x.numpy(), Mode.COMBINED).label == y.numpy()).all(0).mean()
     adv = (_served(scorer, x_adv, x).label == y.numpy()).all(0).mean()
     assert adv <= 0.5 * clean, (clean, adv)
+
+
+@pytest.mark.slow
+def test_plateau_compares_image_by_image_and_reaches_zero_at_an_unbounded_eps(mnist_bundle, tmp_path):
+    from service.robustness.budgets import get_budget
+    from service.robustness.plateau import EPS_LADDER, plateau_for_bundle, write_plateau
+
+    budget = get_budget("quick", n_images=6)
+    res = plateau_for_bundle(mnist_bundle, budget, ("eot-combined",), seeds=[1, 2, 3])
+    r = res["attacks"]["eot-combined"]
+    base = np.asarray(r["robust"]["base"])
+    for knob in ("steps x2", "eot x2", "restarts x2"):
+        doubled = np.asarray(r["robust"][knob])
+        assert r["newly_broken"][knob] == pytest.approx(float((base & ~doubled).mean()))
+    assert r["plateaued"] == all(v <= 0.01 for v in r["newly_broken"].values())
+    assert list(r["accuracy_vs_eps"]) == [f"{e:g}" for e in EPS_LADDER]
+    assert r["accuracy_vs_eps"]["1"] == 0.0  # an unbounded attack always succeeds
+    paths = write_plateau(res, tmp_path, budget.describe())
+    assert all(p.exists() for p in paths) and "| eot-combined |" in (tmp_path / "plateau.md").read_text()

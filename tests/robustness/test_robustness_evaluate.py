@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
+from scipy.stats import binomtest
 
 from service.cli import main
 from service.robustness.report import PLOTS
@@ -15,12 +17,30 @@ from service.robustness.sweep import pick_lambda
 DEFENCES = ("off", "pl", "ol", "combined")
 
 
-def _check_stats(stats: dict, n_seeds: int) -> None:
-    tol = 1e-9
-    assert 0.0 <= stats["min"] <= stats["mean"] + tol and stats["mean"] <= stats["max"] + tol and stats["max"] <= 1.0
-    assert len(stats["per_seed"]) == n_seeds
-    if stats["worst"] is not None:
-        assert stats["worst"] <= stats["min"] + 1e-9
+def _check_stats(stats: dict, correct: list[list[int]]) -> None:
+    """Recompute every figure of an accuracy cell from the row's per-image, per-seed correctness."""
+    c = np.asarray(correct, dtype=bool)
+    np.testing.assert_allclose(stats["per_seed"], c.mean(axis=1))
+    assert stats["mean"] == pytest.approx(c.mean(axis=1).mean())
+    assert stats["worst"] == pytest.approx(c.all(axis=0).mean())
+    k, n = int(c.all(axis=0).sum()), c.shape[1]
+    lo, hi = binomtest(k, n).proportion_ci(method="exact")
+    assert stats["ci"] == [pytest.approx(lo), pytest.approx(hi)]
+
+
+def _worst_case(rows: list[dict], defence: str, eps: float, groups: tuple[str, ...] | None, key: str) -> float:
+    """Independent recomputation: robust = right under every seed of every (selected) attack at eps."""
+    robust = None
+    for r in rows:
+        if r["eps"] != eps or (groups is not None and r["group"] not in groups):
+            continue
+        table = r["float"]["correct"] if key == "float" and defence in r["float"]["correct"] else r["correct"]
+        if defence not in table:
+            continue
+        ok = np.asarray(table[defence], dtype=bool).all(axis=0)
+        robust = ok if robust is None else robust & ok
+    assert robust is not None
+    return float(robust.mean())
 
 
 @pytest.mark.slow
@@ -56,41 +76,72 @@ def test_evaluate_quick_runs_end_to_end_and_writes_a_well_formed_report(mnist_bu
     n = res["budget"]["n_images"]
     assert len(res["test_indices"]) == n and len(res["clean_gap"]) == 3 * n
     groups = {r["group"] for r in res["attacks"]}
-    assert groups == {"oblivious", "transfer", "adaptive", "black-box", "cross-check"}
+    assert groups == {"oblivious", "transfer", "adaptive", "baseline-eot", "black-box"}
     names = [r["name"].split("@")[0] for r in res["attacks"]]
-    for expected in (
-        "pgd-pred",
-        "pgd-gt",
+    assert names == [
+        *("pgd-pred", "pgd-gt") * 3,
         "pgd-targeted",
         "transfer",
-        "eot-combined",
-        "pl-aware",
-        "ol-direct",
-        "ol-standalone",
-        "square",
-        "apgd-eot",
-    ):
-        assert expected in names
+        "transfer-surrogate",
+        *("eot-combined", "pl-aware", "force-flagged", "smooth-switch", "ol-direct", "ol-standalone"),
+        *("apgd-eot", "apgd-force-flagged"),
+        *("eot-combined-targeted", "pl-aware-targeted", "force-flagged-targeted", "smooth-switch-targeted"),
+        *("eot-gaussian", "eot-rotation", "eot-crop_pad", "eot-crop_resize"),
+        *("square-full", "square-label"),
+    ]
     for r in res["attacks"]:
         assert r["max_perturbation"] <= r["eps"] + 1e-6
+        assert r["attack_seed"] == 0 and not r["resumed"]
         for d in DEFENCES:
-            _check_stats(r["accuracy"][d], 3)
-        if r["group"] == "oblivious":
+            _check_stats(r["accuracy"][d], r["correct"][d])
+            _check_stats(r["float"]["accuracy"][d], r["float"]["correct"][d])
+            assert np.asarray(r["correct"][d]).shape == (3, n)
+        if r["group"] in ("oblivious", "baseline-eot"):
             assert {"gaussian", "rotation", "crop_pad", "crop_resize"} <= set(r["accuracy"])
         assert 0.0 <= r["gap_auroc"] <= 1.0
         assert set(r["ric"]) == {"pl", "ol", "combined"}
+        if r["group"] in ("adaptive", "baseline-eot"):
+            assert len(r["trace"]) >= 4  # a loss curve: start + steps (x restarts)
     # the attacks hurt the undefended model: oblivious PGD at the largest eps beats the clean accuracy
     strongest = [r for r in res["attacks"] if r["name"].startswith("pgd-gt")][-1]
     assert strongest["accuracy"]["off"]["mean"] < res["clean"]["accuracy"]["off"]["mean"]
+    eps = res["threat"]["eps"]
+    know_mi = ("transfer", "adaptive", "black-box", "cross-check")
     for d in DEFENCES:
         w = res["worst_case"][d]
-        assert 0.0 <= w["all_attacks"] <= w["non_oblivious"] <= 1.0
+        assert w["all_attacks"] == pytest.approx(_worst_case(res["attacks"], d, eps, None, "rounded"))
+        assert w["all_attacks_float"] == pytest.approx(_worst_case(res["attacks"], d, eps, None, "float"))
+        assert w["non_oblivious"] == pytest.approx(_worst_case(res["attacks"], d, eps, know_mi, "rounded"))
+    for b in ("gaussian", "rotation", "crop_pad", "crop_resize"):
+        w = res["worst_case"][b]
+        assert w["non_oblivious"] == pytest.approx(_worst_case(res["attacks"], b, eps, ("baseline-eot",), "rounded"))
     md = (out / "report.md").read_text()
     assert "budget `quick`" in md and "## Per-image worst case" in md and "MI-Combined" in md
     assert "twin on cpu, scoring by onnxruntime" in md
     for plot in PLOTS:
         with Image.open(out / plot) as im:
             assert im.format == "PNG" and im.size[0] > 300
+
+
+@pytest.mark.slow
+def test_a_stopped_evaluation_resumes_from_the_attack_cache(mnist_bundle, tmp_path: Path):
+    from service.robustness.budgets import get_budget
+    from service.robustness.evaluate import run_evaluation
+
+    budget = get_budget("quick", n_images=6)
+    kw = {"seeds": [1, 2, 3], "only": ("pgd-gt", "eot-combined@"), "show_progress": False}
+    first = run_evaluation(mnist_bundle, budget, cache_dir=tmp_path / "cache", **kw)
+    entries = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(entries) == 4 and all(e.endswith(".npz") for e in entries)  # 3 pgd-gt eps + eot-combined
+    again = run_evaluation(mnist_bundle, budget, cache_dir=tmp_path / "cache", **kw)
+    assert all(r["resumed"] for r in again["attacks"])
+    for a, b in zip(first["attacks"], again["attacks"], strict=True):
+        assert a["correct"] == b["correct"] and a["trace"] == b["trace"]
+    # the same attack seed without a cache reproduces the attacks; another seed does not reuse the cache
+    fresh = run_evaluation(mnist_bundle, budget, cache_dir=None, **kw)
+    assert [r["correct"] for r in fresh["attacks"]] == [r["correct"] for r in first["attacks"]]
+    other = run_evaluation(mnist_bundle, budget, cache_dir=tmp_path / "cache", attack_seed=5, **kw)
+    assert not any(r["resumed"] for r in other["attacks"])
 
 
 def test_evaluate_refuses_a_cuda_device_that_torch_cannot_see(mnist_bundle_dir: Path, tmp_path: Path, caplog):

@@ -87,3 +87,17 @@ def test_budgets_and_threat_models():
     with pytest.raises(ValueError, match="unknown budget"):
         get_budget("huge")
     assert "budget `quick`" in BUDGETS["quick"].describe()
+
+
+def test_clopper_pearson_matches_known_exact_intervals():
+    # reference values of the exact binomial interval (e.g. R's binom.test)
+    lo, hi = metrics.clopper_pearson(41, 100)
+    assert abs(lo - 0.3126) < 1e-3 and abs(hi - 0.5128) < 1e-3
+    assert metrics.clopper_pearson(0, 40) == (0.0, pytest.approx(0.0881, abs=1e-3))
+    assert metrics.clopper_pearson(5, 5)[1] == 1.0
+
+
+def test_seed_accuracy_interval_is_that_of_the_all_seeds_count():
+    correct = np.array([[1, 1, 0, 1], [1, 0, 0, 1]], dtype=bool)
+    stats = metrics.seed_accuracy(correct)
+    assert stats.worst == 0.5 and stats.ci == metrics.clopper_pearson(2, 4)

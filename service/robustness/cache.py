@@ -1,0 +1,62 @@
+"""Per-attack, per-seed cache of adversarial inputs, so that a stopped evaluation resumes where it stopped.
+
+One ``.npz`` per attack (no pickle: arrays only, read with ``allow_pickle=False``): the raw (unrounded) adversarial
+inputs and the attack's loss curve. The file name carries the attack's name and generator seed and a hash of
+everything that changes its output (bundle files, budget, threat model, image indices, code version), so a
+changed budget or bundle never reuses a stale entry. Scoring is not cached: it is cheap and uses this run's seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+LOGGER = logging.getLogger(__name__)
+
+#: bump when an attack's algorithm changes so old entries stop matching
+CACHE_VERSION = 2
+
+
+class AttackCache:
+    """Adversarial inputs keyed by (attack name, attack seed, run configuration).
+
+    Args:
+        root: directory of the entries (created on first write); None disables caching.
+        config: everything the attacks' outputs depend on besides name and seed (JSON-serialisable).
+    """
+
+    def __init__(self, root: Path | None, config: dict[str, Any]) -> None:
+        self.root = root
+        blob = json.dumps({"v": CACHE_VERSION, **config}, sort_keys=True, default=str).encode()
+        self.digest = hashlib.sha256(blob).hexdigest()[:16]
+
+    def path(self, name: str, seed: int) -> Path | None:
+        if self.root is None:
+            return None
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+        return self.root / f"{safe}-s{seed}-{self.digest}.npz"
+
+    def load(self, name: str, seed: int) -> tuple[NDArray[np.float32], list[float]] | None:
+        """The cached (x_adv, loss curve) of an attack, or None."""
+        path = self.path(name, seed)
+        if path is None or not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as f:
+            LOGGER.info("%s: resumed from %s", name, path)
+            return f["x_adv"].astype(np.float32), [float(v) for v in f["trace"]]
+
+    def save(self, name: str, seed: int, x_adv: NDArray[np.float32], trace: list[float]) -> None:
+        path = self.path(name, seed)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, x_adv=x_adv.astype(np.float32), trace=np.asarray(trace, dtype=np.float64))
+        tmp.replace(path)

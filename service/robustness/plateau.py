@@ -1,0 +1,136 @@
+"""Is the worst case converged? Attacks rerun with steps, EOT draws and restarts doubled, and across eps.
+
+Sanity checks of Tramèr et al. 2020 and Carlini et al. 2019 ("On Evaluating Adversarial Robustness"): doubling
+the steps, the EOT draws or the restarts of an attack must newly break at most 1 % of the images (compared image
+by image, every image scored by the served engine under every seed), and accuracy must reach 0 % at a large eps
+(an unbounded attack, eps 1, always succeeds unless something masks gradients). Runs the given attacks (the two
+strongest of the report by default) at the budget's setting and with each knob doubled, and at a ladder of eps.
+
+Output: ``plateau.json`` (per-image correctness of every run), ``plateau.md`` and ``plateau.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.mi.params import Mode
+from service.robustness.attacks.core import quantize
+from service.robustness.budgets import Budget
+from service.robustness.evaluate import attack_generator
+from service.robustness.plan import Context, attack_plan
+
+LOGGER = logging.getLogger(__name__)
+
+#: largest share of images a doubled knob may newly break for the attack to count as converged
+PLATEAU_TOLERANCE = 0.01
+#: the eps ladder of the accuracy-vs-eps curve of the adaptive attacks (MNIST scale; 1.0 = unbounded)
+EPS_LADDER = (0.1, 0.2, 0.3, 0.4, 0.5, 1.0)
+
+
+def _robust(ctx: Context, name: str, x: torch.Tensor, y: torch.Tensor, attack_seed: int) -> np.ndarray:
+    """Per-image MI-Combined correctness under every server seed for one attack configuration."""
+    spec = next(s for s in attack_plan(ctx.budget, ctx.threat) if s.name.split("@")[0] == name)
+    ctx.gen = attack_generator(attack_seed, spec.name)
+    ctx.traces = []
+    raw = spec.run(ctx, x, y).detach().cpu()
+    adv = quantize(raw, x.cpu(), ctx.threat.eps).numpy()
+    labels = ctx.scorer.score(adv, Mode.COMBINED).label
+    return (labels == y.cpu().numpy()[None]).all(axis=0)
+
+
+def run_plateau(
+    ctx: Context, x: torch.Tensor, y: torch.Tensor, attacks: tuple[str, ...], attack_seed: int = 0
+) -> dict[str, Any]:
+    """Doubling and eps-ladder runs of ``attacks`` on MI-Combined; returns the JSON-ready results."""
+    base_budget, base_threat = ctx.budget, ctx.threat
+    out: dict[str, Any] = {"tolerance": PLATEAU_TOLERANCE, "attacks": {}}
+    for name in attacks:
+        knobs: dict[str, Budget] = {
+            "base": base_budget,
+            "steps x2": replace(
+                base_budget, adaptive_steps=2 * base_budget.adaptive_steps, apgd_steps=2 * base_budget.apgd_steps
+            ),
+            "eot x2": replace(base_budget, eot=2 * base_budget.eot),
+            "restarts x2": replace(base_budget, restarts=2 * base_budget.restarts),
+        }
+        robust: dict[str, list[bool]] = {}
+        for knob, budget in knobs.items():
+            ctx.budget, ctx.threat = budget, base_threat
+            robust[knob] = _robust(ctx, name, x, y, attack_seed).tolist()
+        base = np.asarray(robust["base"])
+        newly = {k: float((base & ~np.asarray(v)).mean()) for k, v in robust.items() if k != "base"}
+        curve = {}
+        for eps in EPS_LADDER:
+            ctx.budget, ctx.threat = base_budget, replace(base_threat, eps=eps)
+            curve[f"{eps:g}"] = float(_robust(ctx, name, x, y, attack_seed).mean())
+        out["attacks"][name] = {
+            "robust": robust,
+            "newly_broken": newly,
+            "plateaued": all(v <= PLATEAU_TOLERANCE for v in newly.values()),
+            "accuracy_vs_eps": curve,
+        }
+    ctx.budget, ctx.threat = base_budget, base_threat
+    return out
+
+
+def plateau_for_bundle(
+    bundle: Any, budget: Budget, attacks: tuple[str, ...], *, seeds: list[int], device: str = "cpu"
+) -> dict[str, Any]:
+    """Build the twin, the served scorer and the test subset of ``bundle``, then :func:`run_plateau`."""
+    from service.robustness.budgets import threat_for
+    from service.robustness.data import load_split
+    from service.robustness.pipeline import DifferentiableMI
+    from service.robustness.served import ServedScorer
+
+    mi = DifferentiableMI.from_bundle(bundle, device=device)
+    threat = threat_for(bundle.manifest.input.shape)
+    ctx = Context(mi, ServedScorer.from_bundle(bundle, seeds), budget, threat, attack_generator(0, "setup"))
+    x_np, y_np, _ = load_split(bundle, "test", budget.n_images)
+    res = run_plateau(ctx, torch.from_numpy(x_np).to(mi.device), torch.from_numpy(y_np).to(mi.device), attacks)
+    return res | {"seeds": seeds, "budget": budget.as_dict()}
+
+
+def write_plateau(res: dict[str, Any], out_dir: Path, budget_text: str) -> list[Path]:
+    """``plateau.json``, ``plateau.md`` and ``plateau.png`` (accuracy per knob and vs eps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "plateau.json").write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+    lines = [
+        "# Plateau and accuracy vs ε (MI-Combined, all seeds right)",
+        "",
+        f"_{budget_text}_; a doubled knob may newly break at most {100 * res['tolerance']:.0f} % of the images.",
+        "",
+        "| attack | base acc | newly broken: steps ×2 / EOT ×2 / restarts ×2 | plateaued | accuracy vs ε |",
+        "|---|---|---|---|---|",
+    ]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, r in res["attacks"].items():
+        nb = r["newly_broken"]
+        curve = ", ".join(f"{e}: {100 * a:.0f}" for e, a in r["accuracy_vs_eps"].items())
+        acc = {k: float(np.mean(v)) for k, v in r["robust"].items()}
+        lines.append(
+            f"| {name} | {100 * acc['base']:.1f} | "
+            + " / ".join(f"{100 * v:.1f}" for v in nb.values())
+            + f" | {'yes' if r['plateaued'] else '**no**'} | {curve} |"
+        )
+        ax1.plot(list(acc), [100 * v for v in acc.values()], "-o", label=name)
+        ax2.plot([float(e) for e in r["accuracy_vs_eps"]], [100 * a for a in r["accuracy_vs_eps"].values()], "-o")
+    ax1.set(ylabel="accuracy, all seeds (%)", title="doubling each knob")
+    ax2.set(xlabel="ε", ylabel="accuracy, all seeds (%)", title="accuracy vs ε", ylim=(-2, 102))
+    ax1.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "plateau.png", dpi=110)
+    plt.close(fig)
+    (out_dir / "plateau.md").write_text("\n".join([*lines, "", "![plateau](plateau.png)", ""]), encoding="utf-8")
+    return [out_dir / "plateau.json", out_dir / "plateau.md", out_dir / "plateau.png"]

@@ -1,0 +1,44 @@
+"""The README's robustness tables are generated from the committed results.json files and cannot drift."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from service.robustness import tables
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_readme_tables_match_the_committed_results():
+    assert tables.main(["--readme", str(ROOT / "README.md"), "--check"]) == 0, (
+        "README robustness tables drifted: run python -m service.robustness.tables"
+    )
+
+
+def _copy(tmp_path: Path) -> Path:
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    for _, d in tables.REPORTS:
+        (tmp_path / d).mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / d / "results.json", tmp_path / d / "results.json")
+    return tmp_path / "README.md"
+
+
+def test_the_check_fails_when_a_reported_number_changes(tmp_path: Path):
+    readme = _copy(tmp_path)
+    assert tables.main(["--readme", str(readme), "--check"]) == 0
+    path = tmp_path / tables.REPORTS[-1][1] / "results.json"
+    res = json.loads(path.read_text())
+    n = len(res["test_indices"])
+    res["worst_case"]["combined"]["all_attacks"] = 1.0 - res["worst_case"]["combined"]["all_attacks"] + 1.0 / n
+    path.write_text(json.dumps(res))
+    assert tables.main(["--readme", str(readme), "--check"]) == 1
+    assert tables.main(["--readme", str(readme)]) == 0  # regenerating fixes it
+    assert tables.main(["--readme", str(readme), "--check"]) == 0
+
+
+def test_cells_carry_clopper_pearson_intervals():
+    # 41 of 100: the exact 95 % interval is [31.3, 51.3] %
+    assert tables._cell({"worst": 0.41, "mean": 0.5}, 100) == "41 [31–51]"
+    assert tables._cell({"worst": 0.0, "mean": 0.0}, 40) == "0 [0–9]"
