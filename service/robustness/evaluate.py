@@ -211,7 +211,8 @@ def _run_attack(
         if delta > spec.eps + 1e-6 or adv.min() < 0 or adv.max() > 1:
             raise AssertionError(f"{spec.name} ({name}): perturbation {delta} exceeds eps {spec.eps} or leaves [0, 1]")
     scores = scoring.score_inputs(ctx.scorer, rounded)
-    base = scoring.baseline_probs(ctx.mi, rounded, ctx.budget.baseline_draws, ctx.gen) if spec.baselines else {}
+    score_gen = attack_generator(attack_seed, f"{spec.name}/baselines")  # the same draws whether resumed or not
+    base = scoring.baseline_probs(ctx.mi, rounded, ctx.budget.baseline_draws, score_gen) if spec.baselines else {}
     row = scoring.summarise(scores, base, y_np, clean_gap, targets_np if spec.targets else None)
     row["float"] = scoring.float_summary(scoring.score_inputs(ctx.scorer, raw), y_np)
     row.update(
