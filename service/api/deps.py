@@ -30,7 +30,8 @@ from service.mi.params import Mode
 
 LOGGER = logging.getLogger(__name__)
 
-_MAX_BUCKETS = 10_000
+#: clients whose buckets are kept; beyond it the least recently seen is forgotten (a full bucket again)
+MAX_BUCKETS = 10_000
 _BEARER_DESCRIPTION = "Authorization: Bearer <key>"
 _bearer = HTTPBearer(auto_error=False, description=_BEARER_DESCRIPTION)
 Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
@@ -64,23 +65,30 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
+    def tracked(self) -> int:
+        """Clients whose buckets are kept now."""
+        with self._lock:
+            return len(self._buckets)
+
     def take(self, who: str) -> None:
         """Spend one token of ``who`` or raise :class:`RateLimitedError` with the seconds until the next one."""
         now = time.monotonic()
         with self._lock:
-            if len(self._buckets) > _MAX_BUCKETS:  # forget clients whose bucket has refilled (bounded memory)
-                full_after = self.burst / self.rate
-                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
-            tokens, last = self._buckets.get(who, (self.burst, now))
+            buckets = self._buckets
+            # pop + insert keeps the dict in least-recently-seen order: forgetting the oldest is O(1), whatever the
+            # number of clients (a purge scan per request cost O(clients) once more than MAX_BUCKETS were fresh)
+            tokens, last = buckets.pop(who, (self.burst, now))
+            if len(buckets) >= MAX_BUCKETS:
+                del buckets[next(iter(buckets))]
             tokens = min(self.burst, tokens + (now - last) * self.rate)
             if tokens < 1.0:
-                self._buckets[who] = (tokens, now)
+                buckets[who] = (tokens, now)
                 wait = (1.0 - tokens) / self.rate
                 raise RateLimitedError(
                     f"rate limit of {self.rate:g} requests/s per {self.per} exceeded; retry in {wait:.2f} s",
                     retry_after_s=max(1, int(wait + 0.999)),
                 )
-            self._buckets[who] = (tokens - 1.0, now)
+            buckets[who] = (tokens - 1.0, now)
 
 
 def _key_index(given: bytes, keys: tuple[bytes, ...]) -> int:
