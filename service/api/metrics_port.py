@@ -42,7 +42,13 @@ def metrics_authorised(authorization: str | None, key: bytes | None) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key)
 
 
+#: a connection that sends nothing (or an unfinished request) for this long is closed, freeing its thread
+IDLE_TIMEOUT_S = 5.0
+
+
 class _QuietHandler(WSGIRequestHandler):
+    timeout = IDLE_TIMEOUT_S  # socketserver sets it on the connection: reads time out, the handler closes it
+
     def log_message(self, format: str, *args: Any) -> None:
         """No per-scrape line on stderr."""
 

@@ -67,3 +67,22 @@ def test_metrics_port_must_differ_from_the_port(http_store):
 
     with pytest.raises(ValidationError, match=r"metrics_port \(8000\) must differ from port \(8000\)"):
         settings_for(http_store, metrics_port=8000)
+
+
+def test_metrics_port_closes_idle_connections(http_store):
+    # one thread per connection: a connection that never sends its request used to hold a thread of the server
+    # process forever (enough of them exhaust the threads the main port decodes on)
+    from service.api.metrics_port import IDLE_TIMEOUT_S
+
+    port = free_port()
+    with (
+        run_server(settings_for(http_store, model_version="1", metrics_port=port)),
+        socket.create_connection(("127.0.0.1", port), timeout=IDLE_TIMEOUT_S + 15) as idle,
+    ):
+        idle.sendall(b"GET /metr")  # a request line never finished
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).status_code == 200  # others are served
+        try:
+            while idle.recv(4096):  # a 408/400 answer, then the close
+                pass
+        except TimeoutError:
+            pytest.fail(f"the idle connection was still open after {IDLE_TIMEOUT_S + 15} s")
