@@ -26,6 +26,8 @@ class Entry:
     digest: bytes
     #: exact resends of this image by this client after the first send (-1: the first send was not answered)
     resends: int = 0
+    #: the image was a hit in a request the policy refused: every resend of it is a hit too (no retry allowance)
+    refused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,14 +67,14 @@ class QueryHistory:
         while order and (entries[order[0]].time < horizon or len(order) > self.max_queries):
             self._drop(order.popleft())
 
-    def resend(self, client: str, digest: bytes) -> int | None:
-        """Count an exact resend of an image this client sent within the window: the resends so far, or None."""
+    def resend(self, client: str, digest: bytes) -> Entry | None:
+        """Count an exact resend of an image this client sent within the window: its entry, or None."""
         eid = self._exact.get((client, digest))
         if eid is None:
             return None
         entry = self._entries[eid]
         entry.resends += 1
-        return entry.resends
+        return entry
 
     def unsend(self, client: str, digest: bytes) -> None:
         """Take back one send of an image by ``client`` (the server did not answer it): its retry is no resend."""
@@ -97,11 +99,11 @@ class QueryHistory:
                     break
         return Match(own=own, anyone=anyone)
 
-    def add(self, now: float, client: str, hashes: list[int], digest: bytes) -> None:
-        """Remember a query (call :meth:`forget_before` first so that the bounds hold)."""
+    def add(self, now: float, client: str, hashes: list[int], digest: bytes) -> Entry:
+        """Remember a query (call :meth:`forget_before` first so that the bounds hold); returns its entry."""
         eid = self._next_id
         self._next_id += 1
-        self._entries[eid] = Entry(now, client, hashes, digest)
+        entry = self._entries[eid] = Entry(now, client, hashes, digest)
         self._order.append(eid)
         self._exact[(client, digest)] = eid
         index = self._index
@@ -115,6 +117,7 @@ class QueryHistory:
                     del ids[0]
         if len(self._order) > self.max_queries:
             self._drop(self._order.popleft())
+        return entry
 
     def _drop(self, eid: int) -> None:
         entry = self._entries.pop(eid)

@@ -21,7 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.watch.fingerprint import FingerprintParams, digest, fingerprint, to_pixels
-from service.watch.history import BYTES_PER_QUERY, QueryHistory
+from service.watch.history import BYTES_PER_QUERY, Entry, QueryHistory
 
 LOGGER = logging.getLogger(__name__)
 
@@ -124,16 +124,20 @@ class QueryWatch:
                 return Verdict(Action.BANNED, 0, 0, len(known.hit_times))
             self.history.forget_before(now)
             hits = service_hits = 0
+            hit_entries: list[Entry] = []
             for hashes, exact in prints:
-                resends = self.history.resend(client, exact)
-                if resends is not None:
-                    hit = resends > cfg.resends
+                entry = self.history.resend(client, exact)
+                if entry is not None:
+                    # a refused near-copy stays refused: sending it again is no retry to answer
+                    hit = entry.resends > cfg.resends or entry.refused
                     service_hit = False
                 else:
                     needed = -(-cfg.params.match * len(hashes) // cfg.params.top)  # the same share of fewer hashes
                     found = self.history.match(client, hashes, needed)
                     hit, service_hit = found.own, found.anyone
-                    self.history.add(now, client, hashes, exact)
+                    entry = self.history.add(now, client, hashes, exact)
+                if hit:
+                    hit_entries.append(entry)
                 hits += hit
                 service_hits += service_hit
             self.service_hits += service_hits
@@ -155,6 +159,9 @@ class QueryWatch:
                 times.clear()  # the ban spends these hits: after it the client starts afresh
                 action = Action.BANNED
                 window_hits = cfg.ban_hits
+            if action is not Action.ANSWER:
+                for entry in hit_entries:
+                    entry.refused = True
         if hits:
             _log_hits(client, hits, window_hits, cfg, action)
         return Verdict(action, hits, service_hits, window_hits, digests)

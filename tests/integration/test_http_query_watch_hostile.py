@@ -54,3 +54,20 @@ def test_a_retry_of_a_request_the_server_did_not_answer_is_not_a_resend(http_sto
         assert served.metric("mixinfer_query_watch_hits_total", scope="client") == 0
         again = post_png(served.base_url, image)  # a resend of an answered image still counts
         assert again.status_code == 403 and again.json()["error"]["code"] == "query_rejected"
+
+
+def near_copy(image: np.ndarray) -> np.ndarray:
+    out = image.copy()
+    out[7, 3, 1] ^= 0x80  # one pixel moved: a Square/SimBA-like step
+    return out
+
+
+def test_reject_is_not_bypassed_by_sending_a_refused_query_again(http_store):
+    with run_server(settings_for(http_store, name="rgb", query_watch="reject", seed=0)) as served:
+        base = rgb_image(13)
+        assert post_png(served.base_url, png_bytes(base)).status_code == 200
+        step = png_bytes(near_copy(base))
+        codes = [post_png(served.base_url, step).status_code for _ in range(3)]
+        # the refused near-copy stays refused: an exact resend of it is no retry allowance to answer it
+        assert codes == [403, 403, 403], codes
+        assert post_png(served.base_url, png_bytes(base)).status_code == 200  # a plain resend is still a retry
