@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -149,3 +150,67 @@ def test_serve_stops_when_the_backend_cannot_be_created(http_store):
     out = serve_until_exit(env, timeout_s=60)
     assert out.returncode != 0
     assert "model load failed, stopping the server" in out.stderr and "NoSuchExecutionProvider" in out.stderr
+
+
+def _start_and_wait_ready(env: dict[str, str], port: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"server did not become ready: {proc.communicate(timeout=10)[0][-2000:]}")
+
+
+def test_a_real_sigterm_turns_readiness_to_0_while_a_request_is_in_flight(http_store):
+    """The signal reaches serving.Server: mixinfer_ready (scraped from the metrics port, which outlives the drain)
+    is 0 while a request whose body is still arriving holds the drain open; that request is then answered."""
+    import io
+
+    from PIL import Image
+
+    port, metrics_port = free_port(), free_port()
+    env = env_for(
+        http_store, MIXINFER_PORT=str(port), MIXINFER_METRICS_PORT=str(metrics_port), MIXINFER_LOG_JSON="false"
+    )
+    proc = _start_and_wait_ready(env, port)
+    try:
+        buf = io.BytesIO()
+        Image.fromarray(np.full((8, 8), 128, np.uint8)).save(buf, "PNG")
+        png = buf.getvalue()
+        head = f"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: {len(png)}\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(head.encode() + png[:10])  # the request is in flight: its body is not complete
+
+            def ready_gauge() -> float:
+                text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+                return next(float(ln.split()[1]) for ln in text.splitlines() if ln.startswith("mixinfer_ready "))
+
+            assert ready_gauge() == 1.0
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while ready_gauge() != 0.0:
+                assert time.monotonic() < deadline, "mixinfer_ready still 1 after SIGTERM"
+                time.sleep(0.05)
+            assert proc.poll() is None  # still draining: the request in flight holds it
+            sock.sendall(png[10:])
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.communicate(timeout=10)[0]
+    assert proc.returncode in (0, -15), out
