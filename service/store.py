@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
 import logging
 import os
 import re
 import stat
-import zipfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +30,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import ValidationError
 
-from service.backends.signature import check_pool_images, check_signature, read_signature
+from service.bundle_content import PoolImages, PoolLabels, check_model, load_pool, load_splits
 from service.errors import BundleError, BundleNotFoundError
 from service.manifest import (
     MANIFEST_FILE,
@@ -40,7 +38,6 @@ from service.manifest import (
     POOL_FILE,
     RETIRED_SCHEMAS,
     SCHEMA_VERSION,
-    SPLIT_NAMES,
     SPLITS_FILE,
     WEIGHTS_FILE,
     Manifest,
@@ -54,11 +51,6 @@ LOGGER = logging.getLogger(__name__)
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
 _CHUNK = 1 << 20
-
-#: uint8 (P, C, H, W)
-PoolImages = NDArray[np.uint8]
-#: int64 (P,), sorted ascending
-PoolLabels = NDArray[np.int64]
 
 
 @dataclass(frozen=True)
@@ -157,9 +149,9 @@ def load_bundle(path: Path, require_weights: bool = False) -> Bundle:
     manifest = _read_manifest(path)
     _check_identity(path, manifest)
     blobs = _read_files(path, manifest, require_weights)
-    pool_images, pool_labels = _load_pool(path / POOL_FILE, blobs[POOL_FILE], manifest)
-    splits = _load_splits(path / SPLITS_FILE, blobs[SPLITS_FILE], manifest, n_pool=int(pool_labels.shape[0]))
-    _check_model(path / MODEL_FILE, blobs[MODEL_FILE], manifest, pool_images.shape[1:])
+    pool_images, pool_labels = load_pool(path / POOL_FILE, blobs[POOL_FILE], manifest)
+    splits = load_splits(path / SPLITS_FILE, blobs[SPLITS_FILE], manifest, n_pool=int(pool_labels.shape[0]))
+    check_model(path / MODEL_FILE, blobs[MODEL_FILE], manifest, pool_images.shape[1:])
     LOGGER.info(
         "loaded bundle %s/%s: %d classes, pool %d images, input %s",
         manifest.name,
@@ -277,126 +269,6 @@ def _read_files(path: Path, manifest: Manifest, require_weights: bool) -> dict[s
             )
         blobs[fname] = data
     return blobs
-
-
-def _npz(fpath: Path, data: bytes, keys: tuple[str, ...]) -> dict[str, NDArray[Any]]:
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-            found = set(arrays.files)
-            missing = [k for k in keys if k not in found]
-            if missing:
-                raise BundleError(f"{fpath}: expected arrays {list(keys)}, missing {missing} (got {sorted(found)})")
-            return {k: arrays[k] for k in keys}
-    except BundleError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # BadZipFile is no OSError
-        raise BundleError(
-            f"{fpath}: expected a numpy .npz without pickled objects, got unreadable data ({exc})"
-        ) from exc
-
-
-def _load_pool(fpath: Path, data: bytes, manifest: Manifest) -> tuple[PoolImages, PoolLabels]:
-    arrays = _npz(fpath, data, ("images", "labels"))
-    images, labels = arrays["images"], arrays["labels"]
-    try:
-        check_pool_images(images)
-    except ValueError as exc:
-        raise BundleError(f"{fpath}: {exc}") from exc
-    if tuple(images.shape[1:]) != tuple(manifest.input.shape):
-        raise BundleError(
-            f"{fpath}: pool image shape must equal the manifest input shape, expected {tuple(manifest.input.shape)}, "
-            f"got {tuple(images.shape[1:])}"
-        )
-    if labels.dtype != np.int64 or labels.shape != (images.shape[0],):
-        raise BundleError(
-            f"{fpath}: labels must be int64 ({images.shape[0]},) like images, got {labels.dtype} {labels.shape}"
-        )
-    k = manifest.n_classes
-    if labels.size == 0:
-        raise BundleError(f"{fpath}: pool must hold >= 1 image per class ({k} classes), got 0 images")
-    if labels.min() < 0 or labels.max() >= k:
-        raise BundleError(f"{fpath}: labels must lie in [0, {k - 1}], got [{int(labels.min())}, {int(labels.max())}]")
-    if np.any(np.diff(labels) < 0):
-        raise BundleError(f"{fpath}: labels must be sorted ascending, got an unsorted array")
-    counts = np.bincount(labels, minlength=k)
-    empty = np.flatnonzero(counts == 0)
-    if empty.size:
-        raise BundleError(
-            f"{fpath}: pool class {int(empty[0])} ({manifest.class_names[int(empty[0])]!r}) has 0 images, "
-            f"every class needs >= 1 (empty classes: {empty.tolist()})"
-        )
-    images.setflags(write=False)
-    labels.setflags(write=False)
-    return images, labels
-
-
-def _load_splits(fpath: Path, data: bytes, manifest: Manifest, n_pool: int) -> dict[str, NDArray[np.int64]]:
-    arrays = _npz(fpath, data, SPLIT_NAMES)
-    n_images = manifest.dataset.n_images
-    splits: dict[str, NDArray[np.int64]] = {}
-    for name in SPLIT_NAMES:
-        arr = arrays[name]
-        if arr.dtype != np.int64 or arr.ndim != 1:
-            raise BundleError(f"{fpath}: split {name!r} must be a 1-D int64 array, got {arr.dtype} {arr.shape}")
-        expected = getattr(manifest.splits, name)
-        if arr.size != expected:
-            raise BundleError(
-                f"{fpath}: split {name!r} size must match the manifest, expected {expected}, got {arr.size}"
-            )
-        if arr.size and (arr.min() < 0 or arr.max() >= n_images):
-            raise BundleError(
-                f"{fpath}: split {name!r} must index [0, {n_images - 1}], got [{int(arr.min())}, {int(arr.max())}]"
-            )
-        if np.unique(arr).size != arr.size:
-            raise BundleError(
-                f"{fpath}: split {name!r} must not repeat an index, got {arr.size - np.unique(arr).size} repeats"
-            )
-        arr.setflags(write=False)
-        splits[name] = arr
-    if splits["pool"].size != n_pool:
-        raise BundleError(
-            f"{fpath}: split 'pool' must index every pool image, expected {n_pool} indices, got {splits['pool'].size}"
-        )
-    forbidden = (
-        ("test", "train"),
-        ("test", "pool"),
-        ("test", "calibration"),
-        ("calibration", "train"),
-        ("calibration", "pool"),
-    )
-    for a, b in forbidden:
-        shared = np.intersect1d(splits[a], splits[b])
-        if shared.size:
-            raise BundleError(
-                f"{fpath}: splits {a!r} and {b!r} must be disjoint, got {shared.size} shared indices "
-                f"(first {shared[:5].tolist()})"
-            )
-    return splits
-
-
-def _check_model(fpath: Path, data: bytes, manifest: Manifest, pool_shape: tuple[int, ...]) -> None:
-    """Parse the ONNX bytes and check their input/output signature against the manifest and the pool."""
-    import onnx
-
-    try:
-        model = onnx.load_model_from_string(data)
-        onnx.checker.check_model(model)
-    except Exception as exc:
-        raise BundleError(f"{fpath}: expected a valid self-contained ONNX model, got a corrupt file ({exc})") from exc
-    for init in model.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            raise BundleError(f"{fpath}: expected a self-contained model, got external data for {init.name!r}")
-    try:
-        check_signature(
-            read_signature(model),
-            input_name=manifest.input.name,
-            output_name=manifest.input.output_name,
-            pool_shape=tuple(pool_shape),
-            expected_shape=tuple(manifest.input.shape),
-            expected_classes=manifest.n_classes,
-        )
-    except ValueError as exc:
-        raise BundleError(f"{fpath}: {exc}") from exc
 
 
 def open_backend(bundle: Bundle, **options: Any) -> OrtBackend:
