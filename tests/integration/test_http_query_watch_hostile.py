@@ -71,3 +71,81 @@ def test_reject_is_not_bypassed_by_sending_a_refused_query_again(http_store):
         # the refused near-copy stays refused: an exact resend of it is no retry allowance to answer it
         assert codes == [403, 403, 403], codes
         assert post_png(served.base_url, png_bytes(base)).status_code == 200  # a plain resend is still a retry
+
+
+def chw_floats(image: np.ndarray) -> np.ndarray:
+    return np.transpose(image, (2, 0, 1)).astype(np.float32) / 255.0
+
+
+def send(base_url: str, front_end: str, image: np.ndarray) -> httpx.Response:
+    """One image through one front end of the server."""
+    import base64
+    import json
+
+    url = f"{base_url}/predict"
+    if front_end == "raw":
+        return post_png(base_url, png_bytes(image))
+    if front_end == "multipart":
+        return httpx.post(url, files={"images": ("a.png", png_bytes(image), "image/png")}, timeout=30)
+    if front_end == "json_b64":
+        return httpx.post(url, json={"instances": [{"b64": base64.b64encode(png_bytes(image)).decode()}]}, timeout=30)
+    if front_end == "json_array":
+        return httpx.post(url, json={"instances": [chw_floats(image).tolist()]}, timeout=30)
+    tensor = chw_floats(image)[None]
+    url = f"{base_url}/v2/models/rgb/infer"
+    inp = {"name": "images", "shape": list(tensor.shape), "datatype": "FP32"}
+    if front_end == "oip_json":
+        return httpx.post(url, json={"inputs": [{**inp, "data": tensor.ravel().tolist()}]}, timeout=30)
+    head = json.dumps({"inputs": [{**inp, "parameters": {"binary_data_size": tensor.nbytes}}]}).encode()
+    return httpx.post(
+        url,
+        content=head + tensor.astype("<f4").tobytes(),
+        headers={"content-type": "application/octet-stream", "inference-header-content-length": str(len(head))},
+        timeout=30,
+    )
+
+
+FRONT_ENDS = ("raw", "multipart", "json_b64", "json_array", "oip_json", "oip_binary")
+
+
+def test_every_front_end_is_screened(http_store):
+    with run_server(settings_for(http_store, name="rgb", query_watch="reject", seed=0)) as served:
+        for i, front_end in enumerate(FRONT_ENDS):
+            base = rgb_image(100 + i)
+            assert send(served.base_url, "raw", base).status_code == 200
+            refused = send(served.base_url, front_end, near_copy(base))
+            assert refused.status_code == 403, (front_end, refused.text)
+        assert served.metric("mixinfer_query_watch_refusals_total", reason="query_rejected") == len(FRONT_ENDS)
+
+
+def test_x_forwarded_for_neither_hides_a_client_nor_blames_another(http_store):
+    image = rgb_image(200)
+    # no trusted proxy (the default): X-Forwarded-For is ignored, rotating it does not make a new client
+    with run_server(settings_for(http_store, name="rgb", query_watch="reject", seed=0)) as served:
+        assert post_png(served.base_url, png_bytes(image)).status_code == 200
+        spoofed = httpx.post(
+            f"{served.base_url}/predict",
+            content=png_bytes(near_copy(image)),
+            headers={"content-type": "image/png", "x-forwarded-for": "203.0.113.9"},
+            timeout=30,
+        )
+        assert spoofed.status_code == 403
+    # behind a trusted proxy (this test plays it, appending the real address): the attacker writes the victim's
+    # address first, the hits are its own and the victim is answered
+    settings = settings_for(http_store, name="rgb", query_watch="ban", query_watch_ban_hits=1, seed=0)
+    settings = settings.model_copy(update={"trusted_proxies": ("127.0.0.1",)})
+    with run_server(settings) as served:
+
+        def via_proxy(img: np.ndarray, chain: str) -> httpx.Response:
+            return httpx.post(
+                f"{served.base_url}/predict",
+                content=png_bytes(img),
+                headers={"content-type": "image/png", "x-forwarded-for": chain},
+                timeout=30,
+            )
+
+        assert via_proxy(image, "198.51.100.1, 198.51.100.66").status_code == 200
+        banned = via_proxy(near_copy(image), "198.51.100.1, 198.51.100.66")
+        assert banned.status_code == 403 and banned.json()["error"]["code"] == "client_banned"
+        assert via_proxy(rgb_image(201), "198.51.100.1").status_code == 200  # the victim is not banned
+        assert via_proxy(rgb_image(202), "198.51.100.66").status_code == 403  # the attacker is
