@@ -45,11 +45,12 @@ COPY model_store /models
 ENV PATH=/opt/venv/bin:$PATH \
     MIXINFER_HOST=0.0.0.0 \
     MIXINFER_PORT=8000 \
+    MIXINFER_GRPC_PORT=8001 \
     MIXINFER_METRICS_PORT=8002 \
     MIXINFER_MODEL_DIR=/models \
     MIXINFER_PROVIDERS=CPUExecutionProvider
 USER mixinfer
-EXPOSE 8000 8002
+EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["/opt/venv/bin/python", "/opt/mixinfer/healthcheck.py"]
 ENTRYPOINT ["mixinfer"]
@@ -81,11 +82,12 @@ COPY model_store /models
 ENV PATH=/opt/venv/bin:$PATH \
     MIXINFER_HOST=0.0.0.0 \
     MIXINFER_PORT=8000 \
+    MIXINFER_GRPC_PORT=8001 \
     MIXINFER_METRICS_PORT=8002 \
     MIXINFER_MODEL_DIR=/models \
     MIXINFER_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider
 USER mixinfer
-EXPOSE 8000 8002
+EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=3s --start-period=90s --retries=3 \
     CMD ["/opt/venv/bin/python", "/opt/mixinfer/healthcheck.py"]
 # One uvicorn process owns the one GPU this container reserves; scale out with one container per GPU.

@@ -20,10 +20,16 @@ _WEAK_KEY_CHARS = 16
 
 
 #: ``MIXINFER_*`` variables that are not settings of the server but are read elsewhere: the container health check
-#: (deploy/healthcheck.py), docker compose's published port, the client's key (``mixinfer predict``) and the soak
+#: (deploy/healthcheck.py), docker compose's published ports, the client's key (``mixinfer predict``) and the soak
 #: test's length. ``mixinfer serve`` accepts them.
 OTHER_VARIABLES = frozenset(
-    {"MIXINFER_HEALTH_URL", "MIXINFER_PUBLISH", "MIXINFER_CLIENT_API_KEY", "MIXINFER_SOAK_REQUESTS"}
+    {
+        "MIXINFER_HEALTH_URL",
+        "MIXINFER_PUBLISH",
+        "MIXINFER_GRPC_PUBLISH",
+        "MIXINFER_CLIENT_API_KEY",
+        "MIXINFER_SOAK_REQUESTS",
+    }
 )
 ENV_PREFIX = "MIXINFER_"
 
@@ -65,6 +71,9 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", min_length=1, description="address uvicorn binds")
     port: int = Field(default=8000, ge=1, le=65535, description="port uvicorn binds")
+    grpc_port: int | None = Field(
+        default=None, ge=1, le=65535, description="port of the OIP v2 gRPC server on the same host; unset = no gRPC"
+    )
     providers: Annotated[tuple[str, ...], NoDecode] = Field(
         default=("CUDAExecutionProvider", "CPUExecutionProvider"),
         description="ONNX Runtime execution providers in order of preference (comma-separated)",
@@ -221,6 +230,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if self.grpc_port is not None and self.grpc_port == self.port:
+            raise ValueError(f"grpc_port ({self.grpc_port}) must differ from port ({self.port})")
         if self.max_batch_images > self.max_queue_images:
             raise ValueError(
                 f"max_batch_images ({self.max_batch_images}) must be <= max_queue_images ({self.max_queue_images})"

@@ -22,6 +22,7 @@ from service.api.errors import install_error_handlers
 from service.api.identity import TrustedProxies
 from service.api.metrics_port import MetricsServer
 from service.api.middleware import BodyLimitMiddleware, ObserveMiddleware
+from service.api.oip import GRPC_SERVICE
 from service.api.query_watch import QueryScreen
 from service.api.responses import OrjsonResponse
 from service.api.routes import admin, health, info, page, predict, stats, v2
@@ -68,6 +69,8 @@ def create_app(
         app.include_router(router)
     # FastAPI >= 0.160 keeps included routers as groups in app.routes: flatten them to get every template
     routes = [rc.path or "" for rc in iter_route_contexts(app.routes) if getattr(rc.route, "include_in_schema", False)]
+    if settings.grpc_port is not None:
+        routes.append(f"/{GRPC_SERVICE}/ModelInfer")
     metrics = Metrics(routes, settings.max_queue_images, settings.latency_p99_target_s)
     app.state.settings = settings
     app.state.metrics = metrics
@@ -103,10 +106,18 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     loading = asyncio.create_task(holder.load_initial(bundle), name="mixinfer-load")
     loading.add_done_callback(lambda task: _report_load(task, exit_process=app.state.exit_on_load_failure))
     app.state.loading = loading
+    grpc_server = None
     try:
+        if settings.grpc_port is not None:
+            from service.api.grpc_server import GrpcServer
+
+            grpc_server = GrpcServer(app.state)
+            await grpc_server.start()
         yield
     finally:
         app.state.metrics.ready.set(0)
+        if grpc_server is not None:  # after uvicorn's drain: calls in flight get the same grace as HTTP requests
+            await grpc_server.stop(settings.drain_s)
         if not loading.done():
             loading.cancel()
         await holder.batcher.close()

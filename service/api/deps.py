@@ -102,7 +102,11 @@ def _key_index(given: bytes, keys: tuple[bytes, ...]) -> int:
 
 def _bearer_token(request: Request) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header, else None (as ``HTTPBearer(auto_error=False)``)."""
-    authorization = request.headers.get("Authorization")
+    return bearer_token(request.headers.get("Authorization"))
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization`` value ``Bearer <token>`` (HTTP header or gRPC metadata), else None."""
     if not authorization:
         return None
     scheme, credentials = get_authorization_scheme_param(authorization)
@@ -118,9 +122,18 @@ def identify_caller(request: Request, settings: Settings, limiter: RateLimiter |
         UnauthorizedError: keys are configured and the request carries none of them.
         RateLimitedError: the caller's rate limit is exhausted.
     """
+    return caller_identity(_bearer_token(request), client_address(request), settings, limiter)
+
+
+def caller_identity(token: str | None, address: str, settings: Settings, limiter: RateLimiter | None) -> str:
+    """The API-key check and rate limit of any transport: ``key<i>`` with API keys, else the client ``address``.
+
+    Raises:
+        UnauthorizedError: keys are configured and ``token`` (the bearer token, None if absent) is none of them.
+        OverloadedError: the caller's rate limit is exhausted.
+    """
     keys = settings.api_key_values()
     if keys:
-        token = _bearer_token(request)
         if token is None:
             raise UnauthorizedError("missing API key: send 'Authorization: Bearer <key>'")
         idx = _key_index(token.encode(), keys)
@@ -128,7 +141,7 @@ def identify_caller(request: Request, settings: Settings, limiter: RateLimiter |
             raise UnauthorizedError("wrong API key")
         who = f"key{idx}"
     else:
-        who = client_address(request)
+        who = address
     if limiter is not None:
         limiter.take(who)
     return who

@@ -21,6 +21,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.api.inference import Answer
+from service.api.runtime import LoadedModel
+from service.api.schemas import INPUT_DATATYPE
+from service.config import Settings
 from service.errors import InvalidInputError
 
 LOGGER = logging.getLogger(__name__)
@@ -147,6 +150,20 @@ def oip_output_metadata(detail: ResponseDetail, n_classes: int) -> list[dict[str
         "top_probabilities": ("FP32", [-1, top]),
     }
     return [{"name": n, "datatype": shapes[n][0], "shape": shapes[n][1]} for n in OIP_OUTPUTS[detail]]
+
+
+def model_metadata_doc(model: LoadedModel, settings: Settings) -> dict[str, Any]:
+    """OIP model metadata (REST and gRPC): input [-1, C, H, W] FP32 in [0, 1]; the outputs of the response detail."""
+    from service.store import list_versions
+
+    c, h, w = model.spec.shape
+    return {
+        "name": model.name,
+        "versions": list_versions(settings.model_dir, model.name) or [model.version],
+        "platform": "mixinfer_onnxruntime",
+        "inputs": [{"name": model.manifest.input.name, "datatype": INPUT_DATATYPE, "shape": [-1, c, h, w]}],
+        "outputs": oip_output_metadata(settings.response_detail, len(model.class_names)),
+    }
 
 
 def check_requested_outputs(requested: list[tuple[str, bool]], detail: ResponseDetail) -> None:

@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 from fastapi import Request
@@ -21,7 +21,7 @@ from service.api.query_watch import QueryScreen
 from service.api.runtime import LoadedModel, ModelHolder
 from service.batching import WithdrawnError
 from service.config import Settings
-from service.errors import DeadlineExceededError, MixinferError
+from service.errors import DeadlineExceededError, MixinferError, ModelNotFoundError
 from service.metrics import Metrics
 from service.mi.detection import is_flagged
 from service.mi.engine import MIResult
@@ -82,19 +82,6 @@ async def _until_disconnect(receive: Receive) -> None:
         continue
 
 
-async def _submit_while_connected(
-    request: Request, holder: ModelHolder, images: NDArray[np.float32], mode: Mode, deadline: float
-) -> tuple[LoadedModel, MIResult]:
-    """Wait for the batcher, but withdraw the images if the client disconnects first (no work for nobody)."""
-    watch = asyncio.ensure_future(_until_disconnect(request.receive))
-    try:
-        return await holder.batcher.submit(images, mode, deadline, withdraw_on=watch)
-    except WithdrawnError:
-        raise ClientGoneError("the client closed the connection before the answer was ready") from None
-    finally:
-        watch.cancel()
-
-
 def _ns(seconds: float) -> int:
     return max(0, int(seconds * 1e9))
 
@@ -111,13 +98,55 @@ async def run_inference(
 ) -> Answer:
     """Screen the images (query watch), queue them, wait for the engine, count the predictions; records
     branch/gap for the access log."""
-    screen: QueryScreen | None = request.app.state.query_screen
-    verdict = None if screen is None else await screen.screen(caller, images)
     deadline = request_deadline(request, settings)
     arrived = request.scope.get(START_KEY, time.monotonic())
+    watch = asyncio.ensure_future(_until_disconnect(request.receive))
+    try:
+        answer = await answer_images(
+            holder,
+            images,
+            mode,
+            metrics=metrics,
+            screen=request.app.state.query_screen,
+            caller=caller,
+            arrived=arrived,
+            deadline=deadline,
+            withdraw_on=watch,
+        )
+    finally:
+        watch.cancel()
+    facts = request.scope.get(LOG_KEY)
+    if facts is not None:
+        facts.update(log_facts(answer))
+    return answer
+
+
+async def answer_images(
+    holder: ModelHolder,
+    images: NDArray[np.float32],
+    mode: Mode,
+    *,
+    metrics: Metrics,
+    screen: QueryScreen | None,
+    caller: str,
+    arrived: float,
+    deadline: float,
+    withdraw_on: asyncio.Future[Any] | None = None,
+) -> Answer:
+    """What REST and gRPC share: query screen -> batcher -> engine -> flags -> model statistics and metrics.
+
+    Args:
+        caller: the client identity (query watch).
+        arrived: ``time.monotonic()`` at the request's arrival; ``deadline``: by when the answer must be ready.
+        withdraw_on: completes when nobody waits any more (the images are withdrawn: 499).
+    """
+    verdict = None if screen is None else await screen.screen(caller, images)
     queued = time.monotonic()
     try:
-        model, res = await _submit_while_connected(request, holder, images, mode, deadline)
+        try:
+            model, res = await holder.batcher.submit(images, mode, deadline, withdraw_on=withdraw_on)
+        except WithdrawnError:
+            raise ClientGoneError("the client closed the connection before the answer was ready") from None
     except Exception as exc:
         current = holder.current
         if current is not None:
@@ -136,8 +165,31 @@ async def run_inference(
     branches = [b.value for b in res.branch]
     metrics.observe_predictions(res.label, branches, adversarial, res.gap, model=model.name, version=model.version)
     model.recent_gaps.extend(g for g in res.gap.tolist() if not math.isnan(g))
-    facts = request.scope.get(LOG_KEY)
-    if facts is not None:
-        gaps = [None if math.isnan(g) else round(g, 5) for g in res.gap.tolist()]
-        facts.update(images=len(res), model=model.name, version=model.version, branch=branches, gap=gaps)
     return Answer(model, res, adversarial)
+
+
+def log_facts(answer: Answer) -> dict[str, Any]:
+    """What the access log records about an answered inference request (never pool indices)."""
+    res = answer.result
+    gaps = [None if math.isnan(g) else round(g, 5) for g in res.gap.tolist()]
+    branches = [b.value for b in res.branch]
+    model = answer.model
+    return {"images": len(res), "model": model.name, "version": model.version, "branch": branches, "gap": gaps}
+
+
+def served_model(holder: ModelHolder, name: str, version: str | None = None, *, disclose: bool = True) -> LoadedModel:
+    """The served model if ``name`` (and ``version``, when given) name it; the 404 names the served one only if
+    ``disclose`` (not on the open readiness routes, which anyone may probe).
+
+    Raises:
+        NotReadyError: no model is loaded yet.
+        ModelNotFoundError: another name or version.
+    """
+    model = holder.model
+    if name != model.name:
+        hint = f"; this server serves {model.name!r}" if disclose else ""
+        raise ModelNotFoundError(f"unknown model {name!r}{hint}")
+    if version is not None and version != model.version:
+        hint = f"; the served version is {model.version}" if disclose else ""
+        raise ModelNotFoundError(f"model {name!r} version {version!r} is not served{hint}")
+    return model

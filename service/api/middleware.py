@@ -19,7 +19,7 @@ LOGGER = logging.getLogger(__name__)
 ACCESS = logging.getLogger("mixinfer.access")
 
 REQUEST_ID_HEADER = b"x-request-id"
-_SAFE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+SAFE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 #: scope keys shared with the routes
 START_KEY = "mixinfer.start"  # time.monotonic() at arrival
 LOG_KEY = "mixinfer.log"  # dict the route fills with per-request facts for the access log (branch, gap, images)
@@ -43,7 +43,7 @@ class ObserveMiddleware:
             if key == REQUEST_ID_HEADER:
                 rid = value
                 break
-        if not _SAFE_ID.match(rid):
+        if not SAFE_REQUEST_ID.match(rid):
             rid = uuid.uuid4().hex.encode()
         scope[REQUEST_ID_KEY] = rid.decode()
         facts: dict[str, Any] = {}

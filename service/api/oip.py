@@ -31,6 +31,10 @@ HEADER_LENGTH = "inference-header-content-length"
 #: ASCII digits only (``str.isdigit`` also takes "²"); 12 digits is far beyond any body limit
 _LENGTH = re.compile(r"[0-9]{1,12}")
 _FP32 = np.dtype("<f4")
+#: the gRPC service of the protocol (KServe / Triton ``grpc_service.proto``), served by service/api/grpc_server.py
+GRPC_SERVICE = "inference.GRPCInferenceService"
+#: the protocol extensions server metadata lists (REST and gRPC)
+SERVER_EXTENSIONS = ("binary_tensor_data", "model_repository")
 #: at most this many characters of a refused value are quoted back in an error message
 _QUOTE_CHARS = 60
 
@@ -70,7 +74,7 @@ def parse_infer(
     inp = request.inputs[0]
     if inp.name != input_name:
         raise InvalidInputError(f"input must be named {input_name!r}, got {inp.name!r}")
-    count = _check_shape(inp.shape, spec, max_images)
+    count = check_shape(inp.shape, spec, max_images)
     binary_size = inp.parameters.binary_data_size if inp.parameters is not None else None
     if binary_size is not None:
         if binary_size != len(rest):
@@ -130,7 +134,7 @@ def _validate_header(head: bytes) -> InferRequest:
         raise InvalidInputError("; ".join(problems)) from None
 
 
-def _check_shape(shape: list[int], spec: ImageSpec, max_images: int) -> int:
+def check_shape(shape: list[int], spec: ImageSpec, max_images: int) -> int:
     """The number of values of a [B, C, H, W] input shaped for the model with 1 <= B <= ``max_images``."""
     if len(shape) != 4 or tuple(shape[1:]) != spec.shape or shape[0] < 1:
         raise InvalidInputError(
@@ -174,7 +178,7 @@ def encode_infer(
         datatype, arr = tensors[name]
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
         if binary:
-            raw = _raw(datatype, arr)
+            raw = raw_tensor(datatype, arr)
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
@@ -186,7 +190,8 @@ def encode_infer(
     return b"".join([head, *blobs]), len(head)
 
 
-def _raw(datatype: str, arr: NDArray[Any]) -> bytes:
+def raw_tensor(datatype: str, arr: NDArray[Any]) -> bytes:
+    """An output tensor as OIP raw bytes: FP32 little-endian, BOOL one byte, BYTES 4-byte length + bytes each."""
     if datatype == "BYTES":
         return b"".join(struct.pack("<I", len(s)) + s for s in arr.reshape(-1))
     if datatype == "BOOL":

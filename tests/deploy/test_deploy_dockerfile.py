@@ -143,12 +143,13 @@ def test_runtime_stages_run_as_a_non_root_user_with_healthcheck_and_entrypoint(s
         assert "useradd" in " ".join(stage.args("RUN"))
         (health,) = stage.args("HEALTHCHECK")
         assert "/opt/mixinfer/healthcheck.py" in health and "--start-period" in health
-        assert stage.args("EXPOSE") == ["8000 8002"]
+        assert stage.args("EXPOSE") == ["8000 8001 8002"]  # REST, OIP v2 gRPC, metrics
         assert stage.args("ENTRYPOINT") == ['["mixinfer"]'] and stage.args("CMD") == ['["serve"]']
         env = " ".join(stage.args("ENV"))
         for var in (
             "MIXINFER_HOST=0.0.0.0",
             "MIXINFER_PORT=8000",
+            "MIXINFER_GRPC_PORT=8001",
             "MIXINFER_METRICS_PORT=8002",
             "MIXINFER_MODEL_DIR=/models",
         ):

@@ -63,6 +63,8 @@ def test_env_values_are_parsed(monkeypatch):
         ({"MIXINFER_ADMIN_KEY": "   "}, "admin_key is set but blank"),
         ({"MIXINFER_ADMIN_KEY": "same", "MIXINFER_API_KEYS": "same"}, "admin_key must differ"),
         ({"MIXINFER_PORT": "0"}, "port"),
+        ({"MIXINFER_GRPC_PORT": "0"}, "grpc_port"),
+        ({"MIXINFER_GRPC_PORT": "8000"}, "grpc_port (8000) must differ from port (8000)"),
         ({"MIXINFER_MAX_BATCH_IMAGES": "0"}, "max_batch_images"),
         ({"MIXINFER_REQUEST_TIMEOUT_S": "0"}, "request_timeout_s"),
         ({"MIXINFER_MAX_QUEUE_DELAY_MS": "-1"}, "max_queue_delay_ms"),

@@ -11,20 +11,20 @@ from starlette.responses import Response
 
 from service import __version__
 from service.api.deps import HolderDep, ServedDep, resolve_mode
-from service.api.detail import OIP_OUTPUTS, answer_view, check_requested_outputs, oip_output_metadata, oip_tensors
+from service.api.detail import OIP_OUTPUTS, answer_view, check_requested_outputs, model_metadata_doc, oip_tensors
 from service.api.inference import (
     INLINE_BODY_BYTES,
     off_loop,
     refuse_banned_caller,
     request_deadline,
     run_inference,
+    served_model,
 )
-from service.api.oip import HEADER_LENGTH, encode_infer, parse_infer
+from service.api.oip import HEADER_LENGTH, SERVER_EXTENSIONS, encode_infer, parse_infer
 from service.api.responses import OrjsonResponse
 from service.api.routes.health import NOT_READY_HEADERS
-from service.api.runtime import LoadedModel, ModelHolder
-from service.api.schemas import INPUT_DATATYPE, InferResponse, ModelMetadata, OipErrorBody, ServerMetadata
-from service.errors import ModelNotFoundError, NotReadyError
+from service.api.schemas import InferResponse, ModelMetadata, OipErrorBody, ServerMetadata
+from service.errors import NotReadyError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -60,25 +60,10 @@ INFER_BODY: dict[str, Any] = {
 }
 
 
-def _served(holder: ModelHolder, name: str, version: str | None = None, *, disclose: bool = True) -> LoadedModel:
-    """The served model if ``name`` (and ``version``) name it; the 404 names the served one only if ``disclose``
-    (not on the open readiness route, which anyone may probe)."""
-    model = holder.model
-    if name != model.name:
-        hint = f"; this server serves {model.name!r}" if disclose else ""
-        raise ModelNotFoundError(f"unknown model {name!r}{hint}")
-    if version is not None and version != model.version:
-        hint = f"; the served version is {model.version}" if disclose else ""
-        raise ModelNotFoundError(f"model {name!r} version {version!r} is not served{hint}")
-    return model
-
-
 @router.get("", response_model=ServerMetadata)
 async def server_metadata() -> Response:
     """Server name, version and protocol extensions."""
-    return OrjsonResponse(
-        {"name": "mixinfer", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
-    )
+    return OrjsonResponse({"name": "mixinfer", "version": __version__, "extensions": list(SERVER_EXTENSIONS)})
 
 
 @router.get("/health/live", response_class=Response, responses={200: {"description": "live"}})
@@ -103,20 +88,7 @@ async def v2_ready(holder: HolderDep) -> Response:
 @router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=ERRORS)
 async def model_metadata(served: ServedDep, name: ModelName, version: Version | None = None) -> Response:
     """Model metadata: input [-1, C, H, W] FP32 in [0, 1]; the outputs of the server's response detail."""
-    from service.store import list_versions
-
-    model = _served(served.holder, name, version)
-    c, h, w = model.spec.shape
-    k = len(model.class_names)
-    return OrjsonResponse(
-        {
-            "name": model.name,
-            "versions": list_versions(served.settings.model_dir, model.name) or [model.version],
-            "platform": "mixinfer_onnxruntime",
-            "inputs": [{"name": model.manifest.input.name, "datatype": INPUT_DATATYPE, "shape": [-1, c, h, w]}],
-            "outputs": oip_output_metadata(served.settings.response_detail, k),
-        }
-    )
+    return OrjsonResponse(model_metadata_doc(served_model(served.holder, name, version), served.settings))
 
 
 @router.get("/models/{name}/ready", response_class=Response, responses={200: {"description": "ready"}, **ERRORS})
@@ -129,7 +101,7 @@ async def model_ready(holder: HolderDep, name: ModelName, version: Version | Non
     """200 when this model (version) is loaded and warmed up."""
     if not holder.ready:
         raise NotReadyError(holder.not_ready_reason())
-    _served(holder, name, version, disclose=False)
+    served_model(holder, name, version, disclose=False)
     return Response(status_code=200)
 
 
@@ -146,7 +118,7 @@ async def infer(
 ) -> Response:
     """Classify a [B, C, H, W] tensor with Mixup Inference (Triton/KServe clients, JSON or binary tensors)."""
     settings, metrics = served.settings, served.metrics
-    model = _served(served.holder, name, version)
+    model = served_model(served.holder, name, version)
     refuse_banned_caller(request, served.caller)
     t0 = time.perf_counter()
     detail = settings.response_detail
