@@ -26,6 +26,7 @@ from service import __version__
 from service.api.deps import RateLimiter, bearer_token, caller_identity, resolve_mode
 from service.api.detail import OIP_OUTPUTS, answer_view, check_requested_outputs, model_metadata_doc, oip_tensors
 from service.api.grpc_codec import decode_infer, encode_infer, error_status
+from service.api.identity import TrustedProxies, resolve_client
 from service.api.inference import INLINE_BODY_BYTES, answer_images, log_facts, off_loop, served_model
 from service.api.middleware import ACCESS, SAFE_REQUEST_ID
 from service.api.oip import GRPC_SERVICE, SERVER_EXTENSIONS
@@ -60,8 +61,17 @@ class _Call:
         rid = metadata.get("x-request-id", "")
         self.request_id = rid if isinstance(rid, str) and SAFE_REQUEST_ID.match(rid.encode()) else uuid.uuid4().hex
         self.authorization = metadata.get("authorization")
+        self.forwarded_for = metadata.get("x-forwarded-for")
         self.peer = context.peer() or "unknown"
         self.facts: dict[str, Any] = {}
+
+
+def peer_host(peer: str) -> str | None:
+    """The host of a gRPC peer string (``ipv4:10.0.0.7:51234``, ``ipv6:[::1]:51234``), None for other kinds."""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6") or ":" not in rest:
+        return None
+    return rest.rsplit(":", 1)[0].strip("[]")
 
 
 class InferenceHandlers:
@@ -74,6 +84,7 @@ class InferenceHandlers:
         self.metrics: Metrics = state.metrics
         self.limiter: RateLimiter | None = state.rate_limiter
         self.screen: QueryScreen | None = state.query_screen
+        self.trusted: TrustedProxies = state.trusted_proxies
         from tritonclient.grpc import service_pb2
 
         self.pb = service_pb2
@@ -122,10 +133,9 @@ class InferenceHandlers:
             ACCESS.info("GRPC %s %d %.2fms", route, status, elapsed * 1000.0, extra={"access": access})
 
     def _authorise(self, call: _Call) -> str:
-        """The caller identity (API key index, else the peer address), after the key check and rate limit."""
-        address = (
-            call.peer.split(":", 1)[1].rsplit(":", 1)[0] if call.peer.startswith(("ipv4:", "ipv6:")) else call.peer
-        )
+        """The caller identity (API key index, else the client address under MIXINFER_TRUSTED_PROXIES, as on
+        REST), after the key check and the rate limit."""
+        address = resolve_client(peer_host(call.peer), call.forwarded_for, self.trusted)
         return caller_identity(bearer_token(call.authorization), address, self.settings, self.limiter)
 
     # --- health and metadata (open, as their REST twins) ----------------------------------------------------

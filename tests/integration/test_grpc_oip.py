@@ -296,3 +296,13 @@ def test_a_busy_grpc_port_stops_mixinfer_serve(http_store: Path):
         out = serve_until_exit(env, timeout_s=60)
     assert out.returncode != 0
     assert f"cannot serve gRPC on 127.0.0.1:{busy}" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("peer", "host"),
+    [("ipv4:10.0.0.7:51234", "10.0.0.7"), ("ipv6:[::1]:51234", "::1"), ("unix:/tmp/s", None), ("", None)],
+)
+def test_peer_host_of_grpc_peer_strings(peer: str, host: str | None):
+    from service.api.grpc_server import peer_host
+
+    assert peer_host(peer) == host
