@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -148,3 +153,50 @@ def architecture_metric_names() -> set[str]:
     text = ARCHITECTURE.read_text()
     section = text.split("## Metric names", 1)[1].split("\n## ", 1)[0]
     return set(re.findall(r"\b(mixinfer_[a-z0-9_]+)", section))
+
+
+# --- live processes (the live-monitoring and the replica tests) ---------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(what: str, ok, timeout_s: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Poll ``ok()`` until true; fail with the log's tail if ``proc`` exits or the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-4000:] if log else ""
+            pytest.fail(f"{what}: process exited with {proc.returncode}\n{tail}")
+        try:
+            if ok():
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(0.2)
+    tail = log.read_text()[-4000:] if log else ""
+    pytest.fail(f"{what}: not reached within {timeout_s} s\n{tail}")
+
+
+def start_prometheus(binary: str, tmp: Path, config: dict[str, Any]) -> tuple[subprocess.Popen, str]:
+    """A real Prometheus on a free loopback port with ``config``, storing in ``tmp``; (process, base URL) once it
+    answers ``/-/ready``."""
+    port = free_port()
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log = tmp / "prometheus.log"
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--storage.tsdb.retention.time=1h",
+        ],
+        cwd=tmp,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for("prometheus ready", lambda: httpx.get(f"{url}/-/ready", timeout=2).status_code == 200, 30, proc, log)
+    return proc, url

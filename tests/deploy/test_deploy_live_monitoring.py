@@ -18,7 +18,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -34,7 +33,16 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from deploy_support import ALERTS, REPO, dashboard, dashboard_panels, substitute_grafana_variables
+from deploy_support import (
+    ALERTS,
+    REPO,
+    dashboard,
+    dashboard_panels,
+    free_port,
+    start_prometheus,
+    substitute_grafana_variables,
+    wait_for,
+)
 from testtools import IN_CI, require_tool, stop_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -64,28 +72,6 @@ modelName="NVIDIA H100 80GB HBM3",Hostname="gpu-host",DCGM_FI_DRIVER_VERSION="58
 DCGM_FI_DEV_FB_USED{gpu="0",UUID="GPU-5f2c0d4e-0000-0000-0000-000000000000",device="nvidia0",\
 modelName="NVIDIA H100 80GB HBM3",Hostname="gpu-host",DCGM_FI_DRIVER_VERSION="580.65.06"} 2042
 """
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for(what: str, ok, timeout_s: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            tail = log.read_text()[-4000:] if log else ""
-            pytest.fail(f"{what}: process exited with {proc.returncode}\n{tail}")
-        try:
-            if ok():
-                return
-        except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(0.2)
-    tail = log.read_text()[-4000:] if log else ""
-    pytest.fail(f"{what}: not reached within {timeout_s} s\n{tail}")
 
 
 # --- fixtures ----------------------------------------------------------------------------------------------------
@@ -163,7 +149,7 @@ def stack(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     if not (STORE / SWAP_SOURCE / "1").is_dir():
         pytest.fail(f"{STORE / SWAP_SOURCE} is missing (`make bundle-iat` builds it)")
     store = _two_version_store(tmp / "store")
-    server_port, prom_port = _free_port(), _free_port()
+    server_port = free_port()
 
     dcgm = ThreadingHTTPServer(("127.0.0.1", 0), _DcgmHandler)
     threading.Thread(target=dcgm.serve_forever, daemon=True).start()
@@ -203,37 +189,17 @@ def stack(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             {"job_name": "dcgm", "static_configs": [{"targets": [f"127.0.0.1:{dcgm.server_address[1]}"]}]},
         ],
     }
-    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    prom_log = tmp / "prometheus.log"
-    prometheus = subprocess.Popen(
-        [
-            prometheus_bin,
-            f"--config.file={tmp / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}",
-            "--storage.tsdb.retention.time=1h",
-        ],
-        cwd=tmp,
-        stdout=prom_log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    stack = Stack(f"http://127.0.0.1:{server_port}", f"http://127.0.0.1:{prom_port}", server_port, server_log, store)
+    prometheus, prometheus_url = start_prometheus(prometheus_bin, tmp, config)
+    stack = Stack(f"http://127.0.0.1:{server_port}", prometheus_url, server_port, server_log, store)
     try:
-        _wait_for(
+        wait_for(
             "server ready",
             lambda: httpx.get(f"{stack.server}/v2/health/ready", timeout=2).status_code == 200,
             90,
             server,
             server_log,
         )
-        _wait_for(
-            "prometheus ready",
-            lambda: httpx.get(f"{stack.prometheus}/-/ready", timeout=2).status_code == 200,
-            30,
-            prometheus,
-            prom_log,
-        )
-        _wait_for("mixinfer scraped", lambda: _instant(stack, 'up{job="mixinfer"}') == [1.0], 20, prometheus, prom_log)
+        wait_for("mixinfer scraped", lambda: _instant(stack, 'up{job="mixinfer"}') == [1.0], 20, prometheus)
         yield stack
     finally:
         stop_process(server)
@@ -464,7 +430,7 @@ def test_container_healthcheck_script_against_the_live_server(stack: Stack):
     env = {**os.environ, "MIXINFER_PORT": str(stack.server_port)}
     ok = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=30, check=False)
     assert ok.returncode == 0, ok.stderr
-    env["MIXINFER_PORT"] = str(_free_port())
+    env["MIXINFER_PORT"] = str(free_port())
     down = subprocess.run(
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=30, check=False
     )

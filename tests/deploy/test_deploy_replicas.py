@@ -26,7 +26,15 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import yaml
-from deploy_support import ALERTS, REPO, dashboard_panels, substitute_grafana_variables
+from deploy_support import (
+    ALERTS,
+    REPO,
+    dashboard_panels,
+    free_port,
+    start_prometheus,
+    substitute_grafana_variables,
+    wait_for,
+)
 from testtools import require_tool, stop_process
 from tinybundle import make_tiny_bundle
 
@@ -39,14 +47,6 @@ INFER_ROUTES = ("/predict", GRPC_INFER)
 #: alerts replica B trips: a latency target nobody meets, a rate limit that sheds, every image flagged
 TRIPPED_ON_B = {"MixinferLatencyHigh", "MixinferShedding", "MixinferFlagRateHigh"}
 AGGREGATIONS = re.compile(r"^(sum|min|max|avg|count|histogram_quantile)\b")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Replica:
 
 
 def _start(name: str, store: Path, tmp: Path, **settings: str) -> Replica:
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIXINFER_")}
     env |= {
         "PYTHONPATH": str(REPO),
@@ -91,20 +91,6 @@ def _start(name: str, store: Path, tmp: Path, **settings: str) -> Replica:
         stderr=subprocess.STDOUT,
     )
     return Replica(name, port, grpc_port, proc, log)
-
-
-def _wait(what: str, ok, timeout_s: float, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{what}: exited with {proc.returncode}\n{log.read_text()[-3000:]}")
-        try:
-            if ok():
-                return
-        except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"{what}: not within {timeout_s} s\n{log.read_text()[-3000:]}")
 
 
 @dataclass
@@ -138,45 +124,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     make_tiny_bundle(tmp / "store-b", name=NAME, seed=0, mi={"threshold": 0.0}, calibration={"false_flag_rate": 0.0})
     a = _start("a", tmp / "store-a", tmp)
     b = _start("b", tmp / "store-b", tmp, latency_p99_target_s="0.000001", rate_limit_per_key="20")
-    prom_port = _free_port()
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ALERTS)],
         "scrape_configs": [{"job_name": "mixinfer", "static_configs": [{"targets": [a.instance, b.instance]}]}],
     }
-    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    prom_log = tmp / "prometheus.log"
-    prometheus = subprocess.Popen(
-        [
-            prometheus_bin,
-            f"--config.file={tmp / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}",
-        ],
-        cwd=tmp,
-        stdout=prom_log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    cluster = Cluster(a, b, f"http://127.0.0.1:{prom_port}")
+    prometheus = None
     try:
+        prometheus, url = start_prometheus(prometheus_bin, tmp, config)
+        cluster = Cluster(a, b, url)
         for r in (a, b):
-            url = f"http://{r.instance}/v2/health/ready"
-            _wait(
-                f"replica {r.name} ready",
-                lambda url=url: httpx.get(url, timeout=2).status_code == 200,
-                90,
-                r.proc,
-                r.log,
-            )
-        _wait(
-            "prometheus",
-            lambda: httpx.get(f"{cluster.prometheus}/-/ready", timeout=2).status_code == 200,
-            30,
-            prometheus,
-            prom_log,
-        )
-        cluster.evaluated_at = time.time()
-        _wait("both scraped", lambda: _up(cluster) == {a.instance, b.instance}, 30, prometheus, prom_log)
+            ready = f"http://{r.instance}/v2/health/ready"
+            wait_for(f"replica {r.name}", lambda u=ready: httpx.get(u, timeout=2).status_code == 200, 90, r.proc, r.log)
+        wait_for("both scraped", lambda: _up(cluster) == {a.instance, b.instance}, 30, prometheus)
         cluster.start = time.time()
         _traffic(a, rest=30, rest_images=4, grpc=20, grpc_images=2)
         _traffic(b, rest=60, rest_images=8, grpc=60, grpc_images=1)
@@ -186,7 +146,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     finally:
         for r in (a, b):
             stop_process(r.proc)
-        stop_process(prometheus)
+        if prometheus is not None:
+            stop_process(prometheus)
 
 
 def _up(cluster: Cluster) -> set[str]:
