@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 
 from service.api.oip import check_shape, raw_tensor
 from service.api.schemas import INPUT_DATATYPE
-from service.errors import InvalidInputError, MixinferError, OverloadedError
+from service.errors import InvalidInputError, MixinferError
 from service.mi.params import Mode
 from service.preprocess import ImageSpec, check_pixel_values
 
@@ -140,11 +140,12 @@ def encode_infer(
 def error_status(exc: MixinferError) -> tuple[grpc.StatusCode, tuple[tuple[str, str | bytes], ...]]:
     """The gRPC status code of ``exc`` and the trailing metadata that goes with it.
 
-    A refusal to retry later (queue full, rate limit) carries ``google.rpc.RetryInfo`` in the standard
-    ``grpc-status-details-bin`` trailer plus a ``retry-after`` trailer in seconds (as REST's Retry-After).
+    An error REST answers with ``Retry-After`` (429 rate limited: RESOURCE_EXHAUSTED; 503 queue full or not ready:
+    UNAVAILABLE) carries ``google.rpc.RetryInfo`` in the standard ``grpc-status-details-bin`` trailer plus a
+    ``retry-after`` trailer in seconds.
     """
     code = GRPC_CODES.get(exc.status_code, grpc.StatusCode.INTERNAL)
-    if not isinstance(exc, OverloadedError):
+    if exc.retry_after_s is None:
         return code, ()
     from google.protobuf import any_pb2, duration_pb2
     from google.rpc import error_details_pb2, status_pb2

@@ -225,7 +225,7 @@ def test_rate_limit_is_resource_exhausted_with_retry_info(http_store: Path):
         assert seconds >= 1 and header == str(seconds)
 
 
-def test_full_queue_is_resource_exhausted_with_retry_info_and_a_cancelled_call_leaves_the_queue(http_store: Path):
+def test_full_queue_is_unavailable_with_retry_info_and_a_cancelled_call_leaves_the_queue(http_store: Path):
     gate = Gate()
     settings = {"max_batch_images": 1, "max_queue_images": 3, "max_images_per_request": 2, "request_timeout_s": 30}
     with contextlib_grpc(http_store, wrap=gate, **settings) as g, ThreadPoolExecutor(3) as pool:
@@ -243,12 +243,12 @@ def test_full_queue_is_resource_exhausted_with_retry_info_and_a_cancelled_call_l
         wait_until(lambda: batcher.queued_images == 2, 10, "the cancelled call's image left the queue")
         with pytest.raises(grpc.RpcError) as full:
             g.stub.ModelInfer(raw_request(images(2)))
-        assert full.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert full.value.code() is grpc.StatusCode.UNAVAILABLE  # REST's 503 overloaded
         assert "queue full: 2 images waiting" in full.value.details()
         assert _retry_info(full.value) == (1, "1")
         gate.open.set()
         assert [f.result(30).model_name for f in (running, sealed, queued)] == ["tiny"] * 3  # nothing lost
-        assert g.http.metric("mixinfer_requests_total", route=INFER_ROUTE, code="429") == 1
+        assert g.http.metric("mixinfer_requests_total", route=INFER_ROUTE, code="503") == 1
         assert g.http.metric("mixinfer_requests_total", route=INFER_ROUTE, code="499") == 1
 
 
@@ -260,7 +260,7 @@ def test_not_ready_is_unavailable_and_server_ready_false(http_store: Path):
         assert g.client.is_server_ready() is False and g.client.is_model_ready("tiny") is False
         with pytest.raises(grpc.RpcError) as err:
             g.stub.ModelInfer(raw_request(images(1)))
-        assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE and _retry_info(err.value) == (1, "1")
         gate.warm.set()
         wait_until(g.client.is_server_ready, 20, "ready after warm-up")
 
