@@ -199,13 +199,30 @@ async def require_admin(request: Request, settings: SettingsDep, creds: Bearer) 
     Raises:
         RateLimitedError: this client address is over the admin limit (429).
     """
+    check_admin_key(
+        creds.credentials if creds is not None else None,
+        client_address(request),
+        settings,
+        request.app.state.admin_limiter,
+    )
+
+
+def check_admin_key(token: str | None, address: str, settings: Settings, limiter: RateLimiter) -> None:
+    """The admin-key rule of any transport (see :func:`require_admin`); ``token`` is the bearer token, None if
+    absent, and ``address`` the client address whose guesses ``limiter`` throttles.
+
+    Raises:
+        ForbiddenError: no admin key configured, or an API key presented.
+        UnauthorizedError: no key or a wrong key.
+        RateLimitedError: this client address is over the admin limit.
+    """
     admin_key = settings.admin_key_value()
     if admin_key is None:
         raise ForbiddenError("admin routes are disabled: the server runs without MIXINFER_ADMIN_KEY")
-    if creds is None:
+    if token is None:
         raise UnauthorizedError("missing admin key: send 'Authorization: Bearer <admin key>'")
-    request.app.state.admin_limiter.take(client_address(request))
-    given = creds.credentials.encode()
+    limiter.take(address)
+    given = token.encode()
     if hmac.compare_digest(given, admin_key):
         return
     if _key_index(given, settings.api_key_values()) >= 0:

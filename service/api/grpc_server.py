@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from grpc import aio
 
 from service import __version__
-from service.api.deps import RateLimiter, bearer_token, caller_identity, resolve_mode
+from service.api.deps import RateLimiter, bearer_token, caller_identity, check_admin_key, resolve_mode
 from service.api.detail import OIP_OUTPUTS, answer_view, check_requested_outputs, model_metadata_doc, oip_tensors
 from service.api.grpc_codec import decode_infer, encode_infer, error_status
 from service.api.identity import TrustedProxies, resolve_client
@@ -31,9 +32,10 @@ from service.api.inference import INLINE_BODY_BYTES, answer_images, log_facts, o
 from service.api.middleware import ACCESS, SAFE_REQUEST_ID
 from service.api.oip import GRPC_SERVICE, SERVER_EXTENSIONS
 from service.api.query_watch import QueryScreen
+from service.api.routes.admin import repository_index
 from service.api.runtime import ModelHolder
 from service.config import Settings
-from service.errors import InvalidInputError, MixinferError
+from service.errors import InvalidInputError, MixinferError, ModelNotFoundError
 from service.metrics import Metrics
 
 LOGGER = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ HANDLERS = {
     "ModelReady": "model_ready",
     "ModelMetadata": "model_metadata",
     "ModelInfer": "infer",
+    "ModelStatistics": "statistics",
+    "RepositoryIndex": "repository_index",
 }
 
 
@@ -85,6 +89,7 @@ class InferenceHandlers:
         self.limiter: RateLimiter | None = state.rate_limiter
         self.screen: QueryScreen | None = state.query_screen
         self.trusted: TrustedProxies = state.trusted_proxies
+        self.admin_limiter: RateLimiter = state.admin_limiter
         from tritonclient.grpc import service_pb2
 
         self.pb = service_pb2
@@ -132,11 +137,13 @@ class InferenceHandlers:
             }
             ACCESS.info("GRPC %s %d %.2fms", route, status, elapsed * 1000.0, extra={"access": access})
 
+    def _address(self, call: _Call) -> str:
+        return resolve_client(peer_host(call.peer), call.forwarded_for, self.trusted)
+
     def _authorise(self, call: _Call) -> str:
         """The caller identity (API key index, else the client address under MIXINFER_TRUSTED_PROXIES, as on
         REST), after the key check and the rate limit."""
-        address = resolve_client(peer_host(call.peer), call.forwarded_for, self.trusted)
-        return caller_identity(bearer_token(call.authorization), address, self.settings, self.limiter)
+        return caller_identity(bearer_token(call.authorization), self._address(call), self.settings, self.limiter)
 
     # --- health and metadata (open, as their REST twins) ----------------------------------------------------
     async def live(self, request: Any, call: _Call) -> Any:
@@ -171,6 +178,8 @@ class InferenceHandlers:
         caller = self._authorise(call)
         settings = self.settings
         model = served_model(self.holder, request.model_name, request.model_version or None)
+        if self.screen is not None:  # a banned caller is refused before its message is decoded, as on REST
+            self.screen.refuse_banned(caller)
         t0 = time.perf_counter()
         detail = settings.response_detail
         args = (request, model.manifest.input.name, model.spec, settings.max_images_per_request)
@@ -189,6 +198,7 @@ class InferenceHandlers:
             metrics=self.metrics,
             screen=self.screen,
             caller=caller,
+            arrived=call.started,
             deadline=deadline,
         )
         call.facts.update(log_facts(answer))
@@ -197,6 +207,26 @@ class InferenceHandlers:
         )
         encode_infer(response, oip_tensors(answer_view(answer, detail)), parsed.outputs)
         return response
+
+    async def statistics(self, request: Any, call: _Call) -> Any:
+        """Triton's per-model statistics, as ``GET /v2/models[/{name}[/versions/{v}]]/stats`` (API key)."""
+        self._authorise(call)
+        model = self.holder.current
+        if request.name:
+            model = self.holder.model
+            if request.name != model.name or (request.version and request.version != model.version):
+                version = f" version {request.version!r}" if request.version else ""
+                raise ModelNotFoundError(f"no statistics for model {request.name!r}{version}")
+        stats = [] if model is None else [model.stats.to_triton(model.name, model.version)]
+        return json_format.ParseDict({"model_stats": stats}, self.pb.ModelStatisticsResponse())
+
+    async def repository_index(self, request: Any, call: _Call) -> Any:
+        """The repository index, as ``POST /v2/repository/index`` (admin key, throttled per client address)."""
+        check_admin_key(bearer_token(call.authorization), self._address(call), self.settings, self.admin_limiter)
+        entries = repository_index(self.holder, self.settings, ready_only=request.ready)
+        return self.pb.RepositoryIndexResponse(
+            models=[self.pb.RepositoryIndexResponse.ModelIndex(**e) for e in entries]
+        )
 
 
 @dataclass(frozen=True)

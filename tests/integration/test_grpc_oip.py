@@ -306,3 +306,35 @@ def test_peer_host_of_grpc_peer_strings(peer: str, host: str | None):
     from service.api.grpc_server import peer_host
 
     assert peer_host(peer) == host
+
+
+def test_model_statistics_equal_the_rest_twin(server: GrpcServed):
+    server.client.infer("tiny", [infer_input(images(3))])
+    stats = server.client.get_inference_statistics("tiny", as_json=True)
+    rest = server.http.client.get("/v2/models/tiny/stats").json()
+    (entry,) = stats["model_stats"]
+    (rest_entry,) = rest["model_stats"]
+    assert (entry["name"], entry["version"]) == ("tiny", "1")
+    # gRPC's JSON form writes uint64 as strings; the REST answer was read after, so it counts at least as much
+    assert int(entry["inference_count"]) >= 3 and int(entry["inference_count"]) <= rest_entry["inference_count"]
+    assert int(entry["inference_stats"]["success"]["count"]) <= rest_entry["inference_stats"]["success"]["count"]
+    assert [m["name"] for m in server.client.get_inference_statistics(as_json=True)["model_stats"]] == ["tiny"]
+    with pytest.raises(triton.InferenceServerException) as err:
+        server.client.get_inference_statistics("tiny", "2")
+    assert err.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_repository_index_needs_the_admin_key_and_equals_rest(http_store: Path):
+    admin = "grpc-admin-key-0123456789abcdef"
+    with contextlib_grpc(http_store, admin_key=admin) as g:
+        for headers, status in ((None, "UNAUTHENTICATED"), ({"authorization": "Bearer wrong"}, "UNAUTHENTICATED")):
+            with pytest.raises(triton.InferenceServerException) as err:
+                g.client.get_model_repository_index(headers=headers)
+            assert err.value.status() == f"StatusCode.{status}"
+        index = g.client.get_model_repository_index(headers={"authorization": f"Bearer {admin}"}, as_json=True)
+        rest = g.http.client.post("/v2/repository/index", headers={"Authorization": f"Bearer {admin}"}, json={})
+        assert index["models"] == [{k: v for k, v in m.items() if v} for m in rest.json()]  # JSON form drops ""
+        assert {(m["version"], m["state"]) for m in index["models"]} == {("1", "READY"), ("2", "UNAVAILABLE")}
+    with contextlib_grpc(http_store) as g, pytest.raises(triton.InferenceServerException) as err:
+        g.client.get_model_repository_index()
+    assert err.value.status() == "StatusCode.PERMISSION_DENIED"  # no admin key configured: admin is off

@@ -17,6 +17,7 @@ from starlette.responses import Response
 
 from service.api.deps import AdminDep, HolderDep, SettingsDep
 from service.api.responses import OrjsonResponse
+from service.api.runtime import ModelHolder
 from service.api.schemas import (
     IndexRequest,
     LoadRequest,
@@ -26,6 +27,7 @@ from service.api.schemas import (
     UnloadResponse,
     oip_errors,
 )
+from service.config import Settings
 from service.errors import InvalidInputError
 
 LOGGER = logging.getLogger(__name__)
@@ -88,15 +90,21 @@ async def read_body(request: Request, model: type[_Body]) -> _Body:
 async def index(request: Request, holder: HolderDep, settings: SettingsDep, _admin: AdminDep) -> Response:
     """Every version of the served model in the store: READY for the served one, else UNAVAILABLE with the
     reason (``{"ready": true}``: the ready ones only)."""
+    body = await read_body(request, IndexRequest)
+    return OrjsonResponse(repository_index(holder, settings, ready_only=body.ready))
+
+
+def repository_index(holder: ModelHolder, settings: Settings, *, ready_only: bool) -> list[dict[str, str]]:
+    """The repository index (REST and gRPC): every version of the served model in the store, READY for the served
+    one, else UNAVAILABLE with the reason; ``ready_only``: the ready ones only."""
     from service.store import list_versions
 
-    body = await read_body(request, IndexRequest)
     current = holder.current
     unloaded = holder.unloaded
     entries = []
     for version in list_versions(settings.model_dir, settings.model_name):
         ready = current is not None and current.version == version
-        if body.ready and not ready:
+        if ready_only and not ready:
             continue
         if ready:
             state, reason = "READY", ""
@@ -105,7 +113,7 @@ async def index(request: Request, holder: HolderDep, settings: SettingsDep, _adm
         else:
             state, reason = "UNAVAILABLE", "not loaded: a hot swap (load) serves it"
         entries.append({"name": settings.model_name, "version": version, "state": state, "reason": reason})
-    return OrjsonResponse(entries)
+    return entries
 
 
 @router.post(
