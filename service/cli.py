@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -57,6 +58,9 @@ EXTRA_OF_MODULE = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``mixinfer``; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    # what manifests and run records store as "the command": the arguments parsed here, which are the process's
+    # own only when mixinfer runs as a program (a caller of main(argv) is not the command that ran)
+    args.command_line = "mixinfer " + shlex.join(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

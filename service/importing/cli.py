@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import sys
 from pathlib import Path
 
@@ -102,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             },
             description=args.description,
             threads=args.threads or None,
-            command="mixinfer " + shlex.join(sys.argv[1:]),
+            command=args.command_line,
         )
         path = run_import(opts)
     except (ImportRefusedError, BundleError, ValueError) as exc:

@@ -9,8 +9,6 @@ import argparse
 import importlib.util
 import json
 import logging
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +21,9 @@ RUN_INFO = "train.json"
 RUN_WEIGHTS = "final.safetensors"
 
 
-def _command_line() -> str:
-    return "mixinfer " + shlex.join(sys.argv[1:])
+def _command_line(args: argparse.Namespace) -> str:
+    """The command that ran (set by :func:`service.cli.main`)."""
+    return str(args.command_line)
 
 
 def _arch(text: str) -> str:
@@ -210,7 +209,7 @@ def _bundle(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         max_train_images=args.max_train_images,
         description=args.description,
-        command=_command_line(),
+        command=_command_line(args),
     )
     path = build_bundle(req)
     print(path)
@@ -251,7 +250,7 @@ def _train(args: argparse.Namespace) -> int:
         "dataset_sha256": ds.sha256,
         "split_seed": args.seed,
         "max_train_images": args.max_train_images,
-        "command": _command_line(),
+        "command": _command_line(args),
         "history": result.history,
     }
     (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -325,7 +324,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                 f"dataset {ds.name} has sha256 {ds.sha256}, the bundle was built from {manifest.dataset.sha256}"
             )
         fields = manifest.model_dump(mode="json", exclude={"mi", "calibration", "accuracy", "files", "created"})
-        fields["recipe"]["training"]["recalibrated_by"] = _command_line()
+        fields["recipe"]["training"]["recalibrated_by"] = _command_line(args)
         params = manifest.mi
     else:
         if args.run_dir is None:
@@ -339,7 +338,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             version=bundle_dir.name,
             seed=int(info["split_seed"]),
             max_train_images=info.get("max_train_images"),
-            command=f"{info['command']} && {_command_line()}",
+            command=f"{info['command']} && {_command_line(args)}",
         )
         fields = static_fields(ds, splits, cfg, req)
         params = default_mi_params(cfg.training)
