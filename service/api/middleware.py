@@ -125,7 +125,9 @@ class BodyLimitMiddleware:
     Before the 413 the rest of the body is read and discarded, at most :data:`DRAIN_MAX_BYTES` and
     :data:`DRAIN_MAX_S` (what nginx's lingering close does after its response): clients that send their whole body
     before reading (Python's ``urllib``, ``requests``) would otherwise get a connection reset instead of the 413.
-    Past either bound, or with ``Expect: 100-continue`` (the body was never sent), the 413 goes at once.
+    Past either bound, or with ``Expect: 100-continue`` (the body was never sent), the 413 goes at once. Any other
+    answer the app gives before reading the body (a 401, 404, 415, 429, a banned client's 403) drains it the same
+    way, within the body limit.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -137,12 +139,14 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         declared = -1
-        expects_continue = False
+        expects_continue = chunked = False
         for key, value in scope["headers"]:
             if key == b"content-length":
                 declared = int(value) if value.isdigit() else -1
             elif key == b"expect":
                 expects_continue = value.lower() == b"100-continue"
+            elif key == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
         if declared > self.max_bytes:
             if not expects_continue and declared - self.max_bytes <= DRAIN_MAX_BYTES:
                 await _drain(receive)
@@ -152,19 +156,24 @@ class BodyLimitMiddleware:
         exceeded = False
         started = False
         replaced = False
+        # with Expect: 100-continue the body comes only once the app reads it: nothing to drain otherwise
+        body_pending = (declared > 0 or chunked) and not expects_continue
 
         async def limited_receive() -> Message:
-            nonlocal received, exceeded
+            nonlocal received, exceeded, body_pending
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_pending = body_pending and message.get("more_body", False)
                 if received > self.max_bytes:
                     exceeded = True
                     raise PayloadTooLargeError(self._message(f"more than {self.max_bytes} bytes sent"))
+            else:
+                body_pending = False
             return message
 
         async def guarded_send(message: Message) -> None:
-            nonlocal started, replaced
+            nonlocal started, replaced, body_pending
             if replaced:
                 return
             if exceeded and not started:
@@ -174,7 +183,19 @@ class BodyLimitMiddleware:
                 return
             if message["type"] == "http.response.start":
                 started = True
+                if body_pending:  # answered before the body was read (401, 403, 404, 415, 429): read it first
+                    body_pending = False
+                    await _drain(limited_drain)
             await send(message)
+
+        async def limited_drain() -> Message:
+            """``receive`` for the drain of a body the app never read: within the body limit."""
+            message = await receive()
+            nonlocal received
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                return {"type": "http.disconnect"}  # stop draining; the answer goes and the connection closes
+            return message
 
         try:
             await self.app(scope, limited_receive, guarded_send)
