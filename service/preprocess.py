@@ -85,7 +85,13 @@ def open_image(data: bytes, spec: ImageSpec) -> Image.Image:
 
 
 def convert_image(im: Image.Image, spec: ImageSpec) -> Image3D:
-    """Decode an image from :func:`open_image` into the model's input.
+    """Decode an image from :func:`open_image` into the model's input: :func:`image_pixels` / 255."""
+    return np.ascontiguousarray(image_pixels(im, spec), dtype=np.float32) * np.float32(1.0 / 255.0)
+
+
+def image_pixels(im: Image.Image, spec: ImageSpec) -> NDArray[np.uint8]:
+    """Decode an opened image into the model's uint8 (C, H, W) pixels: the one rule of the server and of
+    ``imagefolder`` datasets (so the pool, calibration and test images are what the server sees for those files).
 
     Rules, in order: take the first frame; apply the EXIF orientation; scale 16-bit to 8-bit; composite any alpha
     onto black; convert to the model's channels (luma for 1 channel); resize to the model's size (area average when
@@ -109,8 +115,7 @@ def convert_image(im: Image.Image, spec: ImageSpec) -> Image3D:
         # area averaging when shrinking (exact on block-scaled images), bilinear when enlarging
         im = im.resize((spec.width, spec.height), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
     arr = np.asarray(im, dtype=np.uint8)
-    arr = arr[None, :, :] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return np.ascontiguousarray(arr, dtype=np.float32) * np.float32(1.0 / 255.0)
+    return arr[None, :, :] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # a view: callers copy once
 
 
 @contextmanager

@@ -246,6 +246,25 @@ def _cifar(
 
 
 # --- image folders -----------------------------------------------------------------------------------------------
+#: Pillow modes of a greyscale image (a folder of only these gives 1 channel)
+GREY_MODES = ("L", "1", "I;16", "I;16B", "I;16L", "I;16N", "I", "LA", "La")
+
+
+def _read_upright(path: Path) -> Any:
+    """The decoded image at ``path`` turned upright by its EXIF orientation (as the server does), or a
+    :class:`DatasetError` naming the file."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return ImageOps.exif_transpose(im)
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # Pillow's errors for unreadable files
+        raise DatasetError(
+            f"imagefolder: {path}: expected a readable PNG or JPEG image, got {type(exc).__name__}: {exc}"
+        ) from None
+
+
 def load_imagefolder(root: Path | None, checksums: Mapping[str, str] | None = None) -> Dataset:
     """``root/<class>/*.png|jpg|jpeg``; classes are the sorted folder names, images sorted by file name.
 
@@ -253,7 +272,7 @@ def load_imagefolder(root: Path | None, checksums: Mapping[str, str] | None = No
     Defaults: 20 % test, 10 % calibration, pool up to 100 per class from the rest.
     """
     del checksums
-    from PIL import Image
+    from service.preprocess import ImageSpec, image_pixels
 
     if root is None or not Path(root).is_dir():
         raise DatasetError(f"imagefolder needs --data-dir, a directory of class folders; got {root}")
@@ -261,25 +280,23 @@ def load_imagefolder(root: Path | None, checksums: Mapping[str, str] | None = No
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     files: list[tuple[int, Path]] = []
     for k, cls in enumerate(classes):
-        found = sorted(p for p in (root / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        found = sorted(
+            p for p in (root / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        )  # hidden files (macOS "._x.png" companions, editors' backups) are not images of the class
         if not found:
             raise DatasetError(f"imagefolder: class folder {root / cls} has no {'/'.join(IMAGE_SUFFIXES)} images")
         files += [(k, p) for p in found]
     if len(classes) < 2:
         raise DatasetError(f"imagefolder: {root} needs >= 2 class folders, found {classes}")
-    pics = []
-    for _, path in files:
-        with Image.open(path) as im:
-            im.load()
-            pics.append(im.copy())
-    grey = all(p.mode in ("L", "1", "I;16", "I") for p in pics)
+    pics = [_read_upright(path) for _, path in files]
+    channels = 1 if all(p.mode in GREY_MODES for p in pics) else 3
     size = pics[0].size
+    spec = ImageSpec(channels, size[1], size[0], strict_size=True)
     arrays = []
     for (_, path), pic in zip(files, pics, strict=True):
         if pic.size != size:
             raise DatasetError(f"imagefolder: {path} is {pic.size[0]}x{pic.size[1]}, expected {size[0]}x{size[1]}")
-        arr = np.asarray(pic.convert("L" if grey else "RGB"), dtype=np.uint8)
-        arrays.append(arr[None] if grey else arr.transpose(2, 0, 1))
+        arrays.append(image_pixels(pic, spec))  # the server's decoding: 16-bit scaled, alpha onto black
     n = len(arrays)
     return Dataset(
         name="imagefolder",

@@ -343,3 +343,11 @@ def test_uint8_input_with_normalisation_is_refused(capsys, data, tmp_path):
     path = save(build_model(Variant("u8", input_type="uint8", pixel_range="0-255")), tmp_path / "u8.onnx")
     line = refused(capsys, import_args(path, data, tmp_path / "s", "u8", "--pixel-range", "0-1"))
     assert "a uint8 input holds 0-255 pixels" in line
+
+
+def test_unreadable_image_in_the_folder_is_refused_in_one_line(capsys, plain, tmp_path):
+    folder = write_folder(tmp_path / "imgs", n_per_class=6)
+    (folder / CLASSES[0] / "._000.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # skipped: hidden
+    (folder / CLASSES[1] / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    line = refused(capsys, import_args(plain, folder, tmp_path / "s", "broken"))
+    assert "broken.png" in line and "._000.png" not in line

@@ -168,3 +168,60 @@ def test_imagefolder_refuses_mixed_sizes(tmp_path):
         Image.fromarray(np.zeros(size, dtype=np.uint8)).save(tmp_path / cls / "x.png")
     with pytest.raises(DatasetError, match="expected 8x8"):
         load_dataset("imagefolder", tmp_path)
+
+
+def _server_pixels(path, channels, size):
+    """What ``mixinfer serve`` makes of the file: uint8 (C, H, W)."""
+    from service.preprocess import ImageSpec, decode_image
+
+    x = decode_image(path.read_bytes(), ImageSpec(channels, size, size, strict_size=True))
+    return np.rint(x * 255.0).astype(np.uint8)
+
+
+def test_imagefolder_decodes_files_as_the_server_does(tmp_path):
+    """16-bit PNGs (scaled, not clipped), EXIF-rotated JPEGs (upright) and transparent pixels (onto black): the
+    images the pool, calibration and test are made of must be the pixels the server sees for the same file."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    grey = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "a" / "x16.png")  # a 16-bit PNG
+    upright = np.zeros((8, 8, 3), np.uint8)
+    upright[:4] = 250  # top half bright
+    rotated = Image.fromarray(upright[::-1, ::-1].copy())  # stored upside down, EXIF orientation 3 says so
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    rotated.save(tmp_path / "a" / "x_exif.jpg", quality=100, exif=exif)
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[:, :4, 3] = 255  # left half opaque white, right half transparent white
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a" / "x_alpha.png")
+    ds = load_dataset("imagefolder", tmp_path)
+    files = sorted((tmp_path / "a").iterdir())
+    got = {p.name: ds.images[i] for i, p in enumerate(files)}
+    assert np.array_equal(got["x16.png"], np.repeat(grey[None], 3, axis=0))
+    assert np.abs(got["x_exif.jpg"].astype(int) - upright.transpose(2, 0, 1)).max() < 16
+    assert (got["x_alpha.png"][:, :, :4] == 255).all() and (got["x_alpha.png"][:, :, 4:] == 0).all()
+    for i, p in enumerate(files):
+        assert np.array_equal(ds.images[i], _server_pixels(p, 3, 8)), p.name
+
+
+def test_imagefolder_skips_hidden_files_and_names_an_unreadable_image(tmp_path):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # macOS AppleDouble companion
+    (tmp_path / "a" / ".DS_Store").write_bytes(b"Bud1")
+    (tmp_path / "b" / "README.txt").write_text("not an image")
+    ds = load_dataset("imagefolder", tmp_path)
+    assert np.bincount(ds.labels).tolist() == [3, 3]
+    (tmp_path / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(DatasetError, match=r"broken\.jpg.*expected a readable"):
+        load_dataset("imagefolder", tmp_path)
