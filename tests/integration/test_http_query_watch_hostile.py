@@ -4,9 +4,11 @@ query the server never answered is not counted as a send, so a client retrying i
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
+import pytest
 from mixserver import Gate, png_bytes, run_server, settings_for
 
 
@@ -149,3 +151,20 @@ def test_x_forwarded_for_neither_hides_a_client_nor_blames_another(http_store):
         assert banned.status_code == 403 and banned.json()["error"]["code"] == "client_banned"
         assert via_proxy(rgb_image(201), "198.51.100.1").status_code == 200  # the victim is not banned
         assert via_proxy(rgb_image(202), "198.51.100.66").status_code == 403  # the attacker is
+
+
+def test_grpc_is_screened_and_its_forwarded_for_ignored(http_store):
+    import tritonclient.grpc as triton
+    from test_grpc_oip import grpc_server
+    from tritonclient.utils import InferenceServerException
+
+    with contextmanager(grpc_server)(http_store, name="rgb", query_watch="reject", seed=0) as served:
+        base = rgb_image(300)
+        assert post_png(served.http.base_url, png_bytes(base)).status_code == 200
+        tensor = chw_floats(near_copy(base))[None]
+        inp = triton.InferInput("images", list(tensor.shape), "FP32")
+        inp.set_data_from_numpy(tensor)
+        with pytest.raises(InferenceServerException) as refused:  # the same client over gRPC, posing as another
+            served.client.infer("rgb", [inp], headers={"x-forwarded-for": "203.0.113.7"})
+        assert "nearly repeats earlier queries" in str(refused.value)
+        assert served.http.metric("mixinfer_query_watch_refusals_total", reason="query_rejected") == 1
