@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -86,4 +87,6 @@ def parse_floats(text: str, flag: str) -> tuple[float, ...]:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise ImportRefusedError(f"{flag}: expected comma-separated numbers (one per channel), got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise ImportRefusedError(f"{flag}: expected finite numbers (one per channel), got {text!r}")
     return values

@@ -111,6 +111,6 @@ def check_parity(
         error = None
     except Exception as exc:  # noqa: BLE001 - ORT refuses the shape: a hard-coded batch inside the graph
         many, error = float("inf"), str(exc).splitlines()[0][:200]
-    if not np.isfinite(one):
-        one = float("inf")
+    # NaN anywhere is no parity (np.max propagates it, and max(1e-9, nan) would then be 1e-9)
+    one, many = (v if np.isfinite(v) else float("inf") for v in (one, many))
     return Parity(len(images_u8), batch, one, many, error)

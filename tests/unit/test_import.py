@@ -332,6 +332,8 @@ def test_symbolic_batch_with_a_hardcoded_reshape_falls_back_to_scan(data, tmp_pa
         (["--mean", "0.5,0.5"], "expected both or neither"),
         (["--mean", "0.5,0.5", "--std", "0.2,0.2"], "expected 1 or 3 values"),
         (["--mean", "0.5", "--std", "0"], "expected non-zero values"),
+        (["--mean", "nan", "--std", "1"], "expected finite numbers"),
+        (["--mean", "0.5", "--std", "inf"], "expected finite numbers"),
         (["--input-layout", "nhwc"], "expected 1 or 3 channels, got 8"),
     ],
 )
@@ -351,3 +353,27 @@ def test_unreadable_image_in_the_folder_is_refused_in_one_line(capsys, plain, tm
     (folder / CLASSES[1] / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     line = refused(capsys, import_args(plain, folder, tmp_path / "s", "broken"))
     assert "broken.png" in line and "._000.png" not in line
+
+
+def test_nan_at_a_batch_above_1_is_no_parity(data, tmp_path):
+    """A graph that is right at batch 1 but returns NaN at batch 8 (here: + log(2 - batch)) must not pass parity
+    as it is (max(1e-9, nan) is 1e-9 in Python): it falls back to the Scan over the batch, finite at any batch."""
+    model = build_model(Variant("nan-batched"))
+    g = model.graph
+    g.initializer.extend([onnx.numpy_helper.from_array(np.asarray([0], np.int64), "zero"),
+                          onnx.numpy_helper.from_array(np.asarray([2.0], np.float32), "two")])  # fmt: skip
+    g.node.extend([
+        helper.make_node("Shape", ["input"], ["in_shape"]),
+        helper.make_node("Gather", ["in_shape", "zero"], ["n"], axis=0),
+        helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["two", "nf"], ["left"]),
+        helper.make_node("Log", ["left"], ["shift"]),
+        helper.make_node("Add", ["scores", "shift"], ["shifted"]),
+    ])  # fmt: skip
+    g.output[0].name = "shifted"
+    path = save(model, tmp_path / "nan.onnx")
+    assert main(import_args(path, data, tmp_path / "s", "nanb")) == 0
+    bundle_dir = tmp_path / "s" / "nanb" / "1"
+    assert load_bundle(bundle_dir).manifest.imported.batch == "scan"
+    images = class_images(0, 8, np.random.default_rng(5))
+    assert np.isfinite(served_probs(bundle_dir, images)).all()
