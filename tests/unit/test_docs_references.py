@@ -113,11 +113,23 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
     return dict(sub.choices)
 
 
+_OPERATORS = ("|", "||", "&&", ";", "&", "then", "do", "time", "exec", "sudo", "$(")
+
+
+def _at_command_position(words: list[str], i: int) -> bool:
+    """``words[i]`` is what a shell runs: the first word after environment assignments, or after an operator
+    (not an argument such as ``kubectl -n mixinfer``)."""
+    j = i - 1
+    while j >= 0 and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=\S*", words[j]):
+        j -= 1
+    return j < 0 or words[j] in _OPERATORS or words[j].endswith(("$(", "`"))
+
+
 def _commands(words: list[str], name: str) -> list[list[str]]:
     """Each invocation of ``name`` (or a path ending in /name) in a line's words, up to a shell operator."""
     found = []
     for i, w in enumerate(words):
-        if w == name or w.endswith(f"/{name}"):
+        if (w == name or w.endswith(f"/{name}")) and _at_command_position(words, i):
             args = []
             for a in words[i + 1 :]:
                 if a in ("|", "||", "&&", ";", "&", ">", "2>&1") or a.startswith((">", "|")):
@@ -186,4 +198,6 @@ def test_the_checks_catch_what_they_are_for(tmp_path: Path):
     assert _commands(_words("make serve & curl x | mixinfer predict --json a.png"), "mixinfer") == [
         ["predict", "--json", "a.png"]
     ]
+    assert _commands(_words("kubectl -n mixinfer apply -f x.yaml"), "mixinfer") == []
+    assert _commands(_words("MIXINFER_MODEL_DIR=s .venv/bin/mixinfer serve &"), "mixinfer") == [["serve"]]
     assert "--api-key" in {s for a in _subcommands()["predict"]._actions for s in a.option_strings}
