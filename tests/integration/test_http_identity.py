@@ -51,7 +51,7 @@ def test_a_trusted_proxy_names_the_client(http_store):
         ("10.1.2.3", " , ", ("10.0.0.0/8",), "10.1.2.3"),
         ("10.1.2.3", None, ("10.0.0.0/8",), "10.1.2.3"),
         ("192.0.2.1", "1.1.1.1", ("10.0.0.0/8",), "192.0.2.1"),
-        ("::1", "2001:db8::7", ("::1",), "2001:db8::7"),
+        ("::1", "2001:db8::7", ("::1",), "2001:db8::/64"),
         ("::1", "not-an-ip", ("::1",), "not-an-ip"),
         (None, "1.1.1.1", ("10.0.0.0/8",), "unknown"),
     ],
@@ -59,3 +59,33 @@ def test_a_trusted_proxy_names_the_client(http_store):
 def test_resolve_client(peer, forwarded_for, trusted, expected):
     """The rule other front ends (gRPC metadata) call with their own peer and header."""
     assert resolve_client(peer, forwarded_for, TrustedProxies(trusted)) == expected
+
+
+def test_an_ipv6_client_is_its_64_network(http_store):
+    """One IPv6 host owns a whole /64 (SLAAC, privacy addresses): a client per address let one host rotate through
+    2**64 identities past the admin throttle, the rate limiter and the query watch (outside review)."""
+    settings = settings_for(
+        http_store, model_version="1", admin_key="admin-key-0123456789abcdef", trusted_proxies="::1, 127.0.0.1"
+    )
+    with run_server(settings) as srv:
+        codes = [
+            srv.client.post(
+                "/v2/repository/index",
+                headers={"Authorization": "Bearer guess", "X-Forwarded-For": f"2001:db8:1:2::{i:x}"},
+            ).status_code
+            for i in range(12)
+        ]
+        assert codes[:10] == [401] * 10 and codes[10:] == [429, 429], codes  # the admin throttle: 10, then 1/s
+        other = srv.client.post(
+            "/v2/repository/index", headers={"Authorization": "Bearer guess", "X-Forwarded-For": "2001:db8:1:3::1"}
+        )
+        assert other.status_code == 401  # another /64 is another client
+
+
+@pytest.mark.parametrize(
+    ("address", "client"),
+    [("2001:db8:1:2::7", "2001:db8:1:2::/64"), ("2001:DB8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+     ("::ffff:203.0.113.9", "203.0.113.9"), ("203.0.113.9", "203.0.113.9"), ("not-an-ip", "not-an-ip")],
+)  # fmt: skip
+def test_client_identity_of_an_address(address, client):
+    assert resolve_client("10.0.0.1", address, TrustedProxies(("10.0.0.0/8",))) == client
