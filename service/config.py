@@ -276,6 +276,17 @@ class Settings(BaseSettings):
         """The bearer key /metrics requires; None: /metrics is open."""
         return None if self.metrics_key is None else self.metrics_key.get_secret_value().encode()
 
+    def log_open_metrics(self) -> None:
+        """Warn when anyone who reaches the service port reads /metrics: besides the threshold and the calibrated
+        gap quantiles it holds a histogram of every answered query's gap and the query watch's hit counts, so a
+        client reading it before and after a query learns that query's gap bucket and whether it was counted."""
+        if self.metrics_port is None and self.metrics_key is None:
+            LOGGER.warning(
+                "/metrics is open on the service port: it publishes the threshold, each answered query's gap bucket "
+                "and the query watch's hit counts to any client; set MIXINFER_METRICS_PORT or MIXINFER_METRICS_KEY "
+                "where strangers reach the service"
+            )
+
     def log_weak_keys(self) -> None:
         """Warn (never log the key) when a configured key is short."""
         weak = [i for i, k in enumerate(self._api_key_bytes) if len(k) < _WEAK_KEY_CHARS]

@@ -93,6 +93,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     holder: ModelHolder = app.state.holder
     settings: Settings = app.state.settings
     settings.log_weak_keys()
+    settings.log_open_metrics()
     metrics_server = None
     if settings.metrics_port is not None:
         metrics_server = MetricsServer(

@@ -86,3 +86,20 @@ def test_metrics_port_closes_idle_connections(http_store):
                 pass
         except TimeoutError:
             pytest.fail(f"the idle connection was still open after {IDLE_TIMEOUT_S + 15} s")
+
+
+def test_an_open_metrics_route_is_named_at_start_up(http_store, caplog):
+    # at label detail /metrics still publishes the threshold, the gap quantiles, a histogram of every answered
+    # query's gap and the query watch's hit counts: a stranger reading it before and after a query learns the gap
+    # bucket of that query and whether the watch counted it (outside review); the operator is told at start-up
+    with caplog.at_level("WARNING", logger="service.config"), run_server(settings_for(http_store, model_version="1")):
+        pass
+    assert any("MIXINFER_METRICS_PORT or MIXINFER_METRICS_KEY" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    port = free_port()
+    with (
+        caplog.at_level("WARNING", logger="service.config"),
+        run_server(settings_for(http_store, model_version="1", metrics_port=port)),
+    ):
+        pass
+    assert not any("MIXINFER_METRICS_PORT or MIXINFER_METRICS_KEY" in r.getMessage() for r in caplog.records)
