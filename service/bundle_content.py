@@ -26,7 +26,12 @@ PoolLabels = NDArray[np.int64]
 
 def _npz(fpath: Path, data: bytes, keys: tuple[str, ...]) -> dict[str, NDArray[Any]]:
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        loaded = np.load(io.BytesIO(data), allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # np.save's .npy: a bare array, not an archive
+            raise BundleError(
+                f"{fpath}: expected a numpy .npz archive of arrays {list(keys)} (np.savez), got a single .npy array"
+            )
+        with loaded as arrays:
             found = set(arrays.files)
             missing = [k for k in keys if k not in found]
             if missing:

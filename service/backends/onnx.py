@@ -244,22 +244,31 @@ class OrtBackend:
     def _run_classifier(self, x: Images) -> Logits:
         rows = x.shape[0]
         if not self.static_shapes:
-            return np.asarray(self._session.run([self.output_name], {self.input_name: x})[0], dtype=np.float32)
-        size = bucket(rows, self.max_mixes_per_call)
-        session = self._buckets.get("classifier", size, 1)
-        result = session.run([self.output_name], {self.input_name: pad_rows(x, size)})[0]
-        return np.asarray(result[:rows], dtype=np.float32)
+            result = self._session.run([self.output_name], {self.input_name: x})[0]
+        else:
+            size = bucket(rows, self.max_mixes_per_call)
+            session = self._buckets.get("classifier", size, 1)
+            result = session.run([self.output_name], {self.input_name: pad_rows(x, size)})[0]
+            self._check_output_shape(result.shape, size, self.n_classes)
+            result = result[:rows]
+        self._check_output_shape(result.shape, rows, self.n_classes)
+        return np.asarray(result, dtype=np.float32)
 
     def _run_fused(self, x: Images, idx: PartnerIndices, lam: NDArray[np.float32]) -> Probs:
         assert self._fused is not None
         rows, n = idx.shape
         if not self.static_shapes:
             feeds = {"images": x, "partners": idx, "lam": lam}
-            return np.asarray(self._fused.run(["mean_probs"], feeds)[0], dtype=np.float32)
-        size = bucket(rows, max(1, self.max_mixes_per_call // n))
-        session = self._buckets.get("fused", size, n)
-        feeds = {"images": pad_rows(x, size), "partners": pad_rows(idx, size), "lam": lam}
-        return np.asarray(session.run(["mean_probs"], feeds)[0][:rows], dtype=np.float32)
+            result = self._fused.run(["mean_probs"], feeds)[0]
+        else:
+            size = bucket(rows, max(1, self.max_mixes_per_call // n))
+            session = self._buckets.get("fused", size, n)
+            feeds = {"images": pad_rows(x, size), "partners": pad_rows(idx, size), "lam": lam}
+            result = session.run(["mean_probs"], feeds)[0]
+            self._check_output_shape(result.shape, size, self.n_classes)
+            result = result[:rows]
+        self._check_output_shape(result.shape, rows, self.n_classes)
+        return np.asarray(result, dtype=np.float32)
 
     # --- construction helpers -----------------------------------------------------------------------------------
     def _refuse_unless(self, check: Any, *args: Any, **kwargs: Any) -> Any:
@@ -283,11 +292,21 @@ class OrtBackend:
             expected_shape=shape,
             expected_classes=n_classes,
         )
-        if k is None:  # a symbolic class axis (e.g. a Reshape to [batch, -1]): one forward of the plain session
-            feed = {self.input_name: np.zeros((1, *self.input_shape), dtype=np.float32)}
-            probe = np.asarray(self._session.run([self.output_name], feed)[0])
-            if probe.ndim != 2:
-                raise BackendError(f"{self.source}: output must be (B, K) logits, got shape {probe.shape}")
-            k = int(probe.shape[1])
-            self._refuse_unless(check_classes, k, n_classes, self.output_name)
+        # one forward of two rows: what the model returns, not what it declares (declared shapes can be wrong, a
+        # row per image is not declared at all); it also finds K when the class axis is symbolic ([batch, -1])
+        feed = {self.input_name: np.zeros((2, *self.input_shape), dtype=np.float32)}
+        probe = np.asarray(self._session.run([self.output_name], feed)[0])
+        if k is None:  # 0: not even 2-D, refused just below
+            k = int(probe.shape[1]) if probe.ndim == 2 else 0
+            if k:
+                self._refuse_unless(check_classes, k, n_classes, self.output_name)
+        self._check_output_shape(probe.shape, 2, k)
         return int(k)
+
+    def _check_output_shape(self, got: tuple[int, ...], rows: int, k: int) -> None:
+        """One row of K logits per input image, or a BackendError (a broadcast would copy one answer to all)."""
+        if tuple(got) != (rows, k):
+            raise BackendError(
+                f"{self.source}: output {self.output_name!r} must be (rows, K) = ({rows}, {k or 'K'}) for a batch of "
+                f"{rows} images, got {tuple(got)}"
+            )

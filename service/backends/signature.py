@@ -1,7 +1,8 @@
 """What a served model and its pool must look like, checked in one place for the store and the backend.
 
-The model: one float32 input (B, C, H, W) with a dynamic batch axis and the pool's (C, H, W), and a logits output
-(B, K) with K >= 2 (K may be symbolic, e.g. a Reshape to [batch, -1]: the backend then finds it with one forward).
+The model: one float32 input (B, C, H, W) with a dynamic batch axis and the pool's (C, H, W), and a float32
+logits output (B, K) with K >= 2 (K may be symbolic, e.g. a Reshape to [batch, -1]: the backend then finds it with
+one forward).
 The pool: uint8 (P, C, H, W) with P >= 1. Every check raises :class:`ValueError` with what, expected and got; the
 store turns it into a ``BundleError``, the backend into a ``BackendError``.
 """
@@ -25,6 +26,8 @@ class Signature:
     inputs: tuple[tuple[str, str, tuple[Dim, ...]], ...]
     #: dims per output name
     outputs: dict[str, tuple[Dim, ...]]
+    #: element type name (e.g. "FLOAT") per output name
+    output_types: dict[str, str]
 
 
 def read_signature(model: Any) -> Signature:
@@ -41,7 +44,9 @@ def read_signature(model: Any) -> Signature:
         for i in model.graph.input
         if i.name not in init_names
     )
-    return Signature(inputs, {o.name: dims(o) for o in model.graph.output})
+    outputs = {o.name: dims(o) for o in model.graph.output}
+    types = {o.name: onnx.TensorProto.DataType.Name(o.type.tensor_type.elem_type) for o in model.graph.output}
+    return Signature(inputs, outputs, types)
 
 
 def check_signature(
@@ -79,6 +84,8 @@ def check_signature(
         )
     if output_name not in sig.outputs:
         raise ValueError(f"expected an output named {output_name!r}, got {list(sig.outputs)}")
+    if sig.output_types[output_name] != "FLOAT":
+        raise ValueError(f"output {output_name!r} must be float32 logits, got {sig.output_types[output_name]}")
     out = [d if isinstance(d, int) else None for d in sig.outputs[output_name]]
     if len(out) != 2 or (out[1] is not None and expected_classes is not None and out[1] != expected_classes):
         raise ValueError(f"output {output_name!r} must be (B, {expected_classes or 'K'}) logits, got {out}")

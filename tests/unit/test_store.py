@@ -168,6 +168,17 @@ def test_refuses_a_float_pool(tiny_bundle: Path) -> None:
         load_bundle(tiny_bundle)
 
 
+def test_a_pool_saved_as_a_single_npy_array_is_refused_as_a_bundle_error(tiny_bundle: Path) -> None:
+    """``np.save`` instead of ``np.savez``: np.load hands back a bare array, not an archive (was a TypeError)."""
+    with np.load(tiny_bundle / "pool.npz") as data:
+        images = data["images"]
+    with (tiny_bundle / "pool.npz").open("wb") as fh:
+        np.save(fh, images)
+    rehash(tiny_bundle)
+    with pytest.raises(BundleError, match=r"pool.npz: expected a numpy .npz archive of arrays .* got a single .npy"):
+        load_bundle(tiny_bundle)
+
+
 @pytest.mark.parametrize(
     ("mi", "where"),
     [
