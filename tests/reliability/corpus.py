@@ -365,6 +365,22 @@ def build_corpus(max_body_bytes: int, max_images: int, max_request_pixels: int, 
     doc = {"inputs": [{"name": OIP_INPUT, "datatype": "FP32", "shape": [1, C, H, W], "data": [0.5] * (C * H * W)}],
            "outputs": [{"name": "label", "parameters": {"binary_data": "false"}}]}  # fmt: skip
     add_oip("oip_output_binary_data_str", (js(doc), flags))
+    # outside review: wrongly typed members and encodings of the header (each a 400 naming the member)
+    inp = {"name": OIP_INPUT, "datatype": "FP32", "shape": [1, C, H, W], "data": good.reshape(-1).tolist()}
+    for case, hostile in (
+        ("outputs_object", {"inputs": [inp], "outputs": {"name": "label"}}),
+        ("parameters_list", {"inputs": [inp], "parameters": []}),
+        ("input_parameters_list", {"inputs": [{**inp, "parameters": []}]}),
+        ("id_number", {"id": 5, "inputs": [inp]}),
+        ("data_objects", {"inputs": [{**inp, "data": [{"a": 1}] * (C * H * W)}]}),
+        ("binary_data_size_bool", {"inputs": [{**inp, "parameters": {"binary_data_size": True}}]}),
+        ("datatype_lowercase", {"inputs": [{**inp, "datatype": "fp32"}]}),
+        ("two_inputs", {"inputs": [inp, inp]}),
+    ):
+        add_oip(f"oip_{case}", (js(hostile), flags))
+    add_oip("oip_utf16_header", (json.dumps({"inputs": [inp]}).encode("utf-16"), flags))
+    add_oip("oip_bom_header", (b"\xef\xbb\xbf" + js({"inputs": [inp]}), flags))
+    add_oip("oip_null_header", (b"null", flags))
     # issue 13 items 5-12: forged client identities are ignored (no trusted proxy), the repository extension's
     # bodies are refused before they are parsed on a server without an admin key (403), never a 5xx
     spoof = {"X-Forwarded-For": "203.0.113.9, 10.0.0.1", "X-Real-IP": "198.51.100.1", "Forwarded": "for=1.2.3.4"}
