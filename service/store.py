@@ -179,17 +179,23 @@ def _check_real_directories(path: Path) -> None:
 
 
 def _read_file(path: Path, fname: str) -> bytes:
-    """The bytes of ``path/fname``, refusing a symbolic link (not followed) or anything but a regular file."""
+    """The bytes of ``path/fname``, refusing a symbolic link (not followed) or anything but a regular file.
+
+    Opened non-blocking, so a named pipe is refused at once instead of waiting for a writer (reads of a regular file
+    are unaffected by the flag)."""
     fpath = path / fname
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        fd = os.open(fpath, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(fpath, flags)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise BundleError(f"bundle {path}: {fname} must be a regular file, got a symbolic link") from exc
         raise BundleError(f"bundle {path}: cannot read {fname} ({exc})") from exc
     with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise BundleError(f"bundle {path}: {fname} must be a regular file, got a directory or device")
+        mode = os.fstat(fh.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a named pipe" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "a device"
+            raise BundleError(f"bundle {path}: {fname} must be a regular file, got {kind}")
         return fh.read()
 
 

@@ -97,3 +97,22 @@ def test_a_symlinked_store_root_is_fine(tmp_path: Path) -> None:
     make_tiny_bundle(tmp_path / "volume", version="1")
     (tmp_path / "store").symlink_to(tmp_path / "volume", target_is_directory=True)
     assert load_bundle(resolve_bundle(tmp_path / "store", "tiny")).manifest.version == "1"
+
+
+def test_a_named_pipe_in_a_bundle_is_refused_at_once_instead_of_blocking_the_load(tiny_bundle: Path) -> None:
+    """A FIFO named like a listed file: opening it for reading used to wait for a writer forever (a hot swap then
+    held the swap lock for good, ``mixinfer serve`` never started)."""
+    import concurrent.futures
+    import os
+
+    fifo = tiny_bundle / POOL_FILE
+    fifo.unlink()
+    os.mkfifo(fifo)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        loading = pool.submit(load_bundle, tiny_bundle)
+        try:
+            with pytest.raises(BundleError, match=r"pool.npz must be a regular file, got a named pipe"):
+                loading.result(timeout=10)
+        finally:
+            if not loading.done():  # unblock the reader so the test run does not hang with it
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
