@@ -121,7 +121,9 @@ class OrtBackend:
         else:
             from service.backends.fused import build_fused_model
 
-            fused = build_fused_model(model_bytes, pool, input_name=input_name, output_name=output_name)
+            fused = self._refuse_unless(
+                build_fused_model, model_bytes, pool, input_name=input_name, output_name=output_name
+            )
             self._graphs["fused"] = fused.SerializeToString()
             self._fused = self._factory.make(self._graphs["fused"], "fused MI graph")
         LOGGER.info(

@@ -103,3 +103,17 @@ def test_a_well_formed_model_still_serves_the_same_numbers_on_both_paths() -> No
         be = OrtBackend(model, POOL, mixing=mixing, static_shapes="on")
         np.testing.assert_allclose(be.probs(X), expected, atol=1e-6)
         assert be.mean_mix_probs(X, np.zeros((3, 2), np.int64), 1.0).shape == (3, 4)
+
+
+def test_an_opset_11_model_asked_to_mix_fused_is_refused_with_a_backend_error_naming_it(tmp_path: Path) -> None:
+    """The store accepts opset 11; the fused graph needs 13. That refusal was a bare ValueError: a hot swap to such
+    a bundle answered 'internal server error' instead of the load failure that names the model."""
+    bundle_dir = make_tiny_bundle(tmp_path)
+    model = onnx.load_model(str(bundle_dir / "model.onnx"))
+    model.opset_import[0].version = 11
+    pool = np.zeros((4, 1, 8, 8), np.uint8)
+    needs = r"old\.onnx: the fused MI graph needs a classifier with opset >= 13, got 11"
+    with pytest.raises(BackendError, match=needs):
+        OrtBackend(model.SerializeToString(), pool, mixing="fused", source="old.onnx")
+    host = OrtBackend(model.SerializeToString(), pool, mixing="host")  # the host path serves it
+    assert host.probs(np.zeros((2, 1, 8, 8), np.float32)).shape == (2, 4)
