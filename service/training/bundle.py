@@ -150,6 +150,8 @@ def finish_bundle(
         ds.labels[splits.pool],
         n_classes=ds.n_classes,
         intra_op_threads=threads,
+        input_name=fields["input"].get("name", "images"),
+        output_name=fields["input"].get("output_name", "logits"),
     )
     params, calib = calibrate(
         factory, ds.images[splits.calibration], params, seed=eval_seed, threshold=threshold, target_fpr=target_fpr
@@ -245,7 +247,13 @@ def recompute_numbers(bundle_dir: Path, data_dir: Path | None = None, threads: i
     if ds.sha256 != m.dataset.sha256:
         raise ValueError(f"dataset {ds.name}: sha256 {ds.sha256}, the bundle was built from {m.dataset.sha256}")
     factory = EngineFactory(
-        bundle.model_bytes, bundle.pool_images, bundle.pool_labels, n_classes=m.n_classes, intra_op_threads=threads
+        bundle.model_bytes,
+        bundle.pool_images,
+        bundle.pool_labels,
+        n_classes=m.n_classes,
+        intra_op_threads=threads,
+        input_name=m.input.name,
+        output_name=m.input.output_name,
     )
     split = bundle.splits
     fixed = None if m.mi.threshold_rule.startswith("target_fpr") else m.mi.threshold

@@ -41,6 +41,7 @@ class EngineFactory:
         model_bytes: the exported ``model.onnx``.
         pool_images, pool_labels: the bundle's pool (uint8 (P,C,H,W), int64 (P,) sorted).
         intra_op_threads: ONNX Runtime threads (None: ORT's default).
+        input_name, output_name: the model's input and output (the manifest's ``input``).
     """
 
     def __init__(
@@ -51,6 +52,8 @@ class EngineFactory:
         *,
         n_classes: int | None = None,
         intra_op_threads: int | None = None,
+        input_name: str = "images",
+        output_name: str = "logits",
     ) -> None:
         from service.backends.onnx import OrtBackend
 
@@ -61,6 +64,8 @@ class EngineFactory:
             mixing="host",
             intra_op_threads=intra_op_threads,
             expected_n_classes=n_classes,
+            input_name=input_name,
+            output_name=output_name,
         )
         self.pool_labels = np.asarray(pool_labels, dtype=np.int64)
 

@@ -377,3 +377,25 @@ def test_nan_at_a_batch_above_1_is_no_parity(data, tmp_path):
     assert load_bundle(bundle_dir).manifest.imported.batch == "scan"
     images = class_images(0, 8, np.random.default_rng(5))
     assert np.isfinite(served_probs(bundle_dir, images)).all()
+
+
+def test_model_whose_tensors_are_named_images_and_logits_imports(data, tmp_path):
+    """The most common export names are the server's own: the served graph renames its ends (mixinfer_images,
+    mixinfer_logits) and calibration, accuracies and recomputation must use the manifest's names."""
+    from service.training.bundle import recompute_numbers
+
+    v = Variant("named-like-ours")
+    model = build_model(v)
+    rename = {"input": "images", "scores": "logits"}
+    for node in model.graph.node:
+        node.input[:] = [rename.get(n, n) for n in node.input]
+        node.output[:] = [rename.get(n, n) for n in node.output]
+    model.graph.input[0].name, model.graph.output[0].name = "images", "logits"
+    path = save(model, tmp_path / "ours.onnx")
+    assert main(import_args(path, data, tmp_path / "s", "ours")) == 0
+    bundle_dir = tmp_path / "s" / "ours" / "1"
+    m = load_bundle(bundle_dir).manifest
+    assert (m.input.name, m.input.output_name) == ("mixinfer_images", "mixinfer_logits")
+    images = class_images(1, 4, np.random.default_rng(3))
+    np.testing.assert_allclose(served_probs(bundle_dir, images), reference_probs(v, path, images), atol=1e-5)
+    assert recompute_numbers(bundle_dir, data)["accuracy"] == m.accuracy.model_dump()
