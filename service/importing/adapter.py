@@ -65,12 +65,18 @@ def resolve_adapters(src: Source, opts: ImportOptions) -> Adapters:
     """Check the options against the graph and settle the served image shape.
 
     Raises:
-        ImportRefusedError: channels not 1 or 3, a symbolic size without ``--input-size`` (or one that disagrees with
-            the graph), mean/std of the wrong length or zero std, normalisation on a uint8 input.
+        ImportRefusedError: a fixed batch other than 1, channels not 1 or 3, a symbolic size without
+            ``--input-size`` (or one that disagrees with the graph), mean/std of the wrong length or zero std,
+            normalisation on a uint8 input.
     """
     layout, input_size, pixel_range = opts.input_layout, opts.input_size, opts.pixel_range
     mean, std, output = opts.mean, opts.std, opts.output
     d = src.input_dims
+    if isinstance(d[0], int) and d[0] != 1:
+        raise ImportRefusedError(
+            f"input {src.input_name!r} {list(d)}: expected a symbolic batch axis or a fixed batch of 1, got a fixed "
+            f"batch of {d[0]} (re-export it with a dynamic batch axis)"
+        )
     c, h, w = (d[1], d[2], d[3]) if layout == "nchw" else (d[3], d[1], d[2])
     if c not in (1, 3):
         raise ImportRefusedError(

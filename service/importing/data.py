@@ -18,9 +18,9 @@ LOGGER = logging.getLogger(__name__)
 
 
 def read_class_names(path: Path) -> tuple[str, ...]:
-    """One class name per line (blank lines ignored), in the model's output order."""
+    """One class name per line (blank lines ignored, a UTF-8 byte-order mark dropped), in the model's output order."""
     try:
-        names = tuple(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+        names = tuple(line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines() if line.strip())
     except OSError as exc:
         raise ImportRefusedError(
             f"--class-names {path}: expected a readable text file, got {exc.strerror or exc}"

@@ -399,3 +399,18 @@ def test_model_whose_tensors_are_named_images_and_logits_imports(data, tmp_path)
     images = class_images(1, 4, np.random.default_rng(3))
     np.testing.assert_allclose(served_probs(bundle_dir, images), reference_probs(v, path, images), atol=1e-5)
     assert recompute_numbers(bundle_dir, data)["accuracy"] == m.accuracy.model_dump()
+
+
+def test_fixed_batch_above_1_is_refused_in_one_line(capsys, data, tmp_path):
+    path = save(build_model(Variant("batch4", batch=4)), tmp_path / "b4.onnx")
+    line = refused(capsys, import_args(path, data, tmp_path / "s", "b4"))
+    assert "expected a symbolic batch axis or a fixed batch of 1, got a fixed batch of 4" in line
+
+
+def test_class_names_file_with_a_bom_and_crlf_reads_as_written(data, tmp_path):
+    """Windows Notepad writes UTF-8 with a byte-order mark and CRLF line ends."""
+    names = tmp_path / "names.txt"
+    names.write_bytes(("\ufeff" + "\r\n".join(CLASSES) + "\r\n").encode("utf-8"))
+    path = save(build_model(Variant("bom")), tmp_path / "bom.onnx")
+    assert main(import_args(path, data, tmp_path / "s", "bom", "--class-names", str(names))) == 0
+    assert tuple(load_bundle(tmp_path / "s" / "bom" / "1").manifest.class_names) == CLASSES
