@@ -44,17 +44,23 @@ def _reorder(ds: Dataset, order: tuple[str, ...], where: str) -> tuple[np.ndarra
 
 
 def import_dataset(
-    name: str, data_dir: Path | None, class_names: tuple[str, ...] | None, test_dir: Path | None
+    name: str,
+    data_dir: Path | None,
+    class_names: tuple[str, ...] | None,
+    test_dir: Path | None,
+    channels: int | None = None,
 ) -> Dataset:
     """The images of an import in canonical order: the dataset's, then the ``test_dir`` folder's (the fixed test
-    split); labels follow ``class_names`` (the model's output order) when given, else the dataset's order.
+    split); labels follow ``class_names`` (the model's output order) when given, else the dataset's order. Image
+    folders are read in the model's ``channels`` as the server reads them (RGB-saved greyscale pictures for a
+    1-channel model).
 
     Raises:
         ImportRefusedError: unreadable data, class folders that differ between the two directories or from the names.
     """
     try:
-        ds = load_dataset(name, data_dir)
-        test = load_imagefolder(test_dir) if test_dir is not None else None
+        ds = load_imagefolder(data_dir, channels=channels) if name == "imagefolder" else load_dataset(name, data_dir)
+        test = load_imagefolder(test_dir, channels=channels) if test_dir is not None else None
     except DatasetError as exc:
         raise ImportRefusedError(f"data: {exc}") from None
     order = class_names or ds.class_names

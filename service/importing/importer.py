@@ -166,7 +166,7 @@ def run_import(opts: ImportOptions) -> Path:
     src = inspect_source(opts.onnx_path, opts.input_name, opts.output_name)
     a = resolve_adapters(src, opts)
     names = read_class_names(opts.class_names_file) if opts.class_names_file else None
-    ds = import_dataset(opts.dataset, opts.data_dir, names, opts.test_dir)
+    ds = import_dataset(opts.dataset, opts.data_dir, names, opts.test_dir, a.shape[0])
     _check_images(ds, a)
     splits = import_splits(ds, opts.seed)
     rng = np.random.default_rng(opts.seed)

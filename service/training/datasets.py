@@ -265,10 +265,13 @@ def _read_upright(path: Path) -> Any:
         ) from None
 
 
-def load_imagefolder(root: Path | None, checksums: Mapping[str, str] | None = None) -> Dataset:
+def load_imagefolder(
+    root: Path | None, checksums: Mapping[str, str] | None = None, channels: int | None = None
+) -> Dataset:
     """``root/<class>/*.png|jpg|jpeg``; classes are the sorted folder names, images sorted by file name.
 
-    All images must have the same size. Greyscale folders give 1 channel; any colour image makes it RGB.
+    All images must have the same size. Greyscale folders give 1 channel; any colour image makes it RGB; ``channels``
+    (a model's) converts every file to it as the server does (luma for 1 channel).
     Defaults: 20 % test, 10 % calibration, pool up to 100 per class from the rest.
     """
     del checksums
@@ -289,7 +292,7 @@ def load_imagefolder(root: Path | None, checksums: Mapping[str, str] | None = No
     if len(classes) < 2:
         raise DatasetError(f"imagefolder: {root} needs >= 2 class folders, found {classes}")
     pics = [_read_upright(path) for _, path in files]
-    channels = 1 if all(p.mode in GREY_MODES for p in pics) else 3
+    channels = channels or (1 if all(p.mode in GREY_MODES for p in pics) else 3)
     size = pics[0].size
     spec = ImageSpec(channels, size[1], size[0], strict_size=True)
     arrays = []
@@ -347,4 +350,6 @@ def load_manifest_dataset(manifest: Any, root: Path | str | None = None) -> Data
     from service.importing.data import import_dataset
 
     test_dir = Path(imported.test_dir) if imported.test_dir else None
-    return import_dataset(manifest.dataset.name, Path(root) if root else None, manifest.class_names, test_dir)
+    return import_dataset(
+        manifest.dataset.name, Path(root) if root else None, manifest.class_names, test_dir, manifest.input.shape[0]
+    )

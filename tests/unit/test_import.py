@@ -414,3 +414,21 @@ def test_class_names_file_with_a_bom_and_crlf_reads_as_written(data, tmp_path):
     path = save(build_model(Variant("bom")), tmp_path / "bom.onnx")
     assert main(import_args(path, data, tmp_path / "s", "bom", "--class-names", str(names))) == 0
     assert tuple(load_bundle(tmp_path / "s" / "bom" / "1").manifest.class_names) == CLASSES
+
+
+def test_greyscale_model_imports_images_saved_as_rgb(tmp_path):
+    """Greyscale pictures are often saved as RGB files; the server reads them for a 1-channel model (luma), so the
+    import must too, and the evaluation must reload the same dataset (same sha256)."""
+    from PIL import Image
+
+    from service.training.datasets import load_manifest_dataset
+
+    grey = write_grey_folder(tmp_path / "grey")
+    for f in grey.rglob("*.png"):
+        Image.open(f).convert("RGB").save(f)
+    path = save(build_grey_model(), tmp_path / "grey.onnx")
+    flags = ["--input-layout", "nhwc", "--pixel-range", "0-255"]
+    assert main(import_args(path, grey, tmp_path / "s", "grey", *flags)) == 0
+    m = load_bundle(tmp_path / "s" / "grey" / "1").manifest
+    assert m.input.shape == (1, SIZE, SIZE) and m.accuracy.plain >= 0.9
+    assert load_manifest_dataset(m, grey).sha256 == m.dataset.sha256
