@@ -2,8 +2,10 @@
 
 One ``.npz`` per attack (no pickle: arrays only, read with ``allow_pickle=False``): the raw (unrounded) adversarial
 inputs and the attack's loss curve. The file name carries the attack's name and generator seed and a hash of
-everything that changes its output (bundle files, budget, threat model, image indices, code version), so a
-changed budget or bundle never reuses a stale entry. Scoring is not cached: it is cheap and uses this run's seeds.
+everything that changes its output (the sha256 of the bundle's files, its MI parameters, budget, threat model,
+image indices, ``CACHE_VERSION``), so a changed budget or bundle never reuses a stale entry, while a manifest field
+that cannot change an attack (a schema addition) does not invalidate it. Scoring is not cached: it is cheap and
+uses this run's seeds.
 """
 
 from __future__ import annotations

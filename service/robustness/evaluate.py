@@ -98,8 +98,8 @@ def run_evaluation(
     targets_np = targets.cpu().numpy()
     cache = AttackCache(
         cache_dir,
-        {"bundle": bundle.manifest.model_dump(mode="json"), "budget": budget.as_dict(), "threat": threat.as_dict()}
-        | {"indices": idx.tolist()},
+        {"files": bundle.manifest.files, "mi": bundle.manifest.mi.model_dump(mode="json")}
+        | {"budget": budget.as_dict(), "threat": threat.as_dict(), "indices": idx.tolist()},
     )
     plan = [s for s in attack_plan(budget, threat, twin=mi is not None) if only is None or s.name.startswith(only)]
     surrogate, warnings = None, []

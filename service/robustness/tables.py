@@ -106,7 +106,8 @@ def adaptive_table(results: list[tuple[str, dict[str, Any]]]) -> list[str]:
             key = r["name"].split("@")[0]
             if r["eps"] != eps or (r["group"] == "oblivious" and key != "pgd-gt") or r["group"] == "baseline-eot":
                 continue
-            text = ROW_TEXT.get(key, key.replace("-targeted", " (targeted)"))
+            base = key.removesuffix("-targeted")
+            text = ROW_TEXT.get(key) or f"{ROW_TEXT.get(base, base)}, targeted (random other class)"
             if key == "apgd-eot" and r["group"] == "cross-check":  # reports before issue 15 used torchattacks'
                 text = "torchattacks APGD-EOT (skips images one clean draw gets wrong)"
             cells = " | ".join(_cell(r["accuracy"][m], n) for m in MODES)
