@@ -11,7 +11,7 @@ import numpy as np
 
 from service.importing.options import ImportRefusedError
 from service.training.bundle import dataset_splits
-from service.training.datasets import Dataset, DatasetError, load_dataset, load_imagefolder
+from service.training.datasets import Dataset, DatasetError, imagefolder_files, load_dataset, load_imagefolder
 from service.training.splits import SplitError, Splits
 
 LOGGER = logging.getLogger(__name__)
@@ -41,6 +41,19 @@ def _reorder(ds: Dataset, order: tuple[str, ...], where: str) -> tuple[np.ndarra
         )
     remap = np.asarray([order.index(n) for n in ds.class_names], dtype=np.int64)
     return remap[ds.labels], order
+
+
+def _refuse_seen_test_images(data: np.ndarray, test: np.ndarray, test_dir: Path) -> None:
+    """--test-dir is the user's word that the model never saw those images: pixel-identical copies of --data-dir
+    images (whose pool the server mixes with) contradict it."""
+    seen = {hashlib.sha256(img.tobytes()).digest() for img in data}
+    dups = [i for i, img in enumerate(test) if hashlib.sha256(img.tobytes()).digest() in seen]
+    if dups:
+        _, files = imagefolder_files(test_dir)
+        raise ImportRefusedError(
+            f"--test-dir {test_dir}: expected images the model never trained on, got {len(dups)} of {len(test)} "
+            f"pixel-identical to --data-dir images (e.g. {files[dups[0]][1]})"
+        )
 
 
 def import_dataset(
@@ -74,6 +87,7 @@ def import_dataset(
                 f"--test-dir {test_dir}: expected images shaped {ds.images.shape[1:]} like --data-dir, "
                 f"got {test.images.shape[1:]}"
             )
+        _refuse_seen_test_images(ds.images, test.images, test_dir)
         n = ds.images.shape[0]
         images = np.concatenate([ds.images, test.images])
         labels = np.concatenate([labels, t_labels])

@@ -265,18 +265,8 @@ def _read_upright(path: Path) -> Any:
         ) from None
 
 
-def load_imagefolder(
-    root: Path | None, checksums: Mapping[str, str] | None = None, channels: int | None = None
-) -> Dataset:
-    """``root/<class>/*.png|jpg|jpeg``; classes are the sorted folder names, images sorted by file name.
-
-    All images must have the same size. Greyscale folders give 1 channel; any colour image makes it RGB; ``channels``
-    (a model's) converts every file to it as the server does (luma for 1 channel).
-    Defaults: 20 % test, 10 % calibration, pool up to 100 per class from the rest.
-    """
-    del checksums
-    from service.preprocess import ImageSpec, image_pixels
-
+def imagefolder_files(root: Path | None) -> tuple[list[str], list[tuple[int, Path]]]:
+    """The sorted class folders of ``root`` and its image files as (class index, path), in the dataset's order."""
     if root is None or not Path(root).is_dir():
         raise DatasetError(f"imagefolder needs --data-dir, a directory of class folders; got {root}")
     root = Path(root)
@@ -291,6 +281,22 @@ def load_imagefolder(
         files += [(k, p) for p in found]
     if len(classes) < 2:
         raise DatasetError(f"imagefolder: {root} needs >= 2 class folders, found {classes}")
+    return classes, files
+
+
+def load_imagefolder(
+    root: Path | None, checksums: Mapping[str, str] | None = None, channels: int | None = None
+) -> Dataset:
+    """``root/<class>/*.png|jpg|jpeg``; classes are the sorted folder names, images sorted by file name.
+
+    All images must have the same size. Greyscale folders give 1 channel; any colour image makes it RGB; ``channels``
+    (a model's) converts every file to it as the server does (luma for 1 channel).
+    Defaults: 20 % test, 10 % calibration, pool up to 100 per class from the rest.
+    """
+    del checksums
+    from service.preprocess import ImageSpec, image_pixels
+
+    classes, files = imagefolder_files(root)
     pics = [_read_upright(path) for _, path in files]
     channels = channels or (1 if all(p.mode in GREY_MODES for p in pics) else 3)
     size = pics[0].size

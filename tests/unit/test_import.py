@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -432,3 +433,14 @@ def test_greyscale_model_imports_images_saved_as_rgb(tmp_path):
     m = load_bundle(tmp_path / "s" / "grey" / "1").manifest
     assert m.input.shape == (1, SIZE, SIZE) and m.accuracy.plain >= 0.9
     assert load_manifest_dataset(m, grey).sha256 == m.dataset.sha256
+
+
+def test_test_dir_holding_the_data_dirs_images_is_refused(capsys, plain, data, tmp_path):
+    """--test-dir is the user's word that the model never saw those images; the very images of --data-dir (whose
+    pool the server mixes with) contradict it: refused, naming a duplicate."""
+    line = refused(capsys, import_args(plain, data, tmp_path / "s", "same", "--test-dir", str(data)))
+    assert "pixel-identical to --data-dir images" in line and ".png" in line
+    copy = write_folder(tmp_path / "copy", n_per_class=5, seed=11)
+    shutil.copy(data / CLASSES[0] / "003.png", copy / CLASSES[0] / "dup.png")
+    line = refused(capsys, import_args(plain, data, tmp_path / "s", "one", "--test-dir", str(copy)))
+    assert "got 1 of 16" in line and "dup.png" in line
