@@ -1,5 +1,5 @@
-"""The README's "Serve your own model" example, end to end at a smaller size: examples/byom/make_model.py, then
-`mixinfer import` with the README's flags, then a real server answering the README's curl image."""
+"""The "Serve your own model" example of docs/models.md, end to end at a smaller size: examples/byom/make_model.py, then
+`mixinfer import` with its flags, then a real server answering its curl image."""
 
 from __future__ import annotations
 
