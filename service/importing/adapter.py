@@ -161,6 +161,9 @@ def _output_nodes(a: Adapters, src: Source, scores: str, target: str) -> list[on
     """the model's scores -> float32 logits ``target``."""
     nodes: list[onnx.NodeProto] = []
     cur = scores
+    if len(src.output_dims) > 2:  # (B, 1, K), (B, K, 1, 1): unit axes dropped
+        nodes.append(helper.make_node("Flatten", [cur], ["mixinfer_scores2d"], name="mixinfer_flatten", axis=1))
+        cur = "mixinfer_scores2d"
     if src.output_type != "float32":
         nodes.append(
             helper.make_node("Cast", [cur], ["mixinfer_scores32"], name="mixinfer_cast_out", to=TensorProto.FLOAT)

@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -45,6 +46,17 @@ def _dims(value: onnx.ValueInfoProto) -> tuple[Dim, ...] | None:
     if not t.HasField("shape"):
         return None
     return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim)
+
+
+def is_scores_shape(dims: tuple[Dim, ...]) -> bool:
+    """(B, K), or (B, ...) whose axes after the batch are all 1 but one: (B, 1, K), (B, K, 1, 1)."""
+    return len(dims) == 2 or (len(dims) > 2 and sum(d != 1 for d in dims[1:]) <= 1)
+
+
+def scores_count(dims: tuple[Dim, ...]) -> int | None:
+    """K of a scores shape when its axes after the batch are fixed, else None."""
+    rest = [d for d in dims[1:] if isinstance(d, int)]
+    return int(np.prod(rest)) if len(rest) == len(dims) - 1 else None
 
 
 def _type_name(elem: int) -> str:
@@ -170,13 +182,14 @@ def inspect_source(path: Path, input_name: str | None = None, output_name: str |
         )
     outputs = list(model.graph.output)
     out_names = [o.name for o in outputs]
-    scores = [o.name for o in outputs if (d := _dims(o)) is None or len(d) == 2]
+    scores = [o.name for o in outputs if (d := _dims(o)) is None or is_scores_shape(d)]
     chosen_out = _pick(scores if len(outputs) > 1 else out_names, output_name, out_names, "output", "--output-name")
     out = next(o for o in outputs if o.name == chosen_out)
     odims = _dims(out) or ("?", "?")
-    if len(odims) != 2:
+    if not is_scores_shape(odims):
         raise ImportRefusedError(
-            f"output {chosen_out!r}: expected class scores (B, K), got rank {len(odims)} {list(odims)}"
+            f"output {chosen_out!r}: expected class scores (B, K) (or with unit axes: (B, 1, K), (B, K, 1, 1)), got "
+            f"rank {len(odims)} {list(odims)}"
         )
     oelem = out.type.tensor_type.elem_type
     if oelem not in OUTPUT_TYPES:

@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 
 from service.importing.adapter import Adapters, BatchMode, build_served_model, resolve_adapters, served_names
 from service.importing.data import import_dataset, import_splits, read_class_names
-from service.importing.graph import Source, inspect_source
+from service.importing.graph import Source, inspect_source, scores_count
 from service.importing.options import (
     MI_LOSS_WARNING,
     NEAR_CHANCE_SHARE,
@@ -41,8 +41,8 @@ BATCH_LOG = {
 
 
 def _n_outputs(src: Source, served: bytes, a: Adapters) -> int:
-    k = src.output_dims[1]
-    if isinstance(k, int) and k > 0:
+    k = scores_count(src.output_dims)
+    if k is not None and k > 0:
         return k
     return int(served_probs(served, np.zeros((1, *a.shape), np.uint8), 1).shape[1])
 

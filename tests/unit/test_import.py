@@ -444,3 +444,22 @@ def test_test_dir_holding_the_data_dirs_images_is_refused(capsys, plain, data, t
     shutil.copy(data / CLASSES[0] / "003.png", copy / CLASSES[0] / "dup.png")
     line = refused(capsys, import_args(plain, data, tmp_path / "s", "one", "--test-dir", str(copy)))
     assert "got 1 of 16" in line and "dup.png" in line
+
+
+@pytest.mark.parametrize("shape", [["N", 1, 3], ["N", 3, 1, 1]], ids=["B-1-K", "B-K-1-1"])
+def test_scores_with_unit_axes_are_flattened(data, tmp_path, shape):
+    """(B, 1, K) and (B, K, 1, 1) (a classifier ending in a 1x1 convolution) are class scores too."""
+    v = Variant("unit-axes")
+    model = build_model(v)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(shape[1:], np.int64), "unit_shape"))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray([-1, *shape[1:]], np.int64), "full"))
+    model.graph.node.append(helper.make_node("Reshape", ["scores", "full"], ["scores_nd"]))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("scores_nd", TensorProto.FLOAT, shape))
+    path = save(model, tmp_path / "nd.onnx")
+    assert main(import_args(path, data, tmp_path / "s", "nd")) == 0
+    bundle_dir = tmp_path / "s" / "nd" / "1"
+    assert load_bundle(bundle_dir).manifest.n_classes == 3
+    images = class_images(2, 5, np.random.default_rng(4))
+    flat = save(build_model(v), tmp_path / "flat.onnx")  # the same model with (B, K) scores
+    np.testing.assert_allclose(served_probs(bundle_dir, images), reference_probs(v, flat, images), atol=1e-5)
