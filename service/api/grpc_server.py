@@ -5,7 +5,8 @@ holder and its micro-batcher, the limits, the API keys (metadata ``authorization
 rate limit, the metrics (``mixinfer_requests_total`` with route ``/inference.GRPCInferenceService/<Method>`` and the
 HTTP-equivalent status code, so that dashboards and alerts read both transports alike), request IDs
 (``x-request-id`` metadata, echoed or created, in the initial metadata) and the access log. The request message
-limit is MIXINFER_MAX_BODY_BYTES, the REST body limit; gRPC refuses a larger message with RESOURCE_EXHAUSTED.
+limit is MIXINFER_MAX_BODY_BYTES, the REST body limit (at most 2 GiB - 1, gRPC's own ceiling); gRPC refuses a larger
+message with RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ LOGGER = logging.getLogger(__name__)
 
 #: HTTP-equivalent code recorded for a call the client cancelled (nginx's "client closed request", as REST)
 _CANCELLED = 499
+#: gRPC's message size options are C ints: a larger MIXINFER_MAX_BODY_BYTES (the settings allow 2 GiB) is capped here
+GRPC_MAX_MESSAGE_BYTES = (1 << 31) - 1
 _Handler = Callable[[Any, "_Call"], Awaitable[Any]]
 #: method of the service -> the InferenceHandlers method that answers it
 HANDLERS = {
@@ -302,7 +305,7 @@ class GrpcServer:
 
     async def start(self) -> None:
         """Bind and start; raises RuntimeError when the port cannot be bound (the server refuses to start)."""
-        limit = self.settings.max_body_bytes
+        limit = min(self.settings.max_body_bytes, GRPC_MAX_MESSAGE_BYTES)
         server = aio.server(
             options=[
                 ("grpc.max_receive_message_length", limit),

@@ -338,3 +338,11 @@ def test_repository_index_needs_the_admin_key_and_equals_rest(http_store: Path):
     with contextlib_grpc(http_store) as g, pytest.raises(triton.InferenceServerException) as err:
         g.client.get_model_repository_index()
     assert err.value.status() == "StatusCode.PERMISSION_DENIED"  # no admin key configured: admin is off
+
+
+def test_the_largest_body_limit_the_settings_accept_still_starts_grpc(http_store: Path):
+    """MIXINFER_MAX_BODY_BYTES accepts up to 2 GiB; gRPC's message limits are C ints (at most 2 GiB - 1 byte): the
+    server must start and serve, not die at start-up with an OverflowError."""
+    with contextlib_grpc(http_store, max_body_bytes=1 << 31) as g:
+        assert g.client.is_server_live()
+        assert g.client.infer("tiny", [infer_input(images(1))]).as_numpy("label").shape == (1,)
