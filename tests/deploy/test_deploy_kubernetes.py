@@ -275,3 +275,19 @@ def test_kserve_inference_service_uses_the_runtime_with_both_protocols(route_pat
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
     assert isvc["metadata"]["name"] == env_of(model)["MIXINFER_MODEL_NAME"]
+
+
+def test_every_pod_passes_the_restricted_pod_security_standard():
+    """A namespace labelled ``pod-security.kubernetes.io/enforce: restricted`` refuses a pod unless every container
+    (or the pod) runs as non-root with a RuntimeDefault/Localhost seccomp profile, no privilege escalation and every
+    capability dropped; KServe's pod is built from the ServingRuntime's container alone."""
+    pods = [(p.name, _pod(one(p, "Deployment"))) for p in DEPLOYMENTS]
+    pods.append((RUNTIME.name, {"containers": one(RUNTIME, "ServingRuntime")["spec"]["containers"]}))
+    for name, pod in pods:
+        pod_ctx = pod.get("securityContext", {})
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            ctx = {**pod_ctx, **container.get("securityContext", {})}
+            where = f"{name}: {container['name']}"
+            assert ctx.get("runAsNonRoot") is True, where
+            assert ctx.get("seccompProfile", {}).get("type") in ("RuntimeDefault", "Localhost"), where
+            assert ctx.get("allowPrivilegeEscalation") is False and ctx["capabilities"]["drop"] == ["ALL"], where
