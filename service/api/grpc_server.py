@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 from google.protobuf import json_format
@@ -74,8 +75,10 @@ class _Call:
 
 
 def peer_host(peer: str) -> str | None:
-    """The host of a gRPC peer string (``ipv4:10.0.0.7:51234``, ``ipv6:[::1]:51234``), None for other kinds."""
+    """The host of a gRPC peer string (``ipv4:10.0.0.7:51234``, ``ipv6:%5B::1%5D:51234``: gRPC URI-escapes the
+    brackets), None for other kinds."""
     kind, _, rest = peer.partition(":")
+    rest = unquote(rest)
     if kind not in ("ipv4", "ipv6") or ":" not in rest:
         return None
     return rest.rsplit(":", 1)[0].strip("[]")

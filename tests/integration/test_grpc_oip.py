@@ -300,7 +300,13 @@ def test_a_busy_grpc_port_stops_mixinfer_serve(http_store: Path):
 
 @pytest.mark.parametrize(
     ("peer", "host"),
-    [("ipv4:10.0.0.7:51234", "10.0.0.7"), ("ipv6:[::1]:51234", "::1"), ("unix:/tmp/s", None), ("", None)],
+    [
+        ("ipv4:10.0.0.7:51234", "10.0.0.7"),
+        ("ipv6:[::1]:51234", "::1"),
+        ("ipv6:%5B2001:db8::7%5D:51234", "2001:db8::7"),  # what grpcio 1.85's context.peer() says (URI-escaped)
+        ("unix:/tmp/s", None),
+        ("", None),
+    ],
 )
 def test_peer_host_of_grpc_peer_strings(peer: str, host: str | None):
     from service.api.grpc_server import peer_host
@@ -346,3 +352,20 @@ def test_the_largest_body_limit_the_settings_accept_still_starts_grpc(http_store
     with contextlib_grpc(http_store, max_body_bytes=1 << 31) as g:
         assert g.client.is_server_live()
         assert g.client.infer("tiny", [infer_input(images(1))]).as_numpy("label").shape == (1,)
+
+
+def test_an_ipv6_peer_is_the_address_rest_sees(http_store: Path):
+    """grpc.aio names an IPv6 peer ``ipv6:%5B::1%5D:port``: the escaped brackets must not make it an address of its
+    own (outside the /64 grouping and every trusted-proxy network). Behind a trusted IPv6 proxy, two clients named
+    by X-Forwarded-For have a rate limit each, as on REST."""
+    port = free_port()
+    settings = settings_for(
+        http_store, host="::1", grpc_port=port, model_version="1", trusted_proxies=("::1",), rate_limit_per_key=0.2
+    )
+    with run_server(settings), grpc.insecure_channel(f"[::1]:{port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for client in ("2001:db8:1::7", "2001:db8:2::7"):
+            stub.ModelInfer(raw_request(images(1)), metadata=(("x-forwarded-for", client),), timeout=30)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(raw_request(images(1)), metadata=(("x-forwarded-for", "2001:db8:1::8"),), timeout=30)
+        assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # the same /64 as the first client
