@@ -39,12 +39,23 @@ def mixinfer_error_response(path: str, exc: MixinferError, request_id: str | Non
         headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, UnauthorizedError):
         headers["WWW-Authenticate"] = "Bearer"
-    message = exc.message
-    if exc.status_code >= 500 and request_id is not None:
-        message = f"{message} (request id {request_id})"
-    if exc.status_code >= 500 and not isinstance(exc, (NotReadyError, OverloadedError)):
+    message = client_message(exc, request_id)
+    if is_server_fault(exc):
         LOGGER.error("%s: %s", exc.code, message)
     return error_response(path, exc.status_code, exc.code, message, headers or None)
+
+
+def client_message(exc: MixinferError, request_id: str | None) -> str:
+    """The message a client gets (REST and gRPC): a 5xx names the request id, so that a report finds the log line."""
+    if exc.status_code >= 500 and request_id is not None:
+        return f"{exc.message} (request id {request_id})"
+    return exc.message
+
+
+def is_server_fault(exc: MixinferError) -> bool:
+    """A 5xx worth an ERROR log line: not the expected load shedding (not ready, queue full), which would flood the
+    log under overload."""
+    return exc.status_code >= 500 and not isinstance(exc, (NotReadyError, OverloadedError))
 
 
 def internal_error_response(path: str, request_id: str) -> Response:

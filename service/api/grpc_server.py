@@ -28,6 +28,7 @@ from grpc import aio
 from service import __version__
 from service.api.deps import RateLimiter, bearer_token, caller_identity, check_admin_key, resolve_mode
 from service.api.detail import OIP_OUTPUTS, answer_view, check_requested_outputs, model_metadata_doc, oip_tensors
+from service.api.errors import client_message, is_server_fault
 from service.api.grpc_codec import decode_infer, encode_infer, error_status
 from service.api.identity import TrustedProxies, resolve_client
 from service.api.inference import INLINE_BODY_BYTES, answer_images, log_facts, off_loop, served_model
@@ -113,9 +114,10 @@ class InferenceHandlers:
         except MixinferError as exc:
             status = exc.status_code
             code, trailers = error_status(exc)
-            if status >= 500:
-                LOGGER.error("%s: %s", exc.code, exc.message)
-            await context.abort(code, exc.message, (("x-request-id", call.request_id), *trailers))
+            message = client_message(exc, call.request_id)
+            if is_server_fault(exc):
+                LOGGER.error("%s: %s", exc.code, message)
+            await context.abort(code, message, (("x-request-id", call.request_id), *trailers))
         except asyncio.CancelledError:
             status = _CANCELLED
             raise
