@@ -267,7 +267,11 @@ def test_kserve_inference_service_uses_the_runtime_with_both_protocols(route_pat
     (container,) = runtime["spec"]["containers"]
     env = env_of(container)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http1": int(env["MIXINFER_PORT"]), "h2c": int(env["MIXINFER_GRPC_PORT"])}
+    assert ports == {
+        "http1": int(env["MIXINFER_PORT"]),
+        "h2c": int(env["MIXINFER_GRPC_PORT"]),
+        "metrics": int(env["MIXINFER_METRICS_PORT"]),
+    }
     assert env["MIXINFER_MODEL_DIR"] == "/mnt/models"  # where KServe's storage initializer puts storageUri
     probes = _probes(container)
     assert {p["port"] for p in probes.values()} == {ports["http1"]}
@@ -291,3 +295,15 @@ def test_every_pod_passes_the_restricted_pod_security_standard():
             assert ctx.get("runAsNonRoot") is True, where
             assert ctx.get("seccompProfile", {}).get("type") in ("RuntimeDefault", "Localhost"), where
             assert ctx.get("allowPrivilegeEscalation") is False and ctx["capabilities"]["drop"] == ["ALL"], where
+
+
+def test_kserve_runtime_keeps_metrics_off_the_inference_port():
+    """An InferenceService's REST port is what KServe's ingress routes clients to; with /metrics there, any client
+    reads the threshold and each of its queries' gap bucket (what MIXINFER_RESPONSE_DETAIL=label withholds). The
+    runtime must serve metrics on a port of their own, as the Deployments do."""
+    (container,) = one(RUNTIME, "ServingRuntime")["spec"]["containers"]
+    env = env_of(container)
+    assert "MIXINFER_METRICS_PORT" in env, "/metrics would be open on the inference port"
+    metrics_port = int(env["MIXINFER_METRICS_PORT"])
+    assert metrics_port not in {int(env["MIXINFER_PORT"]), int(env["MIXINFER_GRPC_PORT"])}
+    assert {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"} in container["ports"]
