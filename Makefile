@@ -42,10 +42,11 @@ system-deps:  ## Debian's prometheus (promtool), docker-compose, wrk, chromium a
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus docker-compose wrk chromium chromium-driver >/dev/null; \
 	fi
 
-lint: install  ## ruff, import contracts
+lint: install  ## ruff, import contracts, mypy on service/
 	$(VENV)/bin/ruff check service tests bench
 	$(VENV)/bin/ruff format --check service tests bench
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy service
 
 format: install
 	$(VENV)/bin/ruff format service tests bench

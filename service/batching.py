@@ -385,6 +385,7 @@ class MicroBatcher(Generic[T]):
             LOGGER.error("batch of %d pieces failed: %s", len(batch), exc, exc_info=exc)
             self._fail_requests(batch, exc)
             return
+        assert res is not None  # no exception, so the job returned a result (a skipped job returned above)
         start = 0
         for p in batch:
             stop = start + p.n

@@ -231,7 +231,7 @@ class UnloadParameters(BaseModel):
 class UnloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    parameters: UnloadParameters = Field(default_factory=UnloadParameters)
+    parameters: UnloadParameters = Field(default_factory=lambda: UnloadParameters(unload_dependents=False))
 
 
 class UnloadResponse(BaseModel):

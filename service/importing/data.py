@@ -43,7 +43,7 @@ def _reorder(ds: Dataset, order: tuple[str, ...], where: str) -> tuple[np.ndarra
     return remap[ds.labels], order
 
 
-def _refuse_seen_test_images(data: np.ndarray, test: np.ndarray, test_dir: Path) -> None:
+def _refuse_seen_test_images(data: np.ndarray, test: np.ndarray, test_dir: Path | None) -> None:
     """--test-dir is the user's word that the model never saw those images: pixel-identical copies of --data-dir
     images (whose pool the server mixes with) contradict it."""
     seen = {hashlib.sha256(img.tobytes()).digest() for img in data}

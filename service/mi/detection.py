@@ -27,11 +27,11 @@ def detection_gap(clean_probs: NDArray[np.float32], pl_probs: NDArray[np.float32
     return (clean_probs.max(axis=1) - pl_probs.max(axis=1)).astype(np.float32)
 
 
-def is_flagged(gap: GapArray, threshold: float) -> GapArray:
+def is_flagged(gap: GapArray, threshold: float) -> Any:
     """Flag iff gap >= threshold (equality counts as flagged), compared in float32.
 
     The one flag rule of serving (engine, the ``pl`` mode's flags) and evaluation (the torch twin); the reference
     implementation keeps its own copy on purpose. ``gap``: a float32 numpy array, or a torch tensor (detached);
     returns a bool array / tensor of the same kind.
     """
-    return gap >= np.float32(threshold)  # type: ignore[operator,no-any-return]
+    return gap >= np.float32(threshold)
