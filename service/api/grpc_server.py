@@ -125,8 +125,9 @@ class InferenceHandlers:
             raise
         except Exception:
             status = 500
-            LOGGER.exception("unhandled error in gRPC %s", method)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal server error; see the server log")
+            LOGGER.exception("unhandled error in gRPC %s (request id %s)", method, call.request_id)
+            message = f"internal server error (request id {call.request_id}); see the server log"
+            await context.abort(grpc.StatusCode.INTERNAL, message, (("x-request-id", call.request_id),))
         finally:
             self._observe(method, status, time.perf_counter() - t0, call)
         raise AssertionError("unreachable: context.abort raises")  # pragma: no cover

@@ -5,7 +5,6 @@ info, readiness, request ids and metrics."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -370,19 +369,3 @@ def test_an_ipv6_peer_is_the_address_rest_sees(http_store: Path):
         with pytest.raises(grpc.RpcError) as err:
             stub.ModelInfer(raw_request(images(1)), metadata=(("x-forwarded-for", "2001:db8:1::8"),), timeout=30)
         assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # the same /64 as the first client
-
-
-def test_load_shedding_is_not_logged_as_an_error_and_a_5xx_names_its_request_id(http_store: Path, caplog):
-    """As REST: a refusal while not ready (or with a full queue) is expected load shedding, not an ERROR line per
-    call (a flood under overload); a 5xx message names the request id, to find the call in the access log."""
-    gate = Gate()
-    gate.hold_warmup = True
-    with contextlib_grpc(http_store, wrap=gate, wait_ready=False) as g:
-        wait_until(lambda: _live(g), 20, "gRPC live")
-        caplog.clear()
-        with pytest.raises(grpc.RpcError) as err:
-            g.stub.ModelInfer(raw_request(images(1)), metadata=(("x-request-id", "shed-1"),))
-        gate.warm.set()
-    assert err.value.code() is grpc.StatusCode.UNAVAILABLE and "(request id shed-1)" in err.value.details()
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("service.")]
-    assert errors == []
