@@ -1,7 +1,7 @@
-"""The README's robustness tables, generated from the committed ``results.json`` files (never typed by hand).
+"""The robustness tables (docs/robustness.md), generated from the committed ``results.json`` files (never by hand).
 
-``python -m service.robustness.tables`` rewrites the block between the markers in README.md; ``--check`` exits 1
-when the README differs from what the results say (a test runs the same check). Every accuracy is the
+``python -m service.robustness.tables`` rewrites the block between the markers in docs/robustness.md; ``--check``
+exits 1 when the page differs from what the results say (a test runs the same check). Every accuracy is the
 all-seeds-right figure with its Clopper-Pearson 95 % interval over the report's images, recomputed from the
 counts, so reports written before intervals were recorded get them too.
 """
@@ -142,17 +142,20 @@ def splice(readme: str, block: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--readme", type=Path, default=Path("README.md"))
+    parser.add_argument(
+        "--doc", "--readme", dest="doc", type=Path, default=Path("docs/robustness.md"), help="page with the markers"
+    )
+    parser.add_argument("--root", type=Path, default=Path(), help="repository root (the reports' paths start there)")
     parser.add_argument("--check", action="store_true", help="exit 1 if the README's tables drifted")
     args = parser.parse_args(argv)
-    text = args.readme.read_text(encoding="utf-8")
-    new = splice(text, render(args.readme.parent))
+    text = args.doc.read_text(encoding="utf-8")
+    new = splice(text, render(args.root))
     if args.check:
         if new != text:
             sys.stderr.write("README robustness tables drifted: run python -m service.robustness.tables\n")
             return 1
         return 0
-    args.readme.write_text(new, encoding="utf-8")
+    args.doc.write_text(new, encoding="utf-8")
     return 0
 
 

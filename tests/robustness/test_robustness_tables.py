@@ -1,4 +1,4 @@
-"""The README's robustness tables are generated from the committed results.json files and cannot drift."""
+"""The robustness tables (docs/robustness.md) are generated from the committed results.json files and cannot drift."""
 
 from __future__ import annotations
 
@@ -12,30 +12,31 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_readme_tables_match_the_committed_results():
-    assert tables.main(["--readme", str(ROOT / "README.md"), "--check"]) == 0, (
+    assert tables.main(["--doc", str(ROOT / "docs/robustness.md"), "--root", str(ROOT), "--check"]) == 0, (
         "README robustness tables drifted: run python -m service.robustness.tables"
     )
 
 
 def _copy(tmp_path: Path) -> Path:
-    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    (tmp_path / "docs").mkdir()
+    shutil.copy(ROOT / "docs/robustness.md", tmp_path / "docs/robustness.md")
     for _, d in tables.REPORTS:
         (tmp_path / d).mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / d / "results.json", tmp_path / d / "results.json")
-    return tmp_path / "README.md"
+    return tmp_path / "docs/robustness.md"
 
 
 def test_the_check_fails_when_a_reported_number_changes(tmp_path: Path):
     readme = _copy(tmp_path)
-    assert tables.main(["--readme", str(readme), "--check"]) == 0
+    assert tables.main(["--doc", str(readme), "--root", str(tmp_path), "--check"]) == 0
     path = tmp_path / tables.REPORTS[-1][1] / "results.json"
     res = json.loads(path.read_text())
     n = len(res["test_indices"])
     res["worst_case"]["combined"]["all_attacks"] = 1.0 - res["worst_case"]["combined"]["all_attacks"] + 1.0 / n
     path.write_text(json.dumps(res))
-    assert tables.main(["--readme", str(readme), "--check"]) == 1
-    assert tables.main(["--readme", str(readme)]) == 0  # regenerating fixes it
-    assert tables.main(["--readme", str(readme), "--check"]) == 0
+    assert tables.main(["--doc", str(readme), "--root", str(tmp_path), "--check"]) == 1
+    assert tables.main(["--doc", str(readme), "--root", str(tmp_path)]) == 0  # regenerating fixes it
+    assert tables.main(["--doc", str(readme), "--root", str(tmp_path), "--check"]) == 0
 
 
 def test_cells_carry_clopper_pearson_intervals():
