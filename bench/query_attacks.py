@@ -30,6 +30,7 @@ if __name__ == "__main__":  # `python bench/x.py` puts bench/ first on sys.path,
 import argparse
 import io
 import json
+import shlex
 import logging
 import threading
 import time
@@ -405,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=5000, help="query budget per attacked image")
     parser.add_argument("--benign", type=int, default=None, help="benign images (default: the whole test split)")
     parser.add_argument("--attacks", default="square,simba,hopskipjump,boundary,oars,spread")
+    parser.add_argument("--policies", default="observe,reject", help="watch policies to run, in order")
+    parser.add_argument(
+        "--merge", type=Path, default=None, help="results.json of an earlier run (other policies) to report with"
+    )
     parser.add_argument("--ban-hits", type=int, default=10)
     parser.add_argument("--eps", type=float, default=0.3, help="L-inf threat model of the score-based attacks")
     parser.add_argument("--out", type=Path, default=None, help="write results.json and report.md here")
@@ -428,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     score_based = ("square", "simba")
     attacks = args.attacks.split(",")
     benign_result: dict[str, Any] = {}
-    for policy in ("observe", "reject"):
+    for policy in args.policies.split(","):
         for detail in ("full", "label"):  # a stranger's view is `label`; `full` is what an operator may enable
             planned = [a for a in attacks if detail == "label" or a in score_based]
             if not planned:
@@ -443,15 +448,21 @@ def main(argv: list[str] | None = None) -> int:
                     n_benign = len(x) if args.benign is None else args.benign
                     benign_result = benign(url, app, x[order[args.images : args.images + n_benign]], rng)
                     log("benign: %s", benign_result)
+    earlier: dict[str, Any] = json.loads(args.merge.read_text()) if args.merge else {}
     results = {
         "machine": machine_info(),
         "bundle": str(args.bundle.relative_to(ROOT)) if args.bundle.is_relative_to(ROOT) else str(args.bundle),
         "config": asdict(cfg),
         "images": int(args.images),
-        "rows": [r.summary(args.ban_hits) for r in rows],
-        "benign": benign_result,
-        "seconds": round(time.monotonic() - t0, 1),
-        "command": "bench/query_attacks.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "rows": earlier.get("rows", []) + [r.summary(args.ban_hits) for r in rows],
+        "benign": benign_result or earlier.get("benign", {}),
+        "seconds": round(time.monotonic() - t0 + earlier.get("seconds", 0.0), 1),
+        "command": " && ".join(
+            [
+                *([earlier["command"]] if earlier else []),
+                "bench/query_attacks.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+            ]
+        ),
     }
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
