@@ -30,8 +30,8 @@ if __name__ == "__main__":  # `python bench/x.py` puts bench/ first on sys.path,
 import argparse
 import io
 import json
-import shlex
 import logging
+import shlex
 import threading
 import time
 from collections.abc import Iterator
