@@ -308,9 +308,9 @@ class Row:
             "detected_within_50": within50,
             "first_hit_within_50": hit50,
             "ran_50_queries": long_runs,
-            "queries_to_suspect_median": float(np.median(detect)) if detect else None,
-            "queries_to_suspect_p95": float(np.percentile(detect, 95)) if detect else None,
-            "queries_to_first_hit_median": float(np.median(first)) if first else None,
+            "queries_to_suspect_median": round(float(np.median(detect)), 1) if detect else None,
+            "queries_to_suspect_p95": round(float(np.percentile(detect, 95)), 1) if detect else None,
+            "queries_to_first_hit_median": round(float(np.median(first)), 1) if first else None,
             "success_before_detection": before,
             "success": success,
             "queries_mean": float(np.mean([t.queries for t in self.traces])) if n else 0.0,
@@ -408,7 +408,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks", default="square,simba,hopskipjump,boundary,oars,spread")
     parser.add_argument("--policies", default="observe,reject", help="watch policies to run, in order")
     parser.add_argument(
-        "--merge", type=Path, default=None, help="results.json of an earlier run (other policies) to report with"
+        "--combine",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="only write one report (--out) from the results.json of runs made with --policies in parallel",
     )
     parser.add_argument("--ban-hits", type=int, default=10)
     parser.add_argument("--eps", type=float, default=0.3, help="L-inf threat model of the score-based attacks")
@@ -416,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="2 images, 300 queries, simba and hopskipjump")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.combine:
+        write_results(combine([json.loads(p.read_text()) for p in args.combine]), args.out, args.json)
+        return 0
     if args.smoke:
         args.images, args.queries, args.benign, args.attacks = 2, 300, 200, "simba,hopskipjump"
     logging.basicConfig(level=logging.ERROR)
@@ -448,29 +455,39 @@ def main(argv: list[str] | None = None) -> int:
                     n_benign = len(x) if args.benign is None else args.benign
                     benign_result = benign(url, app, x[order[args.images : args.images + n_benign]], rng)
                     log("benign: %s", benign_result)
-    earlier: dict[str, Any] = json.loads(args.merge.read_text()) if args.merge else {}
     results = {
         "machine": machine_info(),
         "bundle": str(args.bundle.relative_to(ROOT)) if args.bundle.is_relative_to(ROOT) else str(args.bundle),
         "config": asdict(cfg),
         "images": int(args.images),
-        "rows": earlier.get("rows", []) + [r.summary(args.ban_hits) for r in rows],
-        "benign": benign_result or earlier.get("benign", {}),
-        "seconds": round(time.monotonic() - t0 + earlier.get("seconds", 0.0), 1),
-        "command": " && ".join(
-            [
-                *([earlier["command"]] if earlier else []),
-                "bench/query_attacks.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-            ]
-        ),
+        "rows": [r.summary(args.ban_hits) for r in rows],
+        "benign": benign_result,
+        "seconds": round(time.monotonic() - t0, 1),
+        "command": "bench/query_attacks.py " + shlex.join(sys.argv[1:] if argv is None else argv),
     }
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        (args.out / "report.md").write_text(report(results))
-    if args.json:
-        emit_json(results)
+    write_results(results, args.out, args.json)
     return 0
+
+
+def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from runs of the same configuration with different policies (run in parallel processes)."""
+    first = parts[0]
+    return {
+        **first,
+        "rows": [row for part in parts for row in part["rows"]],
+        "benign": next((p["benign"] for p in parts if p["benign"]), {}),
+        "seconds": round(sum(p["seconds"] for p in parts), 1),
+        "command": " ; ".join(p["command"] for p in parts),
+    }
+
+
+def write_results(results: dict[str, Any], out: Path | None, as_json: bool) -> None:
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "report.md").write_text(report(results))
+    if as_json:
+        emit_json(results)
 
 
 def report(results: dict[str, Any]) -> str:
@@ -500,13 +517,17 @@ def report(results: dict[str, Any]) -> str:
             f"{r['success']}/{r['images']} | {r['queries_mean']:.0f} | {r['refused_mean']:.0f} |"
         )
     b = results["benign"]
-    lines += [
-        "",
-        f"Benign: {b['queries']} queries from {b['clients']} clients (the test split, 10 % resent 1-3 times, 10 % "
-        f"re-encoded as JPEG / resized / flipped): {b['false_hits']} false hits ({b['false_hits_per_10k']} per "
-        f"10,000 queries), {b['false_positive_clients']} false-positive clients.",
-        "",
-    ]
+    lines += (
+        []
+        if not b
+        else [
+            "",
+            f"Benign: {b['queries']} queries from {b['clients']} clients (the test split, 10 % resent 1-3 times, 10 % "
+            f"re-encoded as JPEG / resized / flipped): {b['false_hits']} false hits ({b['false_hits_per_10k']} per "
+            f"10,000 queries), {b['false_positive_clients']} false-positive clients.",
+            "",
+        ]
+    )
     return "\n".join(lines)
 
 
