@@ -58,6 +58,7 @@ test: install $(SERVE_VENV)/.installed system-deps lint  ## install what the tes
 bench: install system-deps  ## benchmarks; writes bench/results.md
 	$(PY) bench/engine.py
 	$(PY) bench/http.py
+	$(PY) bench/query_watch.py --requests 1250 --results
 
 bundle: install  ## rebuild model_store/mnist-mixup/1 end to end on CPU
 	$(VENV)/bin/mixinfer bundle --dataset mnist5k --name mnist-mixup --version 1 --target-fpr 0.05 --force

@@ -67,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=1000, help="requests per server per round")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--results", action="store_true", help="write the table into bench/results.md (make bench)")
     args = parser.parse_args(argv)
     images = digits(args.requests * ROUNDS)
+    if len(images) < args.requests * ROUNDS:
+        parser.error(f"--requests {args.requests} x {ROUNDS} rounds needs that many distinct digits, got {len(images)}")
     bodies = [png(img) for img in images]
     figures: dict[str, float] = in_process(images)
     log("in process: %s", figures)
@@ -99,10 +102,36 @@ def main(argv: list[str] | None = None) -> int:
     print("| figure | value |\n|---|---|")
     for k, v in figures.items():
         print(f"| {k} | {v} |")
-    print(f"machine: {machine_info()}")
+    machine = machine_info()
+    print(f"machine: {machine}")
+    if args.results:
+        write_section(figures, machine, args.requests)
     if args.json:
         emit_json({**figures, "machine": machine_info()})
     return 0
+
+
+SECTION = "## Query watch: cost per request (`bench/query_watch.py`)"
+
+
+def write_section(figures: dict[str, float], machine: dict[str, object], requests: int) -> None:
+    """Put this script's table into bench/results.md, replacing its earlier section (bench/http.py writes the rest)."""
+    path = ROOT / "bench" / "results.md"
+    text = path.read_text() if path.exists() else ""
+    if SECTION in text:
+        head, rest = text.split(SECTION, 1)
+        tail = rest[rest.find("\n## ") + 1 :] if "\n## " in rest else ""
+        text = head + tail
+    rows = "\n".join(f"| {k} | {v} |" for k, v in figures.items())
+    section = (
+        f"{SECTION}\n\n"
+        f"Two `mixinfer serve` on the default bundle, `MIXINFER_QUERY_WATCH=off` and `observe`, {ROUNDS} alternating "
+        f"rounds of {requests} one-image PNG requests from one client, every image a different MNIST digit (each a "
+        "full lookup and insert); server CPU from /proc. Target: the watch < 5 % of a request's CPU. "
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, load {machine['load_avg_1m']} at the end.\n\n"
+        f"| figure | value |\n|---|---|\n{rows}\n"
+    )
+    path.write_text(text.rstrip("\n") + "\n\n" + section)
 
 
 def _serve(policy: str) -> tuple[list[str], dict[str, object]]:
