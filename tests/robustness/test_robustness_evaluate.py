@@ -55,6 +55,8 @@ def test_evaluate_quick_runs_end_to_end_and_writes_a_well_formed_report(mnist_bu
             "quick",
             "--out",
             str(out),
+            "--cache-dir",
+            str(tmp_path / "cache"),  # the default, runs/robustness-cache, outlives the test: a rerun would resume
             "--no-progress",
             "--threads",
             "1",
