@@ -92,7 +92,6 @@ class Verdict:
 class _Client:
     hit_times: deque[float]
     banned_until: float = 0.0
-    last_seen: float = 0.0
     #: every hit since the client was first tracked (the evaluation reads it query by query)
     total_hits: int = 0
 
@@ -143,7 +142,7 @@ class QueryWatch:
             self.service_hits += service_hits
             if not hits and known is None:  # only clients with hits are tracked (bounded by the memory cap)
                 return Verdict(Action.ANSWER, 0, service_hits, 0, digests)
-            state = self._client(client, now)
+            state = self._client(client)
             times = state.hit_times
             horizon = now - cfg.window_s
             while times and times[0] < horizon:
@@ -210,13 +209,12 @@ class QueryWatch:
         with self._lock:
             return len(self.history)
 
-    def _client(self, client: str, now: float) -> _Client:
+    def _client(self, client: str) -> _Client:
         state = self._clients.pop(client, None)  # pop + insert keeps the dict in least-recently-seen order
         if state is None:
             if len(self._clients) >= self.config.max_clients:
                 del self._clients[next(iter(self._clients))]
             state = _Client(deque(maxlen=max(self.config.ban_hits, 1) * 4))
-        state.last_seen = now
         self._clients[client] = state
         return state
 
