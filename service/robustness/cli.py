@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 LOGGER = logging.getLogger(__name__)
 
@@ -49,6 +50,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and restarts doubled and across eps; writes plateau.json/.md/.png next to the report",
     )
     p.add_argument(
+        "--plateau-images",
+        type=int,
+        default=None,
+        help="plateau on the first N images of the report's subset (default: all of them; each plateau attack "
+        "costs about 11 runs of it)",
+    )
+    p.add_argument(
+        "--plateau-only",
+        action="store_true",
+        help="run only the --plateau attacks (cached and resumable like the report's) and leave report.md as it is",
+    )
+    p.add_argument(
         "--data-dir",
         "--data-root",
         dest="data_dir",
@@ -73,6 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``mixinfer evaluate``; returns the exit code."""
+    import numpy as np
     import torch
 
     from service.robustness.budgets import get_budget
@@ -91,6 +105,13 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle, require_weights=True)
     out = args.out if args.out is not None else Path("docs/robustness") / bundle.manifest.name
     cache = args.cache_dir or Path("runs/robustness-cache") / f"{bundle.manifest.name}-{bundle.manifest.version}"
+    if args.plateau_only and not args.plateau:
+        LOGGER.error("--plateau-only needs --plateau ATTACK [ATTACK ...]")
+        return 2
+    if args.plateau_only:
+        seeds = args.seeds or [int(s) for s in np.random.SeedSequence().generate_state(budget.seeds)]
+        _plateau(args, bundle, budget, seeds=seeds, device=device, cache=cache, out=out)
+        return 0
     res = run_evaluation(
         bundle,
         budget,
@@ -104,11 +125,7 @@ def run(args: argparse.Namespace) -> int:
         show_progress=not args.no_progress,
     )
     if args.plateau:
-        from service.robustness.plateau import plateau_for_bundle, write_plateau
-
-        plateau = plateau_for_bundle(bundle, budget, tuple(args.plateau), seeds=res["seeds"], device=device)
-        write_plateau(plateau, out, res["budget_text"])
-        res["plateau"] = {name: r["plateaued"] for name, r in plateau["attacks"].items()}
+        res["plateau"] = _plateau(args, bundle, budget, seeds=res["seeds"], device=device, cache=cache, out=out)
     paths = write_report(res, out)
     comb = res["worst_case"]["combined"]
     base = res["worst_case"]["off"]
@@ -120,3 +137,24 @@ def run(args: argparse.Namespace) -> int:
     for w in res["warnings"]:
         print(f"warning: {w}")
     return 0
+
+
+def _plateau(
+    args: argparse.Namespace, bundle: Any, budget: Any, *, seeds: list[int], device: str, cache: Path, out: Path
+) -> dict[str, bool]:
+    """Run and write the plateau of ``args.plateau``; returns whether each attack plateaued."""
+    from service.robustness.plateau import plateau_for_bundle, write_plateau
+
+    plateau = plateau_for_bundle(
+        bundle,
+        budget,
+        tuple(args.plateau),
+        seeds=seeds,
+        device=device,
+        n_images=args.plateau_images,
+        eps=args.eps,
+        attack_seed=args.attack_seed,
+        cache_dir=None if args.no_cache else cache,
+    )
+    write_plateau(plateau, out, budget.describe(plateau["n_images"]))
+    return {name: r["plateaued"] for name, r in plateau["attacks"].items()}

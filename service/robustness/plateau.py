@@ -23,6 +23,7 @@ import torch
 from service.mi.params import Mode
 from service.robustness.attacks.core import quantize
 from service.robustness.budgets import Budget
+from service.robustness.cache import AttackCache
 from service.robustness.evaluate import attack_generator
 from service.robustness.plan import Context, attack_plan
 
@@ -34,23 +35,43 @@ PLATEAU_TOLERANCE = 0.01
 EPS_LADDER = (0.1, 0.2, 0.3, 0.4, 0.5, 1.0)
 
 
-def _robust(ctx: Context, name: str, x: torch.Tensor, y: torch.Tensor, attack_seed: int) -> np.ndarray:
-    """Per-image MI-Combined correctness under every server seed for one attack configuration."""
+def _robust(
+    ctx: Context, name: str, run_key: str, x: torch.Tensor, y: torch.Tensor, *, attack_seed: int, cache: AttackCache
+) -> np.ndarray:
+    """Per-image MI-Combined correctness under every server seed for one attack configuration (cached per run)."""
     spec = next(s for s in attack_plan(ctx.budget, ctx.threat) if s.name.split("@")[0] == name)
-    ctx.gen = attack_generator(attack_seed, spec.name)
-    ctx.traces = []
-    raw = spec.run(ctx, x, y).detach().cpu()
+    cached = cache.load(run_key, attack_seed)
+    if cached is None:
+        ctx.gen = attack_generator(attack_seed, spec.name)
+        ctx.traces = []
+        raw = spec.run(ctx, x, y).detach().to(torch.float32).cpu()
+        cache.save(run_key, attack_seed, raw.numpy(), ctx.trace())
+    else:
+        raw = torch.from_numpy(cached[0])
     adv = quantize(raw, x.cpu(), ctx.threat.eps).numpy()
     labels = ctx.scorer.score(adv, Mode.COMBINED).label
-    return (labels == y.cpu().numpy()[None]).all(axis=0)
+    robust = (labels == y.cpu().numpy()[None]).all(axis=0)
+    LOGGER.info("plateau %s: accuracy %.3f (all seeds)", run_key, robust.mean())
+    return robust
 
 
 def run_plateau(
-    ctx: Context, x: torch.Tensor, y: torch.Tensor, attacks: tuple[str, ...], attack_seed: int = 0
+    ctx: Context,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attacks: tuple[str, ...],
+    *,
+    attack_seed: int = 0,
+    cache: AttackCache | None = None,
 ) -> dict[str, Any]:
-    """Doubling and eps-ladder runs of ``attacks`` on MI-Combined; returns the JSON-ready results."""
+    """Doubling and eps-ladder runs of ``attacks`` on MI-Combined; returns the JSON-ready results.
+
+    Every run is cached (``cache``), so a stopped plateau resumes; the unbounded eps runs right after the doublings
+    (the most telling check first), and the ladder's point at the headline eps is the base run itself.
+    """
+    cache = cache or AttackCache(None, {})
     base_budget, base_threat = ctx.budget, ctx.threat
-    out: dict[str, Any] = {"tolerance": PLATEAU_TOLERANCE, "attacks": {}}
+    out: dict[str, Any] = {"tolerance": PLATEAU_TOLERANCE, "n_images": int(y.numel()), "attacks": {}}
     for name in attacks:
         knobs: dict[str, Budget] = {
             "base": base_budget,
@@ -63,27 +84,44 @@ def run_plateau(
         robust: dict[str, list[bool]] = {}
         for knob, budget in knobs.items():
             ctx.budget, ctx.threat = budget, base_threat
-            robust[knob] = _robust(ctx, name, x, y, attack_seed).tolist()
+            key = f"plateau-{name}-{knob.replace(' ', '')}"
+            robust[knob] = _robust(ctx, name, key, x, y, attack_seed=attack_seed, cache=cache).tolist()
         base = np.asarray(robust["base"])
         newly = {k: float((base & ~np.asarray(v)).mean()) for k, v in robust.items() if k != "base"}
-        curve = {}
-        for eps in EPS_LADDER:
-            ctx.budget, ctx.threat = base_budget, replace(base_threat, eps=eps)
-            curve[f"{eps:g}"] = float(_robust(ctx, name, x, y, attack_seed).mean())
+        curve: dict[float, float] = {base_threat.eps: float(base.mean())}
+        for eps in sorted(EPS_LADDER, key=lambda e: (e != max(EPS_LADDER), e)):
+            if not np.isclose(eps, base_threat.eps):
+                ctx.budget, ctx.threat = base_budget, replace(base_threat, eps=eps)
+                curve[eps] = float(
+                    _robust(ctx, name, f"plateau-{name}-eps{eps:g}", x, y, attack_seed=attack_seed, cache=cache).mean()
+                )
         out["attacks"][name] = {
             "robust": robust,
             "newly_broken": newly,
             "plateaued": all(v <= PLATEAU_TOLERANCE for v in newly.values()),
-            "accuracy_vs_eps": curve,
+            "accuracy_vs_eps": {f"{e:g}": curve[e] for e in sorted(curve)},
         }
     ctx.budget, ctx.threat = base_budget, base_threat
     return out
 
 
 def plateau_for_bundle(
-    bundle: Any, budget: Budget, attacks: tuple[str, ...], *, seeds: list[int], device: str = "cpu"
+    bundle: Any,
+    budget: Budget,
+    attacks: tuple[str, ...],
+    *,
+    seeds: list[int],
+    device: str = "cpu",
+    n_images: int | None = None,
+    eps: float | None = None,
+    attack_seed: int = 0,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Build the twin, the served scorer and the test subset of ``bundle``, then :func:`run_plateau`."""
+    """Build the twin, the served scorer and the test subset of ``bundle``, then :func:`run_plateau`.
+
+    ``n_images`` takes the first images of the report's subset (the subset is a seeded permutation, so a smaller
+    count is a prefix of the report's images); ``eps`` is the headline eps (default: the threat model's).
+    """
     from service.robustness.budgets import threat_for
     from service.robustness.data import load_split
     from service.robustness.pipeline import DifferentiableMI
@@ -91,10 +129,17 @@ def plateau_for_bundle(
 
     mi = DifferentiableMI.from_bundle(bundle, device=device)
     threat = threat_for(bundle.manifest.input.shape)
-    ctx = Context(mi, ServedScorer.from_bundle(bundle, seeds), budget, threat, attack_generator(0, "setup"))
-    x_np, y_np, _ = load_split(bundle, "test", budget.n_images)
-    res = run_plateau(ctx, torch.from_numpy(x_np).to(mi.device), torch.from_numpy(y_np).to(mi.device), attacks)
-    return res | {"seeds": seeds, "budget": budget.as_dict()}
+    threat = replace(threat, eps=eps) if eps is not None else threat
+    ctx = Context(mi, ServedScorer.from_bundle(bundle, seeds), budget, threat, attack_generator(attack_seed, "setup"))
+    x_np, y_np, idx = load_split(bundle, "test", min(n_images or budget.n_images, budget.n_images))
+    cache = AttackCache(
+        cache_dir,
+        {"files": bundle.manifest.files, "mi": bundle.manifest.mi.model_dump(mode="json")}
+        | {"budget": budget.as_dict(), "threat": threat.as_dict(), "indices": idx.tolist()},
+    )
+    x, y = torch.from_numpy(x_np).to(mi.device), torch.from_numpy(y_np).to(mi.device)
+    res = run_plateau(ctx, x, y, attacks, attack_seed=attack_seed, cache=cache)
+    return res | {"seeds": seeds, "budget": budget.as_dict(), "attack_seed": attack_seed, "eps": threat.eps}
 
 
 def write_plateau(res: dict[str, Any], out_dir: Path, budget_text: str) -> list[Path]:
@@ -109,7 +154,9 @@ def write_plateau(res: dict[str, Any], out_dir: Path, budget_text: str) -> list[
     lines = [
         "# Plateau and accuracy vs ε (MI-Combined, all seeds right)",
         "",
-        f"_{budget_text}_; a doubled knob may newly break at most {100 * res['tolerance']:.0f} % of the images.",
+        f"_{budget_text}_; plateau runs on {res.get('n_images', '?')} images (the first of the report's subset), "
+        f"headline ε {res.get('eps', '?')}; a doubled knob may newly break at most "
+        f"{100 * res['tolerance']:.0f} % of the images (compared image by image).",
         "",
         "| attack | base acc | newly broken: steps ×2 / EOT ×2 / restarts ×2 | plateaued | accuracy vs ε |",
         "|---|---|---|---|---|",

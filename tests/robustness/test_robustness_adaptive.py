@@ -6,6 +6,8 @@ targeted-through-MI and APGD-EOT attacks; every check scores the result with the
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -129,19 +131,34 @@ def test_apgd_eot_attacks_every_image_and_keeps_the_best_iterate(twin, scorer, d
 
 
 @pytest.mark.slow
-def test_plateau_compares_image_by_image_and_reaches_zero_at_an_unbounded_eps(mnist_bundle, tmp_path):
-    from service.robustness.budgets import get_budget
-    from service.robustness.plateau import EPS_LADDER, plateau_for_bundle, write_plateau
+def test_plateau_compares_image_by_image_reaches_zero_unbounded_and_resumes(mnist_bundle_dir, tmp_path, caplog):
+    from service.cli import main
+    from service.robustness.plateau import EPS_LADDER
 
-    budget = get_budget("quick", n_images=6)
-    res = plateau_for_bundle(mnist_bundle, budget, ("eot-combined",), seeds=[1, 2, 3])
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    out.mkdir()
+    (out / "report.md").write_text("the report of another run\n")
+    argv = ["evaluate", "--bundle", str(mnist_bundle_dir), "--budget", "quick", "--out", str(out)]
+    argv += ["--cache-dir", str(cache), "--plateau", "eot-combined", "--plateau-only", "--plateau-images", "6"]
+    argv += ["--seeds", "1", "2", "3", "--threads", "1", "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    res = json.loads((out / "plateau.json").read_text())
+    assert res["n_images"] == 6 and res["seeds"] == [1, 2, 3]
     r = res["attacks"]["eot-combined"]
     base = np.asarray(r["robust"]["base"])
+    assert base.size == 6
     for knob in ("steps x2", "eot x2", "restarts x2"):
         doubled = np.asarray(r["robust"][knob])
         assert r["newly_broken"][knob] == pytest.approx(float((base & ~doubled).mean()))
     assert r["plateaued"] == all(v <= 0.01 for v in r["newly_broken"].values())
     assert list(r["accuracy_vs_eps"]) == [f"{e:g}" for e in EPS_LADDER]
+    assert r["accuracy_vs_eps"]["0.3"] == pytest.approx(base.mean())  # the ladder's headline point is the base run
     assert r["accuracy_vs_eps"]["1"] == 0.0  # an unbounded attack always succeeds
-    paths = write_plateau(res, tmp_path, budget.describe())
-    assert all(p.exists() for p in paths) and "| eot-combined |" in (tmp_path / "plateau.md").read_text()
+    assert "| eot-combined |" in (out / "plateau.md").read_text() and (out / "plateau.png").exists()
+    assert (out / "report.md").read_text() == "the report of another run\n"  # --plateau-only leaves the report
+    assert len(list(cache.glob("plateau-eot-combined-*.npz"))) == 4 + len(EPS_LADDER) - 1
+    caplog.clear()
+    with caplog.at_level("INFO", logger="service.robustness.cache"):
+        assert main(argv) == 0  # a second run resumes every run from the cache and scores the same
+    assert sum("resumed from" in m for m in caplog.messages) == 4 + len(EPS_LADDER) - 1
+    assert json.loads((out / "plateau.json").read_text())["attacks"] == res["attacks"]
