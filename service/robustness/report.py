@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from service.robustness import metrics
+from service.robustness import companions, metrics
 
 LOGGER = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         )
     out += ["", f"Attacks: {', '.join(res['worst_case']['combined']['attacks'])}.", ""]
     out += _sanity_section(res)
+    out += companions.lambda_section(res)
     out += [
         "## Robustness Improving Condition (empirical)",
         "",
@@ -211,14 +212,7 @@ def _sanity_section(res: dict[str, Any]) -> list[str]:
             + "; ".join(f"`{n}` {t[0]:.2f} → {max(t):.2f} → {t[-1]:.2f}" for n, t in curves)
             + "."
         )
-    out.append(
-        "- Plateau (steps, EOT draws, restarts doubled, image by image) and accuracy vs ε for the adaptive attacks: "
-        + (
-            "see `plateau.md`."
-            if res.get("plateau")
-            else "not run for this report (`mixinfer evaluate --plateau`; the budget did not allow it)."
-        )
-    )
+    out.append(companions.plateau_line(res))
     return [*out, ""]
 
 
@@ -334,10 +328,33 @@ def make_plots(res: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def write_report(res: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Write ``results.json``, ``report.md`` and the plots into ``out_dir``; returns the paths written."""
+    """Write ``results.json``, ``report.md`` and the plots into ``out_dir``; returns the paths written.
+
+    The sweep and plateau files already in ``out_dir`` are folded in (:mod:`companions`).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    res = companions.attach(res, out_dir)
     (out_dir / "results.json").write_text(json.dumps(res, indent=1, allow_nan=True) + "\n", encoding="utf-8")
     plots = make_plots(res, out_dir)
     (out_dir / "report.md").write_text(render_markdown(res), encoding="utf-8")
     LOGGER.info("wrote %s", out_dir)
     return [out_dir / "results.json", out_dir / "report.md", *plots]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m service.robustness.report DIR [DIR ...]``: re-render reports from their results.json.
+
+    Picks up a sweep or plateau run added beside a report after it was written; no attack runs again.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m service.robustness.report", description=main.__doc__)
+    parser.add_argument("dirs", nargs="+", type=Path, help="report directories (each with results.json)")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for d in parser.parse_args(argv).dirs:
+        write_report(json.loads((d / "results.json").read_text(encoding="utf-8")), d)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
