@@ -22,8 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Attack exactly what is served (same bundle, pool, N, lambda, threshold) and write results.json, "
             "report.md and plots. Torch supplies gradients only; final adversarial inputs are rounded to 8-bit "
             "pixels and scored by the served ONNX engine under several fresh server seeds (broken if any seed is "
-            "wrong). Budgets: quick (tests, ~20 images), cpu (the committed reports, 100 images: minutes on a GPU, "
-            "hours on 2 CPU cores: state a smaller --n-images there), paper (SPEC 9.3)."
+            "wrong). Budgets: quick (tests, ~20 images), cpu (the committed reports, 32 images: within 90 minutes on 2 "
+            "CPU cores, minutes on a GPU), paper (SPEC 9.3)."
         ),
     )
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory, e.g. model_store/mnist-mixup/1")
