@@ -74,7 +74,7 @@ evaluate: install  ## robustness report of the default bundle: cpu budget on 20 
 	$(PY) -m service.robustness.tables
 
 evaluate-iat: install  ## robustness report of the interpolated-AT bundle (cpu budget, eps 0.3) and the plateau of its two strongest attacks; DEVICE=cuda for a GPU
-	$(VENV)/bin/mixinfer calibrate --bundle model_store/mnist-iat/1 --sweep --sweep-out docs/robustness/mnist-iat/sweep
+	$(VENV)/bin/mixinfer calibrate --bundle model_store/mnist-iat/1 --sweep --sweep-eps 0.3 --sweep-out docs/robustness/mnist-iat/sweep
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/1 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-iat
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/1 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-iat --plateau smooth-switch force-flagged --plateau-images 8 --plateau-only
 	$(PY) -m service.robustness.tables
