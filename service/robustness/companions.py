@@ -38,21 +38,29 @@ def _at(rows: list[dict[str, Any]], lam: float) -> dict[str, Any] | None:
     return next((r for r in rows if abs(r["lam"] - lam) < 1e-9), None)
 
 
-def _verdict(served: dict[str, Any] | None, pick: dict[str, Any]) -> str:
+def _verdict(served: dict[str, Any] | None, pick: dict[str, Any], plain: dict[str, Any]) -> str:
+    """Why the pick and the served λ differ, from the numbers (``plain``: the model without MI, λ = 1 in effect)."""
     if served is None:
         return "the served λ is not on the sweep's grid: rerun the sweep with it (`--sweep-lams`)"
     d_clean = 100 * (pick["clean"] - served["clean"])
     d_adv = 100 * (pick["adversarial"] - served["adversarial"])
-    if d_clean >= 0 and d_adv >= 0 and (d_clean > 0 or d_adv > 0):
+    deltas = f"clean {d_clean:+.1f}, PGD {d_adv:+.1f} points"
+    if d_clean <= 0 and d_adv <= 0:
         return (
-            f"**the pick measures better on both axes (clean {d_clean:+.1f}, PGD {d_adv:+.1f} points): a new bundle "
-            "version with it is due**"
+            f"the pick is no better on either axis ({deltas}; the rule's tie-break, the larger λ, made it): the served "
+            "version stays"
         )
-    if d_clean == 0 and d_adv == 0:
-        return "no difference measured (the rule's tie-break, the larger λ, made the pick): the served version stays"
+    if d_clean >= 0 and d_adv >= 0:
+        if plain["clean"] >= pick["clean"] and plain["adversarial"] >= pick["adversarial"]:
+            return (
+                f"the milder pick measures better ({deltas}), and no mixing at all (the plain model: clean "
+                f"{100 * plain['clean']:.1f}, PGD {100 * plain['adversarial']:.1f} %) better still: on this model the "
+                "rule only moves the branch toward the base model, i.e. the branch does not pay; no version ships a "
+                "milder λ (serve mode `off` where robustness matters)"
+            )
+        return f"**the pick measures better on both axes ({deltas}): a new bundle version with it is due**"
     return (
-        f"the pick trades one axis for the other (clean {d_clean:+.1f}, PGD {d_adv:+.1f} points), so no λ measures "
-        "better on both; the served version stays"
+        f"the pick trades one axis for the other ({deltas}), so no λ measures better on both; the served version stays"
     )
 
 
@@ -79,7 +87,7 @@ def lambda_section(res: dict[str, Any]) -> list[str]:
         served, pick = _at(rows, served_lam), _at(rows, pick_lam)
         assert pick is not None, f"sweep pick {pick_lam} not among its rows"
         cell = f"{100 * served['clean']:.1f} / {100 * served['adversarial']:.1f}" if served else "–"
-        verdict = "agree" if abs(pick_lam - served_lam) < 1e-9 else _verdict(served, pick)
+        verdict = "agree" if abs(pick_lam - served_lam) < 1e-9 else _verdict(served, pick, sweep["plain"])
         out.append(
             f"| MI-{branch.upper()} | {served_lam:g} | {cell} | {pick_lam:g} | "
             f"{100 * pick['clean']:.1f} / {100 * pick['adversarial']:.1f} | {verdict} |"

@@ -41,11 +41,15 @@ def test_lambda_section_names_agreement_a_trade_a_tie_and_a_better_pick():
     # PL: all lambdas equal -> the tie-break picks 0.8; OL: 0.6 gains clean accuracy and loses PGD accuracy
     sweep = _sweep([(0.5, 0.99, 0.0), (0.8, 0.99, 0.0)], [(0.5, 0.94, 0.21), (0.6, 0.99, 0.08)])
     v = _verdicts(_res(0.5, 0.5, sweep))
-    assert "no difference measured" in v["MI-PL"]
+    assert "no better on either axis" in v["MI-PL"] and "clean +0.0, PGD +0.0" in v["MI-PL"]
     assert "trades one axis" in v["MI-OL"] and "clean +5.0, PGD -13.0" in v["MI-OL"]
     assert set(_verdicts(_res(0.8, 0.6, sweep)).values()) == {"agree"}
-    better = _sweep([(0.5, 0.97, 0.0), (0.8, 0.99, 0.05)], [(0.6, 0.99, 0.1)])
+    better = _sweep([(0.5, 0.97, 0.0), (0.8, 0.99, 0.05)], [(0.6, 0.99, 0.1)])  # the plain model: 99 % clean, 0 % PGD
     assert "a new bundle version with it is due" in _verdicts(_res(0.5, 0.6, better))["MI-PL"]
+    # a robust base model (the IAT case): the mildest λ wins, and no mixing at all is better still
+    milder = _sweep([(0.5, 0.99, 0.0)], [(0.6, 0.98, 0.57), (0.8, 0.99, 0.83)])
+    milder["plain"] = {"clean": 1.0, "adversarial": 0.835}
+    assert "does not pay" in _verdicts(_res(0.5, 0.6, milder))["MI-OL"]
     assert "not on the sweep's grid" in _verdicts(_res(0.45, 0.6, better))["MI-PL"]
     assert "No sweep beside this report" in "\n".join(companions.lambda_section({"bundle": {"mi": {}}}))
 
