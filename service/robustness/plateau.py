@@ -32,7 +32,7 @@ LOGGER = logging.getLogger(__name__)
 #: largest share of images a doubled knob may newly break for the attack to count as converged
 PLATEAU_TOLERANCE = 0.01
 #: the eps ladder of the accuracy-vs-eps curve of the adaptive attacks (MNIST scale; 1.0 = unbounded)
-EPS_LADDER = (0.1, 0.2, 0.3, 0.4, 0.5, 1.0)
+EPS_LADDER = (0.1, 0.2, 0.3, 0.5, 1.0)
 
 
 def _robust(
@@ -142,6 +142,21 @@ def plateau_for_bundle(
     return res | {"seeds": seeds, "budget": budget.as_dict(), "attack_seed": attack_seed, "eps": threat.eps}
 
 
+def _merged(res: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``res`` with the attacks of an earlier plateau run in ``path`` kept, when it ran on the same setting.
+
+    Two processes (one attack each, one core each) can so write one plateau beside a report; a run on another
+    setting (images, eps, seeds, budget) replaces the file.
+    """
+    if not path.exists():
+        return res
+    old = json.loads(path.read_text(encoding="utf-8"))
+    same = ("n_images", "eps", "seeds", "budget", "attack_seed", "tolerance")
+    if any(old.get(k) != res.get(k) for k in same):
+        return res
+    return res | {"attacks": old["attacks"] | res["attacks"]}
+
+
 def write_plateau(res: dict[str, Any], out_dir: Path, budget_text: str) -> list[Path]:
     """``plateau.json``, ``plateau.md`` and ``plateau.png`` (accuracy per knob and vs eps)."""
     import matplotlib
@@ -150,6 +165,7 @@ def write_plateau(res: dict[str, Any], out_dir: Path, budget_text: str) -> list[
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    res = _merged(res, out_dir / "plateau.json")
     (out_dir / "plateau.json").write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
     lines = [
         "# Plateau and accuracy vs ε (MI-Combined, all seeds right)",

@@ -162,3 +162,8 @@ def test_plateau_compares_image_by_image_reaches_zero_unbounded_and_resumes(mnis
         assert main(argv) == 0  # a second run resumes every run from the cache and scores the same
     assert sum("resumed from" in m for m in caplog.messages) == 4 + len(EPS_LADDER) - 1
     assert json.loads((out / "plateau.json").read_text())["attacks"] == res["attacks"]
+    other = [a if a != "eot-combined" else "pl-aware" for a in argv]  # another process, another attack, same dir
+    assert main(other) == 0
+    both = json.loads((out / "plateau.json").read_text())["attacks"]
+    assert set(both) == {"eot-combined", "pl-aware"} and both["eot-combined"] == res["attacks"]["eot-combined"]
+    assert "| pl-aware |" in (out / "plateau.md").read_text() and "| eot-combined |" in (out / "plateau.md").read_text()
