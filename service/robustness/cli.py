@@ -32,7 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-images", type=int, default=None, help="override the budget's number of test images")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="server seeds (default: fresh from OS entropy)")
     p.add_argument(
-        "--attack-seed", type=int, default=0, help="root seed of the attacks' generators (recorded; default 0)"
+        "--attack-seed",
+        type=int,
+        default=None,
+        help="root seed of the attacks' generators (recorded; default 0, or the report's with --plateau-only)",
     )
     p.add_argument(
         "--cache-dir",
@@ -60,7 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--plateau-only",
         action="store_true",
-        help="run only the --plateau attacks (cached and resumable like the report's) and leave report.md as it is",
+        help="run only the --plateau attacks (cached and resumable like the report's) on the setting of the report "
+        "in --out (its seeds, eps, attack seed and budget), then re-render that report with the plateau summarised",
     )
     p.add_argument(
         "--data-dir",
@@ -87,7 +91,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``mixinfer evaluate``; returns the exit code."""
-    import numpy as np
     import torch
 
     from service.robustness.budgets import get_budget
@@ -106,15 +109,21 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle, require_weights=True)
     out = args.out if args.out is not None else Path("docs/robustness") / bundle.manifest.name
     cache = args.cache_dir or Path("runs/robustness-cache") / f"{bundle.manifest.name}-{bundle.manifest.version}"
-    if args.plateau_only and not args.plateau:
-        LOGGER.error("--plateau-only needs --plateau ATTACK [ATTACK ...]")
+    if (args.plateau_only or args.plateau_images is not None) and not args.plateau:
+        LOGGER.error("--plateau-only and --plateau-images need --plateau ATTACK [ATTACK ...]")
         return 2
+    if args.plateau:
+        from service.robustness.plateau import plateau_attack_error
+
+        problems = [p for p in (plateau_attack_error(a) for a in args.plateau) if p]
+        if args.plateau_images is not None and args.plateau_images < 1:
+            problems.append(f"--plateau-images must be at least 1, got {args.plateau_images}")
+        if problems:
+            LOGGER.error("; ".join(problems))
+            return 2
     if args.plateau_only:
-        seeds = args.seeds or [int(s) for s in np.random.SeedSequence().generate_state(budget.seeds)]
-        _plateau(args, bundle, budget, seeds=seeds, device=device, cache=cache, out=out)
-        if (out / "results.json").exists():  # the report beside it now names the plateau
-            write_report(json.loads((out / "results.json").read_text(encoding="utf-8")), out)
-        return 0
+        return _plateau_only(args, bundle, budget, device=device, cache=cache, out=out)
+    args.attack_seed = args.attack_seed if args.attack_seed is not None else 0
     res = run_evaluation(
         bundle,
         budget,
@@ -127,9 +136,12 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         show_progress=not args.no_progress,
     )
+    paths = write_report(res, out)  # the report first: a failing or interrupted plateau never loses it
     if args.plateau:
-        _plateau(args, bundle, budget, seeds=res["seeds"], device=device, cache=cache, out=out)
-    paths = write_report(res, out)
+        _plateau(
+            args, bundle, budget, seeds=res["seeds"], eps=res["threat"]["eps"], device=device, cache=cache, out=out
+        )
+        paths = write_report(res, out)
     comb = res["worst_case"]["combined"]
     base = res["worst_case"]["off"]
     print(f"wrote {', '.join(str(p) for p in paths)}")
@@ -142,8 +154,55 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plateau_only(args: argparse.Namespace, bundle: Any, budget: Any, *, device: str, cache: Path, out: Path) -> int:
+    """``--plateau-only``: the plateau on the setting of the report in ``out`` (seeds, eps, attack seed, budget).
+
+    Settings not given on the command line are taken from the report's ``results.json``; a given one that differs
+    is refused, so the plateau folded into a report always ran on that report's setting. Without a report, the
+    command line's setting is used (fresh seeds unless ``--seeds``).
+    """
+    import numpy as np
+
+    from service.robustness.report import write_report
+
+    res_path = out / "results.json"
+    if not res_path.exists():
+        args.attack_seed = args.attack_seed if args.attack_seed is not None else 0
+        seeds = args.seeds or [int(s) for s in np.random.SeedSequence().generate_state(budget.seeds)]
+        _plateau(args, bundle, budget, seeds=seeds, eps=args.eps, device=device, cache=cache, out=out)
+        return 0
+    res = json.loads(res_path.read_text(encoding="utf-8"))
+    given = {"seeds": args.seeds, "eps": args.eps, "attack_seed": args.attack_seed}
+    report = {"seeds": res["seeds"], "eps": res["threat"]["eps"], "attack_seed": res["attack_seed"]}
+    conflicts = [f"{k} {given[k]} (the report's: {v})" for k, v in report.items() if given[k] not in (None, v)]
+    if budget.as_dict() != res["budget"]:
+        conflicts.append(f"budget {budget.as_dict()} (the report's: {res['budget']})")
+    if (res["bundle"]["name"], res["bundle"]["version"]) != (bundle.manifest.name, bundle.manifest.version):
+        conflicts.append(
+            f"bundle {bundle.manifest.name}/{bundle.manifest.version} (the report's: "
+            f"{res['bundle']['name']}/{res['bundle']['version']})"
+        )
+    if conflicts:
+        LOGGER.error(
+            "--plateau-only beside %s: %s; match the report or use another --out", res_path, "; ".join(conflicts)
+        )
+        return 2
+    args.attack_seed = res["attack_seed"]
+    _plateau(args, bundle, budget, seeds=res["seeds"], eps=res["threat"]["eps"], device=device, cache=cache, out=out)
+    write_report(res, out)  # the report beside it now summarises the plateau
+    return 0
+
+
 def _plateau(
-    args: argparse.Namespace, bundle: Any, budget: Any, *, seeds: list[int], device: str, cache: Path, out: Path
+    args: argparse.Namespace,
+    bundle: Any,
+    budget: Any,
+    *,
+    seeds: list[int],
+    eps: float | None,
+    device: str,
+    cache: Path,
+    out: Path,
 ) -> None:
     """Run the plateau of ``args.plateau`` and write it into ``out`` (the report picks it up from there)."""
     from service.robustness.plateau import plateau_for_bundle, write_plateau
@@ -155,8 +214,9 @@ def _plateau(
         seeds=seeds,
         device=device,
         n_images=args.plateau_images,
-        eps=args.eps,
+        eps=eps,
         attack_seed=args.attack_seed,
         cache_dir=None if args.no_cache else cache,
+        data_root=args.data_dir,
     )
     write_plateau(plateau, out, budget.describe(plateau["n_images"]))

@@ -35,11 +35,28 @@ PLATEAU_TOLERANCE = 0.01
 EPS_LADDER = (0.1, 0.2, 0.3, 0.5, 1.0)
 
 
+def plateau_attack_error(name: str) -> str | None:
+    """Why ``name`` cannot be plateaued (None: it can): only the untargeted adaptive attacks read every knob.
+
+    Oblivious, transfer and black-box rows ignore EOT draws or restarts (a doubled run would equal the base run and
+    "plateau" by construction), and targeted rows need their targets.
+    """
+    from service.robustness.budgets import THREATS, ThreatScale, get_budget
+    from service.robustness.plan import ADAPTIVE
+
+    ok = sorted(
+        s.name.split("@")[0]
+        for s in attack_plan(get_budget("quick"), THREATS[ThreatScale.MNIST])
+        if s.group == ADAPTIVE and not s.targets
+    )
+    return None if name in ok else f"--plateau {name!r}: not an untargeted adaptive attack (one of {', '.join(ok)})"
+
+
 def _robust(
     ctx: Context, name: str, run_key: str, x: torch.Tensor, y: torch.Tensor, *, attack_seed: int, cache: AttackCache
 ) -> np.ndarray:
     """Per-image MI-Combined correctness under every server seed for one attack configuration (cached per run)."""
-    spec = next(s for s in attack_plan(ctx.budget, ctx.threat) if s.name.split("@")[0] == name)
+    spec = next(s for s in attack_plan(ctx.budget, ctx.threat) if s.name == f"{name}@{ctx.threat.eps:.3g}")
     cached = cache.load(run_key, attack_seed)
     if cached is None:
         ctx.gen = attack_generator(attack_seed, spec.name)
@@ -97,6 +114,7 @@ def run_plateau(
                 )
         out["attacks"][name] = {
             "robust": robust,
+            "robust_at_base": int(base.sum()),
             "newly_broken": newly,
             "plateaued": all(v <= PLATEAU_TOLERANCE for v in newly.values()),
             "accuracy_vs_eps": {f"{e:g}": curve[e] for e in sorted(curve)},
@@ -116,6 +134,7 @@ def plateau_for_bundle(
     eps: float | None = None,
     attack_seed: int = 0,
     cache_dir: Path | None = None,
+    data_root: Path | None = None,
 ) -> dict[str, Any]:
     """Build the twin, the served scorer and the test subset of ``bundle``, then :func:`run_plateau`.
 
@@ -131,7 +150,7 @@ def plateau_for_bundle(
     threat = threat_for(bundle.manifest.input.shape)
     threat = replace(threat, eps=eps) if eps is not None else threat
     ctx = Context(mi, ServedScorer.from_bundle(bundle, seeds), budget, threat, attack_generator(attack_seed, "setup"))
-    x_np, y_np, idx = load_split(bundle, "test", min(n_images or budget.n_images, budget.n_images))
+    x_np, y_np, idx = load_split(bundle, "test", min(n_images or budget.n_images, budget.n_images), data_root)
     cache = AttackCache(
         cache_dir,
         {"files": bundle.manifest.files, "mi": bundle.manifest.mi.model_dump(mode="json")}
@@ -139,7 +158,15 @@ def plateau_for_bundle(
     )
     x, y = torch.from_numpy(x_np).to(mi.device), torch.from_numpy(y_np).to(mi.device)
     res = run_plateau(ctx, x, y, attacks, attack_seed=attack_seed, cache=cache)
-    return res | {"seeds": seeds, "budget": budget.as_dict(), "attack_seed": attack_seed, "eps": threat.eps}
+    identity = {"name": bundle.manifest.name, "version": bundle.manifest.version, "files": bundle.manifest.files}
+    return res | {
+        "bundle": identity,
+        "seeds": seeds,
+        "budget": budget.as_dict(),
+        "attack_seed": attack_seed,
+        "eps": threat.eps,
+        "test_indices": idx.tolist(),
+    }
 
 
 def _merged(res: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -151,7 +178,7 @@ def _merged(res: dict[str, Any], path: Path) -> dict[str, Any]:
     if not path.exists():
         return res
     old = json.loads(path.read_text(encoding="utf-8"))
-    same = ("n_images", "eps", "seeds", "budget", "attack_seed", "tolerance")
+    same = ("bundle", "n_images", "eps", "seeds", "budget", "attack_seed", "tolerance", "test_indices")
     if any(old.get(k) != res.get(k) for k in same):
         return res
     return res | {"attacks": old["attacks"] | res["attacks"]}
@@ -166,27 +193,36 @@ def write_plateau(res: dict[str, Any], out_dir: Path, budget_text: str) -> list[
 
     out_dir.mkdir(parents=True, exist_ok=True)
     res = _merged(res, out_dir / "plateau.json")
-    (out_dir / "plateau.json").write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+    tmp = out_dir / "plateau.json.tmp"
+    tmp.write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(out_dir / "plateau.json")  # atomic: a reader never sees half a file
     lines = [
         "# Plateau and accuracy vs ε (MI-Combined, all seeds right)",
         "",
         f"_{budget_text}_; plateau runs on {res.get('n_images', '?')} images (the first of the report's subset), "
         f"headline ε {res.get('eps', '?')}; a doubled knob may newly break at most "
-        f"{100 * res['tolerance']:.0f} % of the images (compared image by image).",
+        f"{100 * res['tolerance']:.0f} % of the images (compared image by image; only images the base run leaves "
+        "robust can be newly broken, so their count is what the check rests on).",
         "",
-        "| attack | base acc | newly broken: steps ×2 / EOT ×2 / restarts ×2 | plateaued | accuracy vs ε |",
+        "| attack | base acc (robust images) | newly broken, images: steps ×2 / EOT ×2 / restarts ×2 | plateaued | "
+        "accuracy vs ε (%) |",
         "|---|---|---|---|---|",
     ]
+    warnings = []
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for name, r in res["attacks"].items():
         nb = r["newly_broken"]
         curve = ", ".join(f"{e}: {100 * a:.0f}" for e, a in r["accuracy_vs_eps"].items())
         acc = {k: float(np.mean(v)) for k, v in r["robust"].items()}
+        n = len(r["robust"]["base"])
+        k = int(np.sum(r["robust"]["base"]))
         lines.append(
-            f"| {name} | {100 * acc['base']:.1f} | "
-            + " / ".join(f"{100 * v:.1f}" for v in nb.values())
+            f"| {name} | {100 * acc['base']:.1f} ({k} of {n}) | "
+            + " / ".join(f"{round(v * n)}" for v in nb.values())
             + f" | {'yes' if r['plateaued'] else '**no**'} | {curve} |"
         )
+        if r["accuracy_vs_eps"].get("1", 0.0) > 0:
+            warnings.append(f"- ⚠ `{name}` leaves {100 * r['accuracy_vs_eps']['1']:.0f} % at unbounded ε: it is broken")
         ax1.plot(list(acc), [100 * v for v in acc.values()], "-o", label=name)
         ax2.plot([float(e) for e in r["accuracy_vs_eps"]], [100 * a for a in r["accuracy_vs_eps"].values()], "-o")
     ax1.set(ylabel="accuracy, all seeds (%)", title="doubling each knob")
@@ -195,5 +231,6 @@ def write_plateau(res: dict[str, Any], out_dir: Path, budget_text: str) -> list[
     fig.tight_layout()
     fig.savefig(out_dir / "plateau.png", dpi=110)
     plt.close(fig)
-    (out_dir / "plateau.md").write_text("\n".join([*lines, "", "![plateau](plateau.png)", ""]), encoding="utf-8")
+    text = "\n".join([*lines, "", *warnings, "", "![plateau](plateau.png)", ""])
+    (out_dir / "plateau.md").write_text(text, encoding="utf-8")
     return [out_dir / "plateau.json", out_dir / "plateau.md", out_dir / "plateau.png"]

@@ -103,6 +103,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         "seeds": args.sweep_seeds,
         "plain": {"clean": plain_clean, "adversarial": plain_adv},
         "max_clean_drop": args.sweep_max_clean_drop,
+        "bundle": {"name": bundle.manifest.name, "version": bundle.manifest.version},
     }
     for branch, mode in (("pl", Mode.PL), ("ol", Mode.OL)):
         rows = []

@@ -149,13 +149,16 @@ def summary(root: Path = Path()) -> str:
         res = json.loads((root / d / "results.json").read_text())
         n, eps, wc = _n(res), res["threat"]["eps"], res["worst_case"]
         at_eps = [r for r in res["attacks"] if r["eps"] == eps]
-        strongest = min(at_eps, key=lambda r: r["accuracy"]["combined"]["worst"])
+        strongest = min(at_eps, key=lambda r: (r["accuracy"]["combined"]["worst"], r["accuracy"]["combined"]["mean"]))
+        ties = sum(r["accuracy"]["combined"]["worst"] == strongest["accuracy"]["combined"]["worst"] for r in at_eps)
         flt = wc["combined"].get("all_attacks_float")
         lines.append(
             f"| {label} | {eps:.3g} | {n} | {_cell({'worst': wc['off']['all_attacks']}, n)} | "
             f"{_cell({'worst': wc['combined']['all_attacks']}, n)} | "
             f"{_cell({'worst': flt}, n) if flt is not None else '–'} | "
-            f"`{strongest['name'].split('@')[0]}` ({_cell(strongest['accuracy']['combined'], n)}) |"
+            f"`{strongest['name'].split('@')[0]}` ({_cell(strongest['accuracy']['combined'], n)}"
+            + (f"; {ties - 1} more at the same all-seeds figure" if ties > 1 else "")
+            + ") |"
         )
     return "\n".join([*lines, "", SUMMARY_END])
 

@@ -167,3 +167,28 @@ def test_plateau_compares_image_by_image_reaches_zero_unbounded_and_resumes(mnis
     both = json.loads((out / "plateau.json").read_text())["attacks"]
     assert set(both) == {"eot-combined", "pl-aware"} and both["eot-combined"] == res["attacks"]["eot-combined"]
     assert "| pl-aware |" in (out / "plateau.md").read_text() and "| eot-combined |" in (out / "plateau.md").read_text()
+
+
+def test_plateau_refuses_attacks_the_knobs_do_not_touch_and_a_setting_other_than_the_report_beside_it(tmp_path, caplog):
+    import shutil
+    from pathlib import Path
+
+    from service.cli import main
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "report"
+    out.mkdir()
+    shutil.copy(repo / "docs/robustness/mnist-iat/results.json", out / "results.json")
+    res = json.loads((out / "results.json").read_text())
+    base = ["evaluate", "--bundle", str(repo / "model_store/mnist-iat/1"), "--out", str(out), "--no-cache"]
+    base += ["--n-images", str(len(res["test_indices"])), "--plateau-only"]
+    with caplog.at_level("ERROR"):
+        assert main([*base, "--plateau", "pgd-gt"]) == 2  # oblivious: EOT and restarts do not touch it
+        assert main([*base, "--plateau", "force-flagged-targeted"]) == 2  # targeted: needs its targets
+        assert main([*base, "--plateau", "smooth-switch", "--plateau-images", "0"]) == 2
+        assert main([*base, "--plateau", "smooth-switch", "--eps", "0.1"]) == 2  # the report ran at 0.3
+        assert main([*base, "--plateau", "smooth-switch", "--seeds", "7", "8", "9"]) == 2
+    text = caplog.text
+    assert "not an untargeted adaptive attack" in text and "eps 0.1 (the report's: 0.3)" in text
+    assert "seeds [7, 8, 9] (the report's: [101, 102, 103])" in text
+    assert not (out / "plateau.json").exists()

@@ -37,21 +37,58 @@ def _verdicts(res: dict) -> dict[str, str]:
     return {ln.split(" | ")[0].strip("| "): ln.rsplit(" | ", 1)[1].rstrip(" |") for ln in lines}
 
 
-def test_lambda_section_names_agreement_a_trade_a_tie_and_a_better_pick():
+def test_lambda_section_names_agreement_ties_a_better_pick_and_a_better_row():
     # PL: all lambdas equal -> the tie-break picks 0.8; OL: 0.6 gains clean accuracy and loses PGD accuracy
     sweep = _sweep([(0.5, 0.99, 0.0), (0.8, 0.99, 0.0)], [(0.5, 0.94, 0.21), (0.6, 0.99, 0.08)])
     v = _verdicts(_res(0.5, 0.5, sweep))
-    assert "no better on either axis" in v["MI-PL"] and "clean +0.0, PGD +0.0" in v["MI-PL"]
-    assert "trades one axis" in v["MI-OL"] and "clean +5.0, PGD -13.0" in v["MI-OL"]
+    assert "no λ of the grid measures better" in v["MI-PL"] and "clean +0.0, PGD +0.0" in v["MI-PL"]
+    assert "no λ of the grid measures better" in v["MI-OL"] and "clean +5.0, PGD -13.0" in v["MI-OL"]
     assert set(_verdicts(_res(0.8, 0.6, sweep)).values()) == {"agree"}
     better = _sweep([(0.5, 0.97, 0.0), (0.8, 0.99, 0.05)], [(0.6, 0.99, 0.1)])  # the plain model: 99 % clean, 0 % PGD
     assert "a new bundle version with it is due" in _verdicts(_res(0.5, 0.6, better))["MI-PL"]
-    # a robust base model (the IAT case): the mildest λ wins, and no mixing at all is better still
-    milder = _sweep([(0.5, 0.99, 0.0)], [(0.6, 0.98, 0.57), (0.8, 0.99, 0.83)])
-    milder["plain"] = {"clean": 1.0, "adversarial": 0.835}
-    assert "does not pay" in _verdicts(_res(0.5, 0.6, milder))["MI-OL"]
     assert "not on the sweep's grid" in _verdicts(_res(0.45, 0.6, better))["MI-PL"]
     assert "No sweep beside this report" in "\n".join(companions.lambda_section({"bundle": {"mi": {}}}))
+
+
+def test_lambda_verdict_edge_cases_a_better_row_one_image_a_robust_base_and_the_fallback():
+    # (a) the pick trades axes, but another row beats the served lambda on both
+    rows = [(0.5, 0.90, 0.20), (0.6, 0.95, 0.25), (0.7, 0.99, 0.10)]
+    v = _verdicts(_res(0.5, 0.5, _sweep([(0.5, 0.99, 0.0)], rows)))
+    assert v["MI-OL"].startswith("the pick does not beat the served λ") and "λ 0.6 does" in v["MI-OL"]
+    # (c) half a point on 200 images is one image: a tie, not a new version
+    tie = _sweep([(0.5, 0.99, 0.100), (0.8, 0.99, 0.105)], [(0.5, 0.99, 0.1)])
+    assert "within one image" in _verdicts(_res(0.5, 0.5, tie))["MI-PL"]
+    # a robust base model (the IAT case): the pick is better and the plain model better still, both said
+    milder = _sweep([(0.5, 0.99, 0.0)], [(0.6, 0.98, 0.57), (0.8, 0.99, 0.83)])
+    milder["plain"] = {"clean": 1.0, "adversarial": 0.835}
+    ol = _verdicts(_res(0.5, 0.6, milder))["MI-OL"]
+    assert "a new bundle version with it is due" in ol and "measures better still" in ol
+    # (d) no lambda keeps clean accuracy: the rule's fallback is named as such
+    fallback = _sweep([(0.5, 0.5, 0.3), (0.8, 0.6, 0.1)], [(0.5, 0.99, 0.1)])
+    assert fallback["pl"]["pick"] == 0.8
+    assert "falls back to the largest" in _verdicts(_res(0.5, 0.5, fallback))["MI-PL"]
+
+
+def test_companions_from_another_setting_are_not_attached(tmp_path: Path):
+    res = {"bundle": {"name": "b", "version": "1"}, "threat": {"eps": 0.3}, "seeds": [1, 2, 3], "attack_seed": 0}
+    res["test_indices"] = [5, 9, 2, 7]
+    (tmp_path / "sweep").mkdir()
+    sweep = _sweep([(0.5, 0.99, 0.0)], [(0.5, 0.99, 0.0)]) | {"bundle": {"name": "b", "version": "1"}}
+    (tmp_path / "sweep/sweep.json").write_text(json.dumps(sweep | {"eps": 0.1}))
+    plateau = {"bundle": {"name": "b", "version": "1"}, "eps": 0.3, "seeds": [1, 2, 3], "attack_seed": 0}
+    plateau |= {"n_images": 2, "test_indices": [5, 9], "attacks": {}}
+    (tmp_path / "plateau.json").write_text(json.dumps(plateau | {"seeds": [4, 5, 6]}))
+    out = companions.attach(res | {"sweep": {"stale": True}}, tmp_path)
+    assert "sweep" not in out and "plateau" not in out  # the stale key of an earlier attach is gone too
+    assert any("eps 0.1, the report's 0.3" in s for s in out["companions_skipped"])
+    assert any("seeds [4, 5, 6]" in s for s in out["companions_skipped"])
+    assert "ran on another setting" in companions.plateau_line(out)
+    (tmp_path / "sweep/sweep.json").write_text(json.dumps(sweep | {"eps": 0.3}))
+    (tmp_path / "plateau.json").write_text(json.dumps(plateau))
+    out = companions.attach(res, tmp_path)
+    assert out["sweep"]["eps"] == 0.3 and out["plateau"]["n_images"] == 2 and "companions_skipped" not in out
+    (tmp_path / "plateau.json").write_text(json.dumps(plateau | {"test_indices": [9, 5]}))
+    assert "plateau" not in companions.attach(res, tmp_path)
 
 
 @pytest.mark.slow
@@ -63,9 +100,9 @@ def test_rerender_folds_in_sweep_and_plateau_files_written_after_the_report(tmp_
     res = json.loads((out / "results.json").read_text())
     mi = res["bundle"]["mi"]
     (out / "sweep").mkdir()
-    sweep = _sweep([(mi["lam_pl"], 0.99, 0.1)], [(mi["ol_standalone"]["lam"], 0.99, 0.2)])
+    sweep = _sweep([(mi["lam_pl"], 0.99, 0.1)], [(mi["ol_standalone"]["lam"], 0.99, 0.2)]) | {"eps": 0.3}
     (out / "sweep/sweep.json").write_text(json.dumps(sweep))
-    plateau = {"n_images": 4, "eps": 0.3, "tolerance": 0.01, "attacks": {}}
+    plateau = {"n_images": 4, "eps": res["threat"]["eps"], "seeds": res["seeds"], "tolerance": 0.01, "attacks": {}}
     plateau["attacks"]["force-flagged"] = {
         "robust": {"base": [True, False, False, False]},
         "newly_broken": {"steps x2": 0.25, "eot x2": 0.0, "restarts x2": 0.0},
@@ -76,9 +113,8 @@ def test_rerender_folds_in_sweep_and_plateau_files_written_after_the_report(tmp_
     assert rerender([str(out)]) == 0
     md = (out / "report.md").read_text()
     assert "| MI-PL | " in md and "| agree |" in md
-    assert (
-        "Plateau on the first 4 images" in md
-        and "`force-flagged` **not plateaued** (newly broken: steps x2 25.0 %" in md
-    )
+    assert "Plateau on the first 4 images" in md
+    assert "`force-flagged` **not plateaued** (robust at the base setting: 1 of 4 images; newly broken images: " in md
+    assert "steps x2 1, eot x2 0, restarts x2 0; unbounded ε: 0 %" in md
     again = json.loads((out / "results.json").read_text())
     assert again["sweep"] == sweep and again["plateau"]["attacks"]["force-flagged"]["plateaued"] is False
