@@ -45,20 +45,30 @@ class AttackCache:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
         return self.root / f"{safe}-s{seed}-{self.digest}.npz"
 
-    def load(self, name: str, seed: int) -> tuple[NDArray[np.float32], list[float]] | None:
-        """The cached (x_adv, loss curve) of an attack, or None."""
+    def load(self, name: str, seed: int) -> tuple[NDArray[np.float32], list[float], float | None] | None:
+        """The cached (x_adv, loss curve, seconds the attack took when it ran) of an attack, or None.
+
+        The seconds are None for entries written before they were recorded.
+        """
         path = self.path(name, seed)
         if path is None or not path.exists():
             return None
         with np.load(path, allow_pickle=False) as f:
             LOGGER.info("%s: resumed from %s", name, path)
-            return f["x_adv"].astype(np.float32), [float(v) for v in f["trace"]]
+            seconds = float(f["seconds"]) if "seconds" in f.files else None
+            return f["x_adv"].astype(np.float32), [float(v) for v in f["trace"]], seconds
 
-    def save(self, name: str, seed: int, x_adv: NDArray[np.float32], trace: list[float]) -> None:
+    def save(
+        self, name: str, seed: int, x_adv: NDArray[np.float32], trace: list[float], seconds: float | None = None
+    ) -> None:
+        """Store an attack's output, its loss curve and how long it ran (shown again when a report resumes it)."""
         path = self.path(name, seed)
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, x_adv=x_adv.astype(np.float32), trace=np.asarray(trace, dtype=np.float64))
+        arrays: dict[str, NDArray[Any]] = {"x_adv": x_adv.astype(np.float32), "trace": np.asarray(trace, np.float64)}
+        if seconds is not None:
+            arrays["seconds"] = np.asarray(seconds, dtype=np.float64)
+        np.savez(tmp, **arrays)  # type: ignore[arg-type]
         tmp.replace(path)

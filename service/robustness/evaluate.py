@@ -194,17 +194,18 @@ def _run_attack(
     ctx.traces = []
     x_np = x.cpu().numpy()
     cached = cache.load(spec.name, attack_seed)
-    t0 = time.time()
+    attack_s: float | None
     if cached is None:
+        t0 = time.time()
         labels = torch.from_numpy(targets_np if spec.targets else y_np).to(x.device)
         with tqdm(desc=spec.name, leave=False, disable=not show_progress) as bar:
             ctx.progress = bar.update
             raw = spec.run(ctx, x, labels).detach().to(torch.float32).cpu().numpy()
         trace = ctx.trace()
-        cache.save(spec.name, attack_seed, raw, trace)
+        attack_s = time.time() - t0
+        cache.save(spec.name, attack_seed, raw, trace, attack_s)
     else:
-        raw, trace = cached
-    attack_s = time.time() - t0
+        raw, trace, attack_s = cached  # the seconds of the run that made the entry (None: not recorded)
     rounded = quantize(torch.from_numpy(raw), torch.from_numpy(x_np), spec.eps).numpy()
     for name, adv in (("rounded", rounded), ("float", raw)):
         delta = float(np.abs(adv - x_np).max())
@@ -223,7 +224,7 @@ def _run_attack(
         n_images=int(y_np.size),
         attack_seed=attack_seed,
         generator_key=seed,
-        attack_seconds=round(attack_s, 1),
+        attack_seconds=round(attack_s, 1) if attack_s is not None else None,
         resumed=cached is not None,
         max_perturbation=float(np.abs(rounded - x_np).max()),
         trace=trace,
@@ -235,7 +236,7 @@ def _run_attack(
         row["accuracy"]["combined"]["mean"],
         row["accuracy"]["combined"]["worst"],
         row["flag_rate"]["mean"],
-        attack_s,
+        attack_s or 0.0,
     )
     return row
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -59,10 +60,11 @@ def _robust(
     spec = next(s for s in attack_plan(ctx.budget, ctx.threat) if s.name == f"{name}@{ctx.threat.eps:.3g}")
     cached = cache.load(run_key, attack_seed)
     if cached is None:
+        t0 = time.time()
         ctx.gen = attack_generator(attack_seed, spec.name)
         ctx.traces = []
         raw = spec.run(ctx, x, y).detach().to(torch.float32).cpu()
-        cache.save(run_key, attack_seed, raw.numpy(), ctx.trace())
+        cache.save(run_key, attack_seed, raw.numpy(), ctx.trace(), time.time() - t0)
     else:
         raw = torch.from_numpy(cached[0])
     adv = quantize(raw, x.cpu(), ctx.threat.eps).numpy()

@@ -71,9 +71,16 @@ def _attack_table(rows: list[dict[str, Any]], with_baselines: bool) -> list[str]
             f"| {r['name'].split('@')[0]} | {r['eps']:.3g} | {r['n_images']} | "
             + " | ".join(acc)
             + f" | {flag} | {_num(r['gap_auroc'])} / {_num(r.get('gap_auroc_successful'))}"
-            + f" | {r['attack_seconds']:.0f}{' (cached)' if r.get('resumed') else ''} |"
+            + f" | {_attack_time(r)} |"
         )
     return lines
+
+
+def _attack_time(r: dict[str, Any]) -> str:
+    """Seconds the attack ran; a resumed row shows the seconds of the run that made its cache entry."""
+    if r.get("attack_seconds") is None:
+        return "– (resumed; time not recorded)"
+    return f"{r['attack_seconds']:.0f}{' (resumed)' if r.get('resumed') else ''}"
 
 
 def _where(env: dict[str, Any] | None) -> str:

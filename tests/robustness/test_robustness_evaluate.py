@@ -139,6 +139,7 @@ def test_a_stopped_evaluation_resumes_from_the_attack_cache(mnist_bundle, tmp_pa
     assert all(r["resumed"] for r in again["attacks"])
     for a, b in zip(first["attacks"], again["attacks"], strict=True):
         assert a["correct"] == b["correct"] and a["trace"] == b["trace"]
+        assert b["attack_seconds"] == a["attack_seconds"] is not None  # the time of the run that made the entry
     # the same attack seed without a cache reproduces the attacks; another seed does not reuse the cache
     fresh = run_evaluation(mnist_bundle, budget, cache_dir=None, **kw)
     assert [r["correct"] for r in fresh["attacks"]] == [r["correct"] for r in first["attacks"]]
