@@ -8,7 +8,8 @@ against mixinfer with the default bundle (``bench/openloop.py``) up to saturatio
 the mixinfer process is sampled at start, after warm-up and after all the load.
 
 Writes ``bench/results.md``; prints the tables on stdout; with ``--json`` the last stdout line is one JSON object
-with ``http_vs_io_floor`` (default bundle, 32 clients), ``http_vs_naive`` (throughput bundle, 32 clients),
+with ``http_vs_combined_floor`` (default bundle, 32 clients: mixinfer against cores / (I/O-floor CPU per request +
+engine CPU per image at the batch mixinfer formed)), ``http_vs_naive`` (throughput bundle, 32 clients),
 ``p99_at_half_load_over_p50`` and every figure. Needs ``wrk`` (Debian package ``wrk``). About 5 minutes.
 
 Usage: ``python bench/http.py [--json] [--duration 5] [--quick]``
@@ -40,6 +41,7 @@ from bench.common import (
     emit_json,
     fmt,
     free_port,
+    http_get,
     log,
     machine_info,
     run_with_cpu,
@@ -107,6 +109,8 @@ class Report:
     open_loop: list[OpenLoopResult] = field(default_factory=list)
     rss_mib: dict[str, dict[str, float]] = field(default_factory=dict)
     requests_to_mixinfer: dict[str, int] = field(default_factory=dict)
+    #: mean images per engine call that mixinfer formed at 32 clients (its own mixinfer_batch_images histogram)
+    formed_batch: dict[str, float] = field(default_factory=dict)
 
     def rps(self, bundle: str, server: str, conns: int) -> float:
         for row in self.closed:
@@ -191,6 +195,19 @@ def wrk(server: Server, b: BundleUnderTest, conns: int, duration_s: float) -> di
     return res
 
 
+def batch_histogram(server: Server) -> tuple[float, float]:
+    """(images, engine calls) so far, from the server's own ``mixinfer_batch_images`` histogram on /metrics."""
+    status, body = http_get(server.base_url + "/metrics", timeout_s=10.0)
+    if status != 200:
+        raise RuntimeError(f"GET /metrics answered {status}")
+    totals = {"sum": 0.0, "count": 0.0}
+    for line in body.decode().splitlines():
+        for key in totals:
+            if line.startswith(f"mixinfer_batch_images_{key}"):
+                totals[key] += float(line.rsplit(" ", 1)[1])
+    return totals["sum"], totals["count"]
+
+
 def closed_loop(report: Report, b: BundleUnderTest, kind: str, args: argparse.Namespace) -> None:
     log("%s / %s: starting", b.label, kind)
     server = start(kind, b, args.threads)
@@ -202,7 +219,11 @@ def closed_loop(report: Report, b: BundleUnderTest, kind: str, args: argparse.Na
         if kind == "mixinfer":
             server.sample_rss("after warm-up")
         for conns in args.connections:
+            before = batch_histogram(server) if kind == "mixinfer" else (0.0, 0.0)
             res = wrk(server, b, conns, args.duration * (args.throughput_factor if b.label == "throughput" else 1))
+            if kind == "mixinfer" and conns == 32:
+                after = batch_histogram(server)
+                report.formed_batch[b.label] = ratio(after[0] - before[0], after[1] - before[1])
             sent += res["requests"]
             row = ClosedLoopRow(
                 bundle=b.label,
@@ -268,8 +289,12 @@ def knee(results: list[OpenLoopResult], p50_single_ms: float) -> OpenLoopResult 
 
 
 # --- in-process engine ----------------------------------------------------------------------------------------
-def engine_throughput(b: BundleUnderTest, threads: int | None, seconds: float) -> dict[str, float]:
-    """Images/s of ``MIEngine`` (Combined) on the decoded bench inputs at batch 1 and at batch 64, no HTTP."""
+def engine_throughput(
+    b: BundleUnderTest, threads: int | None, seconds: float, formed_batch: float | None = None
+) -> dict[str, float]:
+    """``MIEngine`` (Combined) on the decoded bench inputs, no HTTP: images/s at batch 1 and 64, and process
+    CPU-seconds per image (``time.process_time``, every thread of this process) at each batch and at the batch size
+    the server formed at 32 clients (rounded), the engine's share of the combined floor."""
     from service.mi.engine import MIEngine
     from service.preprocess import ImageSpec, decode_image
     from service.store import load_bundle, open_backend
@@ -280,15 +305,23 @@ def engine_throughput(b: BundleUnderTest, threads: int | None, seconds: float) -
     spec = ImageSpec(*bundle.manifest.input.shape)
     x = np.stack([decode_image(p.read_bytes(), spec) for p in b.inputs])
     out: dict[str, float] = {}
-    for batch in (1, 64):
+    batches = [1, 64]
+    formed = max(1, round(formed_batch)) if formed_batch and np.isfinite(formed_batch) else None
+    if formed is not None and formed not in batches:
+        batches.append(formed)
+    for batch in batches:
         xb = np.resize(x, (batch, *x.shape[1:])).astype(np.float32)
         engine(xb)
-        n, t0 = 0, time.perf_counter()
+        n, t0, cpu0 = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - t0 < seconds:
             engine(xb)
             n += batch
         out[f"batch{batch}_img_s"] = n / (time.perf_counter() - t0)
-    log("%s in-process engine: %s", b.label, {k: round(v) for k, v in out.items()})
+        out[f"batch{batch}_cpu_s_per_img"] = (time.process_time() - cpu0) / n
+    if formed is not None:
+        out["formed_batch"] = formed
+        out["formed_batch_cpu_s_per_img"] = out[f"batch{formed}_cpu_s_per_img"]
+    log("%s in-process engine: %s", b.label, {k: round(v, 6) for k, v in out.items()})
     return out
 
 
@@ -303,6 +336,26 @@ def cpu_ratio(r: Report, bundle: str, base: str, server: str, conns: int = 32) -
     return ratio(a.cpu_ms_per_request, b.cpu_ms_per_request) if a and b else float("nan")
 
 
+def combined_floor(r: Report, bundle: str = "default") -> dict[str, float]:
+    """The floor that counts both costs: cores / (I/O-floor server CPU-s per request at 32 clients + in-process
+    MI-Combined engine CPU-s per image at the batch size mixinfer formed at 32 clients), and mixinfer against it:
+    by requests/s (``http_vs_combined_floor``) and by its own CPU per request (``..._cpu``, less load-sensitive)."""
+    io, mix = r.row(bundle, "io_floor", 32), r.row(bundle, "mixinfer", 32)
+    io_cpu = io.server_cpu_s / io.requests if io and io.requests else float("nan")
+    engine_cpu = r.engine.get(bundle, {}).get("formed_batch_cpu_s_per_img", float("nan"))
+    floor_cpu = io_cpu + engine_cpu
+    floor_rps = ratio(float(r.machine["cores"]), floor_cpu)
+    mix_cpu = mix.server_cpu_s / mix.requests if mix and mix.requests else float("nan")
+    return {
+        "http_vs_combined_floor": ratio(mix.rps if mix else float("nan"), floor_rps),
+        "http_vs_combined_floor_cpu": ratio(floor_cpu, mix_cpu),
+        "combined_floor_rps": floor_rps,
+        "io_floor_cpu_ms_per_request": 1000 * io_cpu,
+        "engine_cpu_ms_per_image_at_formed_batch": 1000 * engine_cpu,
+        "formed_batch_at_32": r.formed_batch.get(bundle, float("nan")),
+    }
+
+
 def summary(report: Report) -> dict[str, Any]:
     r = report
     floor32 = r.rps("default", "io_floor", 32)
@@ -315,6 +368,7 @@ def summary(report: Report) -> dict[str, Any]:
     half = min(r.open_loop, key=lambda x: abs(x.offered_rps - 0.5 * best), default=None)
     k = knee(r.open_loop, p50_single)
     out: dict[str, Any] = {
+        **combined_floor(r),
         "http_vs_io_floor": ratio(mix_default32, floor32),
         "http_vs_naive": ratio(mix_tp32, naive32),
         "naive_vs_io_floor_default": ratio(r.rps("default", "naive", 32), floor32),
@@ -363,10 +417,13 @@ def markdown(report: Report, s: dict[str, Any], args: argparse.Namespace) -> str
         "",
         "| figure | value | target |",
         "|---|---|---|",
-        f"| mixinfer / I/O floor (default bundle) | {fmt(s['http_vs_io_floor'], 2)} | >= 0.7 |",
+        f"| `http_vs_combined_floor`: mixinfer / combined floor (default bundle) | "
+        f"{fmt(s['http_vs_combined_floor'], 2)} | >= 0.85 |",
+        f"| same, by CPU per request: combined floor / mixinfer | {fmt(s['http_vs_combined_floor_cpu'], 2)} | |",
+        f"| mixinfer / I/O floor (default bundle, `http_vs_io_floor`) | {fmt(s['http_vs_io_floor'], 2)} | |",
         f"| naive server / I/O floor (default bundle) | {fmt(s['naive_vs_io_floor_default'], 2)} | (issue: 0.45) |",
         f"| mixinfer / naive (throughput bundle) | {fmt(s['http_vs_naive'], 2)} | >= 1.2 on CPU, >= 2 on GPU |",
-        f"| mixinfer / naive (default bundle) | {fmt(s['http_vs_naive_default'], 2)} | |",
+        f"| mixinfer / naive (default bundle) | {fmt(s['http_vs_naive_default'], 2)} | >= 1.3 |",
         f"| p99 at 50 % of max throughput / single-client p50 | {fmt(s['p99_at_half_load_over_p50'], 2)} | <= 3 |",
         f"| CPU/request: I/O floor / mixinfer (default bundle) | {fmt(s['http_vs_io_floor_cpu'], 2)} | |",
         f"| CPU/request: naive / mixinfer (throughput bundle) | {fmt(s['http_vs_naive_cpu'], 2)} | |",
@@ -374,6 +431,13 @@ def markdown(report: Report, s: dict[str, Any], args: argparse.Namespace) -> str
         "",
         "The CPU rows divide server CPU time per request (from /proc, whole process): on a shared machine they "
         "say what each server costs, while requests/s also depend on the share of the cores each one got.",
+        "",
+        f"Combined floor = {m['cores']} cores / ({fmt(s['io_floor_cpu_ms_per_request'], 3)} ms CPU per request of "
+        f"the I/O floor at 32 clients + {fmt(s['engine_cpu_ms_per_image_at_formed_batch'], 3)} ms CPU per image of "
+        "the in-process MI-Combined engine at batch "
+        f"{fmt(report.engine.get('default', {}).get('formed_batch'), 0)}, the mean batch mixinfer formed at 32 "
+        f"clients: {fmt(s['formed_batch_at_32'], 2)} images per engine call from its `mixinfer_batch_images` "
+        f"histogram) = {fmt(s['combined_floor_rps'], 0)} req/s.",
         "",
         "## Closed loop: requests/s by concurrent connections",
         "",
@@ -401,11 +465,17 @@ def markdown(report: Report, s: dict[str, Any], args: argparse.Namespace) -> str
         "",
         "## In-process engine (no HTTP), images/s, MI-Combined",
         "",
-        "| bundle | batch 1 | batch 64 |",
-        "|---|---|---|",
+        "| bundle | batch 1 | batch 64 | CPU ms/image, batch 1 | batch 64 | formed batch @32 | CPU ms/image |",
+        "|---|---|---|---|---|---|---|",
     ]
     for b, e in report.engine.items():
-        lines.append(f"| {b} | {fmt(e.get('batch1_img_s'), 0)} | {fmt(e.get('batch64_img_s'), 0)} |")
+        formed = e.get("formed_batch")
+        lines.append(
+            f"| {b} | {fmt(e.get('batch1_img_s'), 0)} | {fmt(e.get('batch64_img_s'), 0)} | "
+            f"{fmt(1000 * e.get('batch1_cpu_s_per_img', float('nan')), 3)} | "
+            f"{fmt(1000 * e.get('batch64_cpu_s_per_img', float('nan')), 3)} | {fmt(formed, 0)} | "
+            f"{fmt(1000 * e.get('formed_batch_cpu_s_per_img', float('nan')), 3)} |"
+        )
     lines += [
         "",
         "## Open loop: mixinfer, default bundle, fixed arrival rates (latency from the scheduled arrival)",
@@ -479,9 +549,11 @@ def main() -> int:
         bundles.append(b)
         report.bundles[b.label] = {"path": str(b.path), "note": b.note, "inputs": len(b.inputs)}
     for b in bundles:
-        report.engine[b.label] = engine_throughput(b, args.threads, max(1.0, args.duration / 2))
         for kind in (k for k in args.servers if k in SERVERS_FOR[b.label]):
             closed_loop(report, b, kind, args)
+        # after the servers: the engine runs at the batch size mixinfer formed at 32 clients
+        seconds = max(1.0, args.duration / 2)
+        report.engine[b.label] = engine_throughput(b, args.threads, seconds, report.formed_batch.get(b.label))
     s = summary(report)
     s["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     text = markdown(report, s, args)
