@@ -267,3 +267,34 @@ def fmt(value: float | None, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "–"
     return f"{value:.{digits}f}"
+
+
+def scrape(base_url: str) -> dict[str, float]:
+    """``GET base_url/metrics`` as {series with its labels: value} (Prometheus text format, comments skipped)."""
+    status, body = http_get(base_url + "/metrics", timeout_s=10.0)
+    if status != 200:
+        raise RuntimeError(f"GET {base_url}/metrics answered {status}")
+    out: dict[str, float] = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def metric_total(series: dict[str, float], name: str, labels: str = "") -> float:
+    """Sum of every series of ``name`` (exactly that name, e.g. ``mixinfer_batch_images_sum``) whose label text
+    contains ``labels`` (e.g. ``stage="queue"``)."""
+    return sum(v for k, v in series.items() if k.split("{", 1)[0] == name and labels in k)
+
+
+def write_results_section(title: str, body: str, path: Path = BENCH_DIR / "results.md") -> None:
+    """Put ``## title`` and ``body`` into ``path``, replacing that section if present (``bench/http.py`` writes the
+    file first; the other scripts of ``make bench`` add their sections after it)."""
+    heading = f"## {title}"
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if heading in text:
+        head, rest = text.split(heading, 1)
+        tail = rest[rest.find("\n## ") + 1 :] if "\n## " in rest else ""
+        text = head + tail
+    path.write_text(text.rstrip("\n") + "\n\n" + heading + "\n\n" + body.strip("\n") + "\n", encoding="utf-8")

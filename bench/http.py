@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,10 +42,11 @@ from bench.common import (
     emit_json,
     fmt,
     free_port,
-    http_get,
     log,
     machine_info,
+    metric_total,
     run_with_cpu,
+    scrape,
     start_server,
 )
 from bench.openloop import OpenLoopResult, open_loop
@@ -87,6 +89,24 @@ class ClosedLoopRow:
     client_cpu_s: float
     server_cpu_s: float
     wall_s: float
+
+    @classmethod
+    def of(cls, bundle: str, server: str, connections: int, res: dict[str, Any]) -> ClosedLoopRow:
+        """The row of one :func:`wrk` result."""
+        return cls(
+            bundle=bundle,
+            server=server,
+            connections=connections,
+            rps=res["requests"] / (res["duration_us"] / 1e6),
+            p50_ms=res["p50_us"] / 1000,
+            p99_ms=res["p99_us"] / 1000,
+            requests=res["requests"],
+            non_2xx=res["non_2xx"],
+            socket_errors=res["err_connect"] + res["err_read"] + res["err_write"] + res["err_timeout"],
+            client_cpu_s=res["client_cpu_s"],
+            server_cpu_s=res["server_cpu_s"],
+            wall_s=res["wall_s"],
+        )
 
     @property
     def cpu_ms_per_request(self) -> float:
@@ -144,7 +164,10 @@ def throughput_bundle() -> BundleUnderTest:
 
 
 # --- servers --------------------------------------------------------------------------------------------------
-def start(kind: str, b: BundleUnderTest, threads: int | None) -> Server:
+def start(
+    kind: str, b: BundleUnderTest, threads: int | None, *, cpus: str | None = None, name: str | None = None
+) -> Server:
+    """Start one server for ``b`` on a free port; ``cpus``: pin it with ``taskset -c cpus``."""
     port = free_port()
     py = sys.executable
     env: dict[str, str] = {}
@@ -159,34 +182,50 @@ def start(kind: str, b: BundleUnderTest, threads: int | None) -> Server:
     else:
         cmd = [py, "-m", "service.cli", "serve"]
         ready = "/v2/health/ready"
-        env = {
-            "MIXINFER_MODEL_DIR": str(b.store),
-            "MIXINFER_MODEL_NAME": b.name,
-            "MIXINFER_MODEL_VERSION": b.path.name,
-            "MIXINFER_HOST": "127.0.0.1",
-            "MIXINFER_PORT": str(port),
-            "MIXINFER_PROVIDERS": "CPUExecutionProvider",
-        }
-        if threads:
-            env["MIXINFER_INTRA_OP_THREADS"] = str(threads)
-    return start_server(f"{b.label}-{kind}", cmd, port=port, ready_path=ready, env=env, timeout_s=180)
+        env = mixinfer_env(b, port, threads)
+    if cpus is not None:
+        cmd = ["taskset", "-c", cpus, *cmd]
+    label = name or f"{b.label}-{kind}"
+    return start_server(label, cmd, port=port, ready_path=ready, env=env, timeout_s=180)
 
 
-def wrk(server: Server, b: BundleUnderTest, conns: int, duration_s: float) -> dict[str, Any]:
-    """One closed-loop wrk run; returns wrk's JSON summary plus its own CPU seconds and the server's."""
+def mixinfer_env(b: BundleUnderTest, port: int, threads: int | None) -> dict[str, str]:
+    """The ``MIXINFER_*`` settings the benchmarks serve ``b`` with on ``127.0.0.1:port``."""
+    env = {
+        "MIXINFER_MODEL_DIR": str(b.store),
+        "MIXINFER_MODEL_NAME": b.name,
+        "MIXINFER_MODEL_VERSION": b.path.name,
+        "MIXINFER_HOST": "127.0.0.1",
+        "MIXINFER_PORT": str(port),
+        "MIXINFER_PROVIDERS": "CPUExecutionProvider",
+    }
+    if threads:
+        env["MIXINFER_INTRA_OP_THREADS"] = str(threads)
+    return env
+
+
+def wrk(
+    server: Server | Sequence[Server], b: BundleUnderTest, conns: int, duration_s: float, *, cpus: str | None = None
+) -> dict[str, Any]:
+    """One closed-loop wrk run; returns wrk's JSON summary plus its own CPU seconds and the server's (summed over
+    ``server`` when it is several processes behind one port). ``cpus``: pin wrk (one thread) with taskset."""
+    servers = [server] if isinstance(server, Server) else list(server)
     env = dict(os.environ)
     env["BENCH_BODIES"] = "\n".join(str(p) for p in b.inputs)
-    threads = min(2, conns)
+    threads = 1 if cpus is not None else min(2, conns)
     cmd = [
         "wrk", f"-t{threads}", f"-c{conns}", f"-d{max(1, round(duration_s))}s", "--timeout", "30s", "-s", str(LUA),
-        server.base_url + "/predict",
+        servers[0].base_url + "/predict",
     ]  # fmt: skip
-    server.wait_idle()
-    cpu0 = server.cpu_seconds()
+    if cpus is not None:
+        cmd = ["taskset", "-c", cpus, *cmd]
+    for s in servers:
+        s.wait_idle()
+    cpu0 = sum(s.cpu_seconds() for s in servers)
     t0 = time.perf_counter()
     out, client_cpu = run_with_cpu(cmd, env=env, timeout_s=duration_s + 60)
     wall = time.perf_counter() - t0
-    server_cpu = server.cpu_seconds() - cpu0
+    server_cpu = sum(s.cpu_seconds() for s in servers) - cpu0
     line = next((ln for ln in reversed(out.splitlines()) if ln.startswith("JSONRESULT ")), None)
     if line is None:
         raise RuntimeError(f"wrk printed no JSONRESULT line: {out[-500:]}")
@@ -197,15 +236,8 @@ def wrk(server: Server, b: BundleUnderTest, conns: int, duration_s: float) -> di
 
 def batch_histogram(server: Server) -> tuple[float, float]:
     """(images, engine calls) so far, from the server's own ``mixinfer_batch_images`` histogram on /metrics."""
-    status, body = http_get(server.base_url + "/metrics", timeout_s=10.0)
-    if status != 200:
-        raise RuntimeError(f"GET /metrics answered {status}")
-    totals = {"sum": 0.0, "count": 0.0}
-    for line in body.decode().splitlines():
-        for key in totals:
-            if line.startswith(f"mixinfer_batch_images_{key}"):
-                totals[key] += float(line.rsplit(" ", 1)[1])
-    return totals["sum"], totals["count"]
+    series = scrape(server.base_url)
+    return metric_total(series, "mixinfer_batch_images_sum"), metric_total(series, "mixinfer_batch_images_count")
 
 
 def closed_loop(report: Report, b: BundleUnderTest, kind: str, args: argparse.Namespace) -> None:
@@ -225,20 +257,7 @@ def closed_loop(report: Report, b: BundleUnderTest, kind: str, args: argparse.Na
                 after = batch_histogram(server)
                 report.formed_batch[b.label] = ratio(after[0] - before[0], after[1] - before[1])
             sent += res["requests"]
-            row = ClosedLoopRow(
-                bundle=b.label,
-                server=kind,
-                connections=conns,
-                rps=res["requests"] / (res["duration_us"] / 1e6),
-                p50_ms=res["p50_us"] / 1000,
-                p99_ms=res["p99_us"] / 1000,
-                requests=res["requests"],
-                non_2xx=res["non_2xx"],
-                socket_errors=res["err_connect"] + res["err_read"] + res["err_write"] + res["err_timeout"],
-                client_cpu_s=res["client_cpu_s"],
-                server_cpu_s=res["server_cpu_s"],
-                wall_s=res["wall_s"],
-            )
+            row = ClosedLoopRow.of(b.label, kind, conns, res)
             report.closed.append(row)
             log(
                 "%s / %s @%d: %.0f req/s, p50 %.1f ms, p99 %.1f ms, non-2xx %d, client CPU share %.0f %%",

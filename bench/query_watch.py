@@ -24,7 +24,7 @@ import tracemalloc
 import numpy as np
 from PIL import Image
 
-from bench.common import ROOT, emit_json, free_port, http_post, log, machine_info, running
+from bench.common import ROOT, emit_json, free_port, http_post, log, machine_info, running, write_results_section
 
 ROUNDS = 4
 
@@ -116,22 +116,15 @@ SECTION = "## Query watch: cost per request (`bench/query_watch.py`)"
 
 def write_section(figures: dict[str, float], machine: dict[str, object], requests: int) -> None:
     """Put this script's table into bench/results.md, replacing its earlier section (bench/http.py writes the rest)."""
-    path = ROOT / "bench" / "results.md"
-    text = path.read_text() if path.exists() else ""
-    if SECTION in text:
-        head, rest = text.split(SECTION, 1)
-        tail = rest[rest.find("\n## ") + 1 :] if "\n## " in rest else ""
-        text = head + tail
     rows = "\n".join(f"| {k} | {v} |" for k, v in figures.items())
-    section = (
-        f"{SECTION}\n\n"
+    write_results_section(
+        SECTION.removeprefix("## "),
         f"Two `mixinfer serve` on the default bundle, `MIXINFER_QUERY_WATCH=off` and `observe`, {ROUNDS} alternating "
         f"rounds of {requests} one-image PNG requests from one client, every image a different MNIST digit (each a "
         "full lookup and insert); server CPU from /proc. Target: the watch < 5 % of a request's CPU. "
         f"Machine: {machine['cpu']}, {machine['cores']} cores, load {machine['load_avg_1m']} at the end.\n\n"
-        f"| figure | value |\n|---|---|\n{rows}\n"
+        f"| figure | value |\n|---|---|\n{rows}\n",
     )
-    path.write_text(text.rstrip("\n") + "\n\n" + section)
 
 
 def _serve(policy: str) -> tuple[list[str], dict[str, object]]:
