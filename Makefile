@@ -58,6 +58,8 @@ test: install $(SERVE_VENV)/.installed system-deps lint  ## install what the tes
 bench: install system-deps  ## benchmarks; writes bench/results.md
 	$(PY) bench/engine.py
 	$(PY) bench/http.py
+	$(PY) bench/structure.py --results
+	$(PY) bench/tail.py --results
 	$(PY) bench/query_watch.py --requests 1250 --results
 
 bundle: install  ## rebuild model_store/mnist-mixup/1 end to end on CPU
