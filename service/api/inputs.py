@@ -102,15 +102,17 @@ def _convert_all(items: list[Item], spec: ImageSpec, deadline: float) -> NDArray
                 f"the request timeout (MIXINFER_REQUEST_TIMEOUT_S) passed while decoding its images "
                 f"({i} of {len(items)} decoded)"
             )
-        convert = convert_image if isinstance(item, Image.Image) else array_to_image
-        out[i] = _numbered(i, len(items), convert, item, spec)
+        if isinstance(item, Image.Image):  # decoded straight into its row: no intermediate arrays
+            _numbered(i, len(items), convert_image, item, spec, out[i])
+        else:
+            out[i] = _numbered(i, len(items), array_to_image, item, spec)
     return out
 
 
-def _numbered(i: int, n: int, fn: Callable[[Any, ImageSpec], _T], item: Any, spec: ImageSpec) -> _T:
-    """``fn(item, spec)``; a refusal names the image when the request holds several."""
+def _numbered(i: int, n: int, fn: Callable[..., _T], item: Any, spec: ImageSpec, *more: Any) -> _T:
+    """``fn(item, spec, *more)``; a refusal names the image when the request holds several."""
     try:
-        return fn(item, spec)
+        return fn(item, spec, *more)
     except (InvalidInputError, PayloadTooLargeError) as exc:
         if n > 1:
             exc.message = f"image {i}: {exc.message}"
