@@ -58,6 +58,7 @@ LUA = BENCH_DIR / "post_images.lua"
 SERVERS = ("io_floor", "naive", "mixinfer")
 #: the I/O floor only matters next to the default bundle; the throughput bundle compares mixinfer with naive
 SERVERS_FOR = {"default": SERVERS, "throughput": ("naive", "mixinfer")}
+CPU_PROVIDER = "CPUExecutionProvider"
 OPEN_LOOP_FRACTIONS = (0.1, 0.25, 0.5, 0.7, 0.85, 1.0, 1.15)
 
 
@@ -165,9 +166,16 @@ def throughput_bundle() -> BundleUnderTest:
 
 # --- servers --------------------------------------------------------------------------------------------------
 def start(
-    kind: str, b: BundleUnderTest, threads: int | None, *, cpus: str | None = None, name: str | None = None
+    kind: str,
+    b: BundleUnderTest,
+    threads: int | None,
+    *,
+    cpus: str | None = None,
+    name: str | None = None,
+    providers: str = CPU_PROVIDER,
 ) -> Server:
-    """Start one server for ``b`` on a free port; ``cpus``: pin it with ``taskset -c cpus``."""
+    """Start one server for ``b`` on a free port; ``cpus``: pin it with ``taskset -c cpus``; ``providers``: ONNX
+    Runtime providers in order, comma-separated (the I/O floor runs none)."""
     port = free_port()
     py = sys.executable
     env: dict[str, str] = {}
@@ -176,20 +184,21 @@ def start(
         ready = "/health"
     elif kind == "naive":
         cmd = [py, str(BENCH_DIR / "naive_server.py"), "--bundle", str(b.path), "--port", str(port)]
+        cmd += ["--providers", providers]
         if threads:
             cmd += ["--intra-op-threads", str(threads)]
         ready = "/health"
     else:
         cmd = [py, "-m", "service.cli", "serve"]
         ready = "/v2/health/ready"
-        env = mixinfer_env(b, port, threads)
+        env = mixinfer_env(b, port, threads, providers)
     if cpus is not None:
         cmd = ["taskset", "-c", cpus, *cmd]
     label = name or f"{b.label}-{kind}"
     return start_server(label, cmd, port=port, ready_path=ready, env=env, timeout_s=180)
 
 
-def mixinfer_env(b: BundleUnderTest, port: int, threads: int | None) -> dict[str, str]:
+def mixinfer_env(b: BundleUnderTest, port: int, threads: int | None, providers: str = CPU_PROVIDER) -> dict[str, str]:
     """The ``MIXINFER_*`` settings the benchmarks serve ``b`` with on ``127.0.0.1:port``."""
     env = {
         "MIXINFER_MODEL_DIR": str(b.store),
@@ -197,7 +206,7 @@ def mixinfer_env(b: BundleUnderTest, port: int, threads: int | None) -> dict[str
         "MIXINFER_MODEL_VERSION": b.path.name,
         "MIXINFER_HOST": "127.0.0.1",
         "MIXINFER_PORT": str(port),
-        "MIXINFER_PROVIDERS": "CPUExecutionProvider",
+        "MIXINFER_PROVIDERS": providers,
     }
     if threads:
         env["MIXINFER_INTRA_OP_THREADS"] = str(threads)
@@ -242,7 +251,7 @@ def batch_histogram(server: Server) -> tuple[float, float]:
 
 def closed_loop(report: Report, b: BundleUnderTest, kind: str, args: argparse.Namespace) -> None:
     log("%s / %s: starting", b.label, kind)
-    server = start(kind, b, args.threads)
+    server = start(kind, b, args.threads, providers=args.providers)
     try:
         if kind == "mixinfer":
             server.sample_rss("start")
@@ -309,7 +318,11 @@ def knee(results: list[OpenLoopResult], p50_single_ms: float) -> OpenLoopResult 
 
 # --- in-process engine ----------------------------------------------------------------------------------------
 def engine_throughput(
-    b: BundleUnderTest, threads: int | None, seconds: float, formed_batch: float | None = None
+    b: BundleUnderTest,
+    threads: int | None,
+    seconds: float,
+    formed_batch: float | None = None,
+    providers: str = CPU_PROVIDER,
 ) -> dict[str, float]:
     """``MIEngine`` (Combined) on the decoded bench inputs, no HTTP: images/s at batch 1 and 64, and process
     CPU-seconds per image (``time.process_time``, every thread of this process) at each batch and at the batch size
@@ -319,7 +332,7 @@ def engine_throughput(
     from service.store import load_bundle, open_backend
 
     bundle = load_bundle(b.path)
-    backend = open_backend(bundle, providers=["CPUExecutionProvider"], intra_op_threads=threads)
+    backend = open_backend(bundle, providers=providers.split(","), intra_op_threads=threads)
     engine = MIEngine(backend, bundle.pool_labels, bundle.manifest.mi)
     spec = ImageSpec(*bundle.manifest.input.shape)
     x = np.stack([decode_image(p.read_bytes(), spec) for p in b.inputs])
@@ -430,7 +443,7 @@ def markdown(report: Report, s: dict[str, Any], args: argparse.Namespace) -> str
         "shared the machine, so treat the numbers as noisy).",
         f"Load: `wrk` closed loop, {args.duration:g} s per point after a {args.warmup:g} s warm-up, single-image PNG "
         f"bodies (POST /predict, raw `image/png`, {report.bundles.get('default', {}).get('inputs', 0)} "
-        "different images cycled); servers on loopback, ONNX Runtime CPU provider.",
+        f"different images cycled); servers on loopback, ONNX Runtime providers `{args.providers}`.",
         "",
         "## Ratios at 32 clients",
         "",
@@ -546,6 +559,7 @@ def main() -> int:
     parser.add_argument("--servers", default=",".join(SERVERS), help="subset of " + ",".join(SERVERS))
     parser.add_argument("--bundles", default="default,throughput", help="default, throughput or both")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
+    parser.add_argument("--providers", default=CPU_PROVIDER, help="ONNX Runtime providers, in order (comma-separated)")
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE, help="store of the default bundle")
     parser.add_argument("--name", default=DEFAULT_NAME, help="name of the default bundle")
     parser.add_argument("--no-open-loop", action="store_true")
@@ -572,7 +586,9 @@ def main() -> int:
             closed_loop(report, b, kind, args)
         # after the servers: the engine runs at the batch size mixinfer formed at 32 clients
         seconds = max(1.0, args.duration / 2)
-        report.engine[b.label] = engine_throughput(b, args.threads, seconds, report.formed_batch.get(b.label))
+        report.engine[b.label] = engine_throughput(
+            b, args.threads, seconds, report.formed_batch.get(b.label), args.providers
+        )
     s = summary(report)
     s["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     text = markdown(report, s, args)

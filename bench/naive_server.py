@@ -34,7 +34,9 @@ from service.preprocess import ImageSpec, decode_image
 MAX_BODY = 16 * 1024 * 1024
 
 
-def create_app(bundle_dir: Path, intra_op_threads: int | None = None) -> FastAPI:
+def create_app(
+    bundle_dir: Path, intra_op_threads: int | None = None, providers: str = "CPUExecutionProvider"
+) -> FastAPI:
     """Load the bundle in the lifespan, then answer one image per request through the engine."""
     state: dict[str, Any] = {}
     local = threading.local()
@@ -45,7 +47,7 @@ def create_app(bundle_dir: Path, intra_op_threads: int | None = None) -> FastAPI
         from service.store import load_bundle, open_backend
 
         bundle = load_bundle(bundle_dir)
-        backend = open_backend(bundle, providers=["CPUExecutionProvider"], intra_op_threads=intra_op_threads)
+        backend = open_backend(bundle, providers=providers.split(","), intra_op_threads=intra_op_threads)
         engine = MIEngine(backend, bundle.pool_labels, bundle.manifest.mi)
         engine.warmup((1,))
         c, h, w = bundle.manifest.input.shape
@@ -104,9 +106,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--providers", default="CPUExecutionProvider", help="ONNX Runtime providers, in order")
     parser.add_argument("--intra-op-threads", type=int, default=None, help="ONNX Runtime threads (default: ORT's)")
     args = parser.parse_args()
-    run_baseline_server(create_app(args.bundle, args.intra_op_threads), args.port)
+    run_baseline_server(create_app(args.bundle, args.intra_op_threads, args.providers), args.port)
 
 
 if __name__ == "__main__":
