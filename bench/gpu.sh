@@ -54,7 +54,7 @@ else
   PROVIDERS=CPUExecutionProvider
   TORCH_DEVICE=cpu
   THREADS=$(nproc)
-  SCALE=${SCALE:-4}  # a 2-core CPU runs the ResNet-18 steps far slower than a GPU
+  SCALE=${CPU_SCALE:-4}  # a 2-core CPU runs the ResNet-18 steps far slower than a GPU
   echo "cpu run on $(nproc) cores" > "$OUT/card.txt"
 fi
 $PY -c 'import onnxruntime as o; print("onnxruntime", o.__version__, o.get_available_providers())' >> "$OUT/card.txt" 2>&1
