@@ -42,8 +42,9 @@ from bench.common import (
     start_server,
     write_results_section,
 )
-from bench.http import DEFAULT_NAME, DEFAULT_STORE, BundleUnderTest, ClosedLoopRow, default_bundle, mixinfer_env, wrk
+from bench.http import DEFAULT_NAME, DEFAULT_STORE, BundleUnderTest, default_bundle, mixinfer_env
 from bench.http import start as start_one
+from bench.http_report import ClosedLoopRow, wrk
 
 THREAD_VARIANTS: dict[str, int | None] = {"threads=1": 1, "threads=2": 2, "threads=default": None}
 WORKERS_VARIANT = "workers=2"

@@ -30,7 +30,8 @@ from dataclasses import asdict
 from typing import Any
 
 from bench.common import emit_json, fmt, log, machine_info, metric_total, scrape, write_results_section
-from bench.http import DEFAULT_NAME, DEFAULT_STORE, ClosedLoopRow, default_bundle, start, wrk
+from bench.http import DEFAULT_NAME, DEFAULT_STORE, default_bundle, start, wrk
+from bench.http_report import ClosedLoopRow
 from bench.openloop import OpenLoopResult, open_loop
 
 SERVER_CPU, CLIENT_CPU = "1", "0"
