@@ -77,3 +77,34 @@ def test_wrk_script_reports_requests_and_errors(floor: tuple[Server, list[Path]]
     (inputs[0].parent / "bad.png").write_bytes(b"not an image")
     res = wrk(server, bad, conns=1, duration_s=1)
     assert res["requests"] > 0 and res["non_2xx"] == res["requests"]
+
+
+def test_results_section_replaces_only_its_own(tmp_path: Path) -> None:
+    from bench.common import write_results_section
+
+    path = tmp_path / "results.md"
+    path.write_text("# HTTP benchmark\n\ntable\n\n## Query watch\n\nwatch rows\n")
+    write_results_section("Structure A/B", "first", path)
+    write_results_section("Tail", "tail rows", path)
+    write_results_section("Structure A/B", "second", path)
+    text = path.read_text()
+    assert text.count("## Structure A/B") == 1 and "second" in text and "first" not in text
+    assert "# HTTP benchmark\n\ntable" in text and "watch rows" in text and "tail rows" in text
+
+
+def test_combined_floor_counts_both_costs() -> None:
+    from bench.http_report import ClosedLoopRow, Report, combined_floor
+
+    def row(server: str, rps: float, requests: int, cpu_s: float) -> ClosedLoopRow:
+        return ClosedLoopRow("default", server, 32, rps, 1.0, 2.0, requests, 0, 0, 0.1, cpu_s, 1.0)
+
+    report = Report(machine={"cores": 2})
+    # I/O floor: 0.2 ms CPU per request; engine: 0.8 ms CPU per image at the formed batch -> 2 / 1 ms = 2000 req/s
+    report.closed = [row("io_floor", 8000.0, 10_000, 2.0), row("mixinfer", 1500.0, 3000, 4.5)]
+    report.engine["default"] = {"formed_batch": 10, "formed_batch_cpu_s_per_img": 0.0008}
+    report.formed_batch["default"] = 9.7
+    got = combined_floor(report)
+    assert got["combined_floor_rps"] == pytest.approx(2000.0)
+    assert got["http_vs_combined_floor"] == pytest.approx(0.75)
+    assert got["http_vs_combined_floor_cpu"] == pytest.approx(1.0 / 1.5)  # 1 ms floor / 1.5 ms mixinfer per request
+    assert got["formed_batch_at_32"] == 9.7
