@@ -126,7 +126,8 @@ def start(
     if cpus is not None:
         cmd = ["taskset", "-c", cpus, *cmd]
     label = name or f"{b.label}-{kind}"
-    return start_server(label, cmd, port=port, ready_path=ready, env=env, timeout_s=180)
+    # mixinfer warms up every N at the largest batch before it is ready: minutes for ResNet-18 on a busy CPU
+    return start_server(label, cmd, port=port, ready_path=ready, env=env, timeout_s=600)
 
 
 def mixinfer_env(b: BundleUnderTest, port: int, threads: int | None, providers: str = CPU_PROVIDER) -> dict[str, str]:

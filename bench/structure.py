@@ -42,9 +42,9 @@ from bench.common import (
     start_server,
     write_results_section,
 )
-from bench.http import DEFAULT_NAME, DEFAULT_STORE, BundleUnderTest, default_bundle, mixinfer_env
+from bench.http import DEFAULT_NAME, DEFAULT_STORE, BundleUnderTest, default_bundle, mixinfer_env, wrk
 from bench.http import start as start_one
-from bench.http_report import ClosedLoopRow, wrk
+from bench.http_report import ClosedLoopRow
 
 THREAD_VARIANTS: dict[str, int | None] = {"threads=1": 1, "threads=2": 2, "threads=default": None}
 WORKERS_VARIANT = "workers=2"
@@ -58,7 +58,7 @@ def start_workers(b: BundleUnderTest, n: int, threads: int) -> list[Server]:
     env = mixinfer_env(b, port, threads)
     servers: list[Server] = []
     for i in range(n):
-        s = start_server(f"structure-worker{i}", cmd, port=port, ready_path="/v2/health/ready", env=env, timeout_s=180)
+        s = start_server(f"structure-worker{i}", cmd, port=port, ready_path="/v2/health/ready", env=env, timeout_s=600)
         servers.append(s)
         deadline = time.monotonic() + 180
         while "startup complete" not in s.log_path.read_text(errors="replace"):
