@@ -13,10 +13,10 @@ PART_MIB=${PART_MIB:-48}
 PY=${PYTHON:-.venv/bin/python}
 LOCK=deploy/requirements/gpu.txt
 # The device image (docs: /work/.library/device/KINDS.md) has numpy, onnx, pillow, prometheus-client, anyio, click,
-# h11, idna, uvloop, typing-extensions, torch; these it lacks or holds in other versions than the lock's:
+# uvloop and torch; these it lacks or may hold in older versions than the lock's (small, so carried anyway):
 NEED=(annotated-types fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv typing-inspection
       uvicorn httptools orjson python-multipart tritonclient python-rapidjson grpcio grpcio-status
-      googleapis-common-protos protobuf opentelemetry-api annotated-doc)
+      googleapis-common-protos protobuf opentelemetry-api annotated-doc anyio typing-extensions h11 click idna)
 PLATFORMS=()
 for tag in manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux_2_5_x86_64 manylinux1_x86_64 manylinux_2_24_x86_64 \
            manylinux_2_27_x86_64 manylinux_2_28_x86_64 manylinux_2_31_x86_64 manylinux_2_34_x86_64; do
