@@ -33,6 +33,7 @@ if [[ $MODE == gpu ]]; then
   PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider
   TORCH_DEVICE=cuda
   THREADS=8
+  RESNET_ENGINE=(--repeats 3 --batches 1,16,64 --reference-images 8)
   mkdir -p /tmp/mixinfer-gpu/ort
   cp .gpu/ort/part-* /tmp/mixinfer-gpu/ort/ 2>/dev/null
   wheel=/tmp/mixinfer-gpu/$(awk '{print $2}' .gpu/ort.sha256)
@@ -55,6 +56,7 @@ else
   TORCH_DEVICE=cpu
   THREADS=$(nproc)
   SCALE=${CPU_SCALE:-4}  # a 2-core CPU runs the ResNet-18 steps far slower than a GPU
+  RESNET_ENGINE=(--repeats 1 --batches 1,16 --reference-images 2)  # proves the step, not a figure
   echo "cpu run on $(nproc) cores" > "$OUT/card.txt"
 fi
 $PY -c 'import onnxruntime as o; print("onnxruntime", o.__version__, o.get_available_providers())' >> "$OUT/card.txt" 2>&1
@@ -91,7 +93,7 @@ step shapes 90 $PY bench/shapes.py --providers $PROVIDERS --bundle $MNIST $RESNE
 step engine_mnist 90 $PY bench/engine.py --providers $PROVIDERS --torch-device $TORCH_DEVICE --threads $THREADS \
   --repeats 3 --batches 1,16,64,256 --json
 step engine_resnet 120 $PY bench/engine.py --bundle $RESNET --providers $PROVIDERS --torch-device $TORCH_DEVICE \
-  --threads $THREADS --repeats 3 --batches 1,16,64 --reference-images 8 --json
+  --threads $THREADS "${RESNET_ENGINE[@]}" --json
 step http 200 $PY bench/http.py --providers $PROVIDERS --duration 3 --throughput-factor 1 --warmup 2 \
   --connections 1,32,64 --open-loop-duration 2 --out "$OUT/http_results.md" --json
 step memory 90 $PY bench/memory.py --providers $PROVIDERS --bundle $MNIST $RESNET --json
