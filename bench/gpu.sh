@@ -34,6 +34,7 @@ if [[ $MODE == gpu ]]; then
   TORCH_DEVICE=cuda
   THREADS=8
   RESNET_ENGINE=(--repeats 3 --batches 1,16,64 --reference-images 8)
+  SHAPES_BUNDLES=(model_store/mnist-mixup/1 runs/bench/store/resnet18-bench/1)
   mkdir -p /tmp/mixinfer-gpu/ort
   cp .gpu/ort/part-* /tmp/mixinfer-gpu/ort/ 2>/dev/null
   wheel=/tmp/mixinfer-gpu/$(awk '{print $2}' .gpu/ort.sha256)
@@ -57,6 +58,7 @@ else
   THREADS=$(nproc)
   SCALE=${CPU_SCALE:-4}  # a 2-core CPU runs the ResNet-18 steps far slower than a GPU
   RESNET_ENGINE=(--repeats 1 --batches 1,16 --reference-images 2)  # proves the step, not a figure
+  SHAPES_BUNDLES=(model_store/mnist-mixup/1)  # ResNet-18 static-shape calls take seconds each on a CPU
   echo "cpu run on $(nproc) cores" > "$OUT/card.txt"
 fi
 $PY -c 'import onnxruntime as o; print("onnxruntime", o.__version__, o.get_available_providers())' >> "$OUT/card.txt" 2>&1
@@ -89,7 +91,7 @@ RESNET=runs/bench/store/resnet18-bench/1
 MNIST=model_store/mnist-mixup/1
 step gpu_tests 120 $PY -m pytest -q -p no:cacheprovider -m gpu tests/gpu
 step throughput_bundle 150 $PY bench/throughput_bundle.py
-step shapes 90 $PY bench/shapes.py --providers $PROVIDERS --bundle $MNIST $RESNET --seconds 0.5 --json
+step shapes 90 $PY bench/shapes.py --providers $PROVIDERS --bundle "${SHAPES_BUNDLES[@]}" --seconds 0.5 --json
 step engine_mnist 90 $PY bench/engine.py --providers $PROVIDERS --torch-device $TORCH_DEVICE --threads $THREADS \
   --repeats 3 --batches 1,16,64,256 --json
 step engine_resnet 120 $PY bench/engine.py --bundle $RESNET --providers $PROVIDERS --torch-device $TORCH_DEVICE \
