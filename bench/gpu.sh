@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of issue 20 in ONE device call (<= 10 minutes on a bare machine with CPython 3.12 and no network),
 # in the order that keeps the most important ones if the call is cut off: gpu-marked tests, bench/shapes.py,
-# bench/engine.py on both bundles, bench/http.py, bench/memory.py. Writes under $OUT (at most 8 files come back):
+# bench/engine.py on both bundles, bench/http.py, bench/memory.py (the step limits sum to 585 s; --cpu multiplies
+# them by CPU_SCALE, default 4). Writes under $OUT (at most 8 files come back):
 #   results.jsonl   one line per step: {"step", "rc", "seconds", "figures": the step's --json object or null}
 #   log.txt         every step's output
 #   http_results.md the HTTP tables (bench/http.py's results.md)
@@ -89,14 +90,14 @@ PYEOF
 
 RESNET=runs/bench/store/resnet18-bench/1
 MNIST=model_store/mnist-mixup/1
-step gpu_tests 120 $PY -m pytest -q -p no:cacheprovider -m gpu tests/gpu
-step throughput_bundle 150 $PY bench/throughput_bundle.py
-step shapes 90 $PY bench/shapes.py --providers $PROVIDERS --bundle "${SHAPES_BUNDLES[@]}" --seconds 0.5 --json
-step engine_mnist 90 $PY bench/engine.py --providers $PROVIDERS --torch-device $TORCH_DEVICE --threads $THREADS \
+step gpu_tests 60 $PY -m pytest -q -p no:cacheprovider -m gpu tests/gpu
+step throughput_bundle 75 $PY bench/throughput_bundle.py
+step shapes 60 $PY bench/shapes.py --providers $PROVIDERS --bundle "${SHAPES_BUNDLES[@]}" --seconds 0.5 --json
+step engine_mnist 60 $PY bench/engine.py --providers $PROVIDERS --torch-device $TORCH_DEVICE --threads $THREADS \
   --repeats 3 --batches 1,16,64,256 --json
-step engine_resnet 120 $PY bench/engine.py --bundle $RESNET --providers $PROVIDERS --torch-device $TORCH_DEVICE \
+step engine_resnet 75 $PY bench/engine.py --bundle $RESNET --providers $PROVIDERS --torch-device $TORCH_DEVICE \
   --threads $THREADS "${RESNET_ENGINE[@]}" --json
-step http 200 $PY bench/http.py --providers $PROVIDERS --duration 3 --throughput-factor 1 --warmup 2 \
+step http 210 $PY bench/http.py --providers $PROVIDERS --duration 3 --throughput-factor 1 --warmup 2 \
   --connections 1,32,64 --open-loop-duration 2 --out "$OUT/http_results.md" --json
-step memory 90 $PY bench/memory.py --providers $PROVIDERS --bundle $MNIST $RESNET --json
+step memory 45 $PY bench/memory.py --providers $PROVIDERS --bundle $MNIST $RESNET --json
 echo "total: $(( $(date +%s) - T0 )) s" | tee -a "$OUT/log.txt"
