@@ -104,9 +104,11 @@ def start(
     cpus: str | None = None,
     name: str | None = None,
     providers: str = CPU_PROVIDER,
+    extra_env: dict[str, str] | None = None,
 ) -> Server:
     """Start one server for ``b`` on a free port; ``cpus``: pin it with ``taskset -c cpus``; ``providers``: ONNX
-    Runtime providers in order, comma-separated (the I/O floor runs none)."""
+    Runtime providers in order, comma-separated (the I/O floor runs none); ``extra_env``: more ``MIXINFER_*``
+    settings of a mixinfer server."""
     port = free_port()
     py = sys.executable
     env: dict[str, str] = {}
@@ -122,7 +124,7 @@ def start(
     else:
         cmd = [py, "-m", "service.cli", "serve"]
         ready = "/v2/health/ready"
-        env = mixinfer_env(b, port, threads, providers)
+        env = mixinfer_env(b, port, threads, providers) | (extra_env or {})
     if cpus is not None:
         cmd = ["taskset", "-c", cpus, *cmd]
     label = name or f"{b.label}-{kind}"

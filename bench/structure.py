@@ -6,12 +6,15 @@ connections, after a warm-up):
 
 - ``threads=1``, ``threads=2``, ``threads=default``: one ``mixinfer serve`` with ``MIXINFER_INTRA_OP_THREADS`` 1, 2
   or unset (ONNX Runtime's choice): how the engine's threads share the cores with the event loop;
+- ``mixing=fused``: one ``mixinfer serve`` with ``MIXINFER_MIXING=fused`` (the blends formed inside the ONNX graph,
+  where ONNX Runtime releases the GIL, instead of by NumPy on the host, which holds it);
 - ``workers=2``: two processes on one port (``bench/reuseport_server.py``, ``SO_REUSEPORT``), one intra-op thread
   each. After the load, ``/metrics`` is scraped repeatedly through that port: each scrape reaches ONE worker, so
   the request totals it shows differ from scrape to scrape and never add up (recorded as ``metrics_totals_seen``).
 
 Adds the section "Structure A/B" to ``bench/results.md``; with ``--json`` the last stdout line holds every row,
-``best_intra_op_threads`` (highest req/s at 32 clients among the one-process variants) and ``workers2_vs_best``.
+``best_intra_op_threads`` (highest req/s at 32 clients among the thread variants), ``fused_vs_host`` and
+``workers2_vs_best``.
 
 Usage: ``python bench/structure.py [--json] [--duration 4] [--rounds 2]``
 """
@@ -48,6 +51,8 @@ from bench.http_report import ClosedLoopRow
 
 THREAD_VARIANTS: dict[str, int | None] = {"threads=1": 1, "threads=2": 2, "threads=default": None}
 WORKERS_VARIANT = "workers=2"
+#: the blends formed inside the ONNX graph (ONNX Runtime releases the GIL for them) instead of by NumPy on the host
+FUSED_VARIANT = "mixing=fused"
 SECTION = "Structure A/B: intra-op threads, one process or two (`bench/structure.py`)"
 
 
@@ -112,6 +117,9 @@ def main() -> int:
     try:
         for name, threads in THREAD_VARIANTS.items():
             servers[name] = [start_one("mixinfer", b, threads, name=f"structure-{name}")]
+        servers[FUSED_VARIANT] = [
+            start_one("mixinfer", b, None, name=f"structure-{FUSED_VARIANT}", extra_env={"MIXINFER_MIXING": "fused"})
+        ]
         servers[WORKERS_VARIANT] = start_workers(b, 2, threads=1)
         measured: dict[tuple[str, int], list[ClosedLoopRow]] = {}
         for r in range(args.rounds):
@@ -135,6 +143,7 @@ def main() -> int:
         "rows": rows,
         "best_intra_op_threads": THREAD_VARIANTS[best] or "default",
         "workers2_vs_best": by[(WORKERS_VARIANT, 32)]["rps"] / by[(best, 32)]["rps"],
+        "fused_vs_host": by[(FUSED_VARIANT, 32)]["rps"] / by[("threads=default", 32)]["rps"],
         "metrics_totals_seen": sorted(totals),
         "worker_cpu_s": share,
         "machine": machine,
@@ -155,7 +164,7 @@ def markdown(s: dict[str, Any], args: argparse.Namespace) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     by = {(r["server"], r["connections"]): r for r in s["rows"]}
-    for name in [*THREAD_VARIANTS, WORKERS_VARIANT]:
+    for name in [*THREAD_VARIANTS, FUSED_VARIANT, WORKERS_VARIANT]:
         one, many = by.get((name, 1)), by.get((name, 32))
         if not one or not many:
             continue
@@ -167,8 +176,10 @@ def markdown(s: dict[str, Any], args: argparse.Namespace) -> str:
     lines += [
         "",
         f"Best one-process variant at 32 clients: intra-op threads = {s['best_intra_op_threads']}; two workers / "
-        f"that: {fmt(s['workers2_vs_best'], 2)}. Two workers, 10 scrapes of /metrics through their port saw request "
-        f"totals {s['metrics_totals_seen']} (each scrape reaches one worker: the metrics do not add up); worker CPU "
+        f"that: {fmt(s['workers2_vs_best'], 2)}. Blends in the ONNX graph (`MIXINFER_MIXING=fused`) / on the host "
+        f"(both at the default threads), 32 clients: {fmt(s['fused_vs_host'], 2)}. Two workers, 10 scrapes of "
+        f"/metrics through their port saw request totals {s['metrics_totals_seen']} (each scrape reaches one "
+        "worker: the metrics do not add up); worker CPU "
         f"seconds {[round(c, 1) for c in s['worker_cpu_s']]}.",
     ]
     return "\n".join(lines) + "\n"
