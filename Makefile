@@ -70,9 +70,10 @@ bundle-iat: install  ## an interpolated-adversarial-training MNIST bundle next t
 
 EVAL_SEEDS := --seeds 101 102 103  # fixed server seeds: a rerun reproduces the committed reports (attack seed 0)
 
-evaluate: install  ## robustness report of the default bundle: cpu budget on 20 images, adaptive rows at eps 0.1 (at 0.3 oblivious PGD already breaks all); DEVICE=cuda for a GPU
-	$(VENV)/bin/mixinfer calibrate --bundle model_store/mnist-mixup/1 --sweep --sweep-out docs/robustness/mnist-mixup/sweep
-	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/1 --budget cpu --n-images 20 --eps 0.1 $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-mixup
+evaluate: install  ## robustness reports of the default bundle at eps 0.3 and 0.1 (cpu budget's attacks on 100 images: DEVICE=cuda)
+	$(VENV)/bin/mixinfer calibrate --bundle model_store/mnist-mixup/1 --sweep --sweep-out docs/robustness/mnist-mixup-eps0.1/sweep
+	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/1 --budget cpu --n-images 100 $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-mixup
+	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/1 --budget cpu --n-images 100 --eps 0.1 $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-mixup-eps0.1
 	$(PY) -m service.robustness.tables
 
 evaluate-iat: install  ## robustness report of the interpolated-AT bundle (cpu budget, eps 0.3) and the plateau of its two strongest attacks; DEVICE=cuda for a GPU
