@@ -44,28 +44,31 @@ def attach(res: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """
     res = {k: v for k, v in res.items() if k not in ("sweep", "plateau", "companions_skipped")}
     skipped: list[str] = []
-    if (out_dir / SWEEP_FILE).exists():
-        sweep = json.loads((out_dir / SWEEP_FILE).read_text(encoding="utf-8"))
-        why = _mismatch(sweep, res, plateau=False)
+
+    def load(name: Path, *, plateau: bool) -> dict[str, Any] | None:
+        if not (out_dir / name).exists():
+            return None
+        found: dict[str, Any] = json.loads((out_dir / name).read_text(encoding="utf-8"))
+        why = _mismatch(found, res, plateau=plateau)
         if why:
-            skipped.append(f"`{SWEEP_FILE}` ran on another setting ({why}): not used")
-        else:
-            res["sweep"] = sweep
-    if (out_dir / PLATEAU_FILE).exists():
-        p = json.loads((out_dir / PLATEAU_FILE).read_text(encoding="utf-8"))
-        why = _mismatch(p, res, plateau=True)
-        if why:
-            skipped.append(f"`{PLATEAU_FILE}` ran on another setting ({why}): not used")
-        else:
-            res["plateau"] = {
-                "n_images": p.get("n_images"),
-                "eps": p.get("eps"),
-                "attacks": {
-                    name: {k: r[k] for k in ("plateaued", "newly_broken", "accuracy_vs_eps") if k in r}
-                    | {"robust_at_base": r.get("robust_at_base", int(sum(r["robust"]["base"])))}
-                    for name, r in p["attacks"].items()
-                },
-            }
+            skipped.append(f"`{name}` ran on another setting ({why}): not used")
+            return None
+        return found
+
+    sweep = load(SWEEP_FILE, plateau=False)
+    if sweep is not None:
+        res["sweep"] = sweep
+    p = load(PLATEAU_FILE, plateau=True)
+    if p is not None:
+        res["plateau"] = {
+            "n_images": p.get("n_images"),
+            "eps": p.get("eps"),
+            "attacks": {
+                name: {k: r[k] for k in ("plateaued", "newly_broken", "accuracy_vs_eps") if k in r}
+                | {"robust_at_base": r.get("robust_at_base", int(sum(r["robust"]["base"])))}
+                for name, r in p["attacks"].items()
+            },
+        }
     if skipped:
         res["companions_skipped"] = skipped
     return res
