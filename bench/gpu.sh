@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 MODE=gpu
 case "${1:-}" in
   --cpu) MODE=cpu ;;
-  --stage) mkdir -p /tmp/mixinfer-gpu/ort && cp -v .gpu/ort/part-* /tmp/mixinfer-gpu/ort/ && exit 0 ;;
+  --stage) mkdir -p /tmp/mixinfer-gpu/ort && cp -v .gpu/ort/part-* /tmp/mixinfer-gpu/ort/; exit $? ;;
   "") ;;
   *) echo "usage: $0 [--cpu|--stage]" >&2; exit 2 ;;
 esac
@@ -63,6 +63,10 @@ else
   echo "cpu run on $(nproc) cores" > "$OUT/card.txt"
 fi
 $PY -c 'import onnxruntime as o; print("onnxruntime", o.__version__, o.get_available_providers())' >> "$OUT/card.txt" 2>&1
+if [ "$MODE" != cpu ] && ! $PY -c 'import onnxruntime as o, sys; sys.exit("CUDAExecutionProvider" not in o.get_available_providers())'; then
+  echo "FATAL: onnxruntime offers no CUDAExecutionProvider: the gpu tests would only skip and every figure would be CPU's" | tee -a "$OUT/log.txt"
+  exit 3
+fi
 echo "setup: $(( $(date +%s) - T0 )) s" | tee -a "$OUT/log.txt"
 
 # step NAME TIMEOUT_S CMD...: run it, keep its output, record rc, seconds and its last-line JSON (if any)
@@ -97,7 +101,10 @@ step engine_mnist 60 $PY bench/engine.py --providers $PROVIDERS --torch-device $
   --repeats 3 --batches 1,16,64,256 --json
 step engine_resnet 75 $PY bench/engine.py --bundle $RESNET --providers $PROVIDERS --torch-device $TORCH_DEVICE \
   --threads $THREADS "${RESNET_ENGINE[@]}" --json
-step http 210 $PY bench/http.py --providers $PROVIDERS --duration 3 --throughput-factor 1 --warmup 2 \
+# the throughput bundle first, alone: its http_vs_naive (>= 2x on a GPU) is the figure a cut-off run must not lose
+step http_throughput 110 $PY bench/http.py --providers $PROVIDERS --bundles throughput --no-open-loop --duration 3 \
+  --throughput-factor 1 --warmup 2 --connections 1,32,64 --out "$OUT/http_throughput.md" --json
+step http_default 100 $PY bench/http.py --providers $PROVIDERS --bundles default --duration 3 --warmup 2 \
   --connections 1,32,64 --open-loop-duration 2 --out "$OUT/http_results.md" --json
 step memory 45 $PY bench/memory.py --providers $PROVIDERS --bundle $MNIST $RESNET --json
 echo "total: $(( $(date +%s) - T0 )) s" | tee -a "$OUT/log.txt"

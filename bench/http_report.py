@@ -114,13 +114,16 @@ def combined_floor(r: Report, bundle: str = "default") -> dict[str, float]:
     floor_cpu = io_cpu + engine_cpu
     floor_rps = ratio(float(r.machine["cores"]), floor_cpu)
     mix_cpu = mix.server_cpu_s / mix.requests if mix and mix.requests else float("nan")
+    # only a run without errors counts: cheap 503s would otherwise raise the ratio above what the server served
+    clean = mix is not None and io is not None and mix.non_2xx + mix.socket_errors + io.non_2xx + io.socket_errors == 0
     return {
-        "http_vs_combined_floor": ratio(mix.rps if mix else float("nan"), floor_rps),
+        "http_vs_combined_floor": ratio(mix.rps, floor_rps) if clean and mix else float("nan"),
         "http_vs_combined_floor_cpu": ratio(floor_cpu, mix_cpu),
         "combined_floor_rps": floor_rps,
         "io_floor_cpu_ms_per_request": 1000 * io_cpu,
         "engine_cpu_ms_per_image_at_formed_batch": 1000 * engine_cpu,
         "formed_batch_at_32": r.formed_batch.get(bundle, float("nan")),
+        "engine_flag_rate": r.engine.get(bundle, {}).get("flag_rate", float("nan")),
     }
 
 
