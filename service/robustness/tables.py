@@ -124,9 +124,13 @@ def adaptive_table(results: list[tuple[str, dict[str, Any]]]) -> list[str]:
     return out
 
 
-def render(root: Path = Path()) -> str:
+def load_results(root: Path = Path()) -> list[tuple[str, dict[str, Any]]]:
+    """(label, results.json) of every committed report, each file read once."""
+    return [(label, json.loads((root / d / "results.json").read_text())) for label, d in REPORTS]
+
+
+def render(results: list[tuple[str, dict[str, Any]]]) -> str:
     """The generated block (markers included) from the committed results."""
-    results = [(label, json.loads((root / d / "results.json").read_text())) for label, d in REPORTS]
     budgets = sorted({f"- `{d}`: {res['budget_text']}" for (_, d), (_, res) in zip(REPORTS, results, strict=True)})
     lines = [BEGIN, "", "Budgets of the reports below (each row states its image count):", "", *budgets, ""]
     lines += ["#### Oblivious PGD on the base model, then each defence", ""]
@@ -136,7 +140,7 @@ def render(root: Path = Path()) -> str:
     return "\n".join([*lines, "", END])
 
 
-def summary(root: Path = Path()) -> str:
+def summary(results: list[tuple[str, dict[str, Any]]]) -> str:
     """The README's block: per bundle, the base model against MI-Combined under every attack, per-image worst case."""
     lines = [
         SUMMARY_BEGIN,
@@ -145,8 +149,7 @@ def summary(root: Path = Path()) -> str:
         "MI-Combined |",
         "|---|---|---|---|---|---|---|",
     ]
-    for label, d in REPORTS:
-        res = json.loads((root / d / "results.json").read_text())
+    for label, res in results:
         n, eps, wc = _n(res), res["threat"]["eps"], res["worst_case"]
         at_eps = [r for r in res["attacks"] if r["eps"] == eps]
         strongest = min(at_eps, key=lambda r: (r["accuracy"]["combined"]["worst"], r["accuracy"]["combined"]["mean"]))
@@ -181,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if the tables or the summary drifted")
     args = parser.parse_args(argv)
     drifted = []
+    results = load_results(args.root)
     for page, block, markers in (
-        (args.doc, render(args.root), (BEGIN, END)),
-        (args.summary, summary(args.root), (SUMMARY_BEGIN, SUMMARY_END)),
+        (args.doc, render(results), (BEGIN, END)),
+        (args.summary, summary(results), (SUMMARY_BEGIN, SUMMARY_END)),
     ):
         text = page.read_text(encoding="utf-8")
         new = splice(text, block, *markers)
