@@ -39,6 +39,13 @@ class AttackCache:
         blob = json.dumps({"v": CACHE_VERSION, **config}, sort_keys=True, default=str).encode()
         self.digest = hashlib.sha256(blob).hexdigest()[:16]
 
+    @classmethod
+    def for_run(cls, root: Path | None, bundle: Any, budget: Any, threat: Any, indices: Any) -> AttackCache:
+        """The cache of one run: keyed by the bundle's files and MI parameters, the budget, the threat model and the
+        image indices (everything an attack's output depends on besides its name and seed)."""
+        config = {"files": bundle.manifest.files, "mi": bundle.manifest.mi.model_dump(mode="json")}
+        return cls(root, config | {"budget": budget.as_dict(), "threat": threat.as_dict(), "indices": indices.tolist()})
+
     def path(self, name: str, seed: int) -> Path | None:
         if self.root is None:
             return None

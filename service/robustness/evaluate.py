@@ -96,11 +96,7 @@ def run_evaluation(
     x, y = torch.from_numpy(x_np).to(dev), torch.from_numpy(y_np).to(dev)
     targets = pgd.random_targets(y, bundle.manifest.n_classes, attack_generator(attack_seed, "targets"))
     targets_np = targets.cpu().numpy()
-    cache = AttackCache(
-        cache_dir,
-        {"files": bundle.manifest.files, "mi": bundle.manifest.mi.model_dump(mode="json")}
-        | {"budget": budget.as_dict(), "threat": threat.as_dict(), "indices": idx.tolist()},
-    )
+    cache = AttackCache.for_run(cache_dir, bundle, budget, threat, idx)
     plan = [s for s in attack_plan(budget, threat, twin=mi is not None) if only is None or s.name.startswith(only)]
     surrogate, warnings = None, []
     train = bundle.splits.get("train")

@@ -153,11 +153,7 @@ def plateau_for_bundle(
     threat = replace(threat, eps=eps) if eps is not None else threat
     ctx = Context(mi, ServedScorer.from_bundle(bundle, seeds), budget, threat, attack_generator(attack_seed, "setup"))
     x_np, y_np, idx = load_split(bundle, "test", min(n_images or budget.n_images, budget.n_images), data_root)
-    cache = AttackCache(
-        cache_dir,
-        {"files": bundle.manifest.files, "mi": bundle.manifest.mi.model_dump(mode="json")}
-        | {"budget": budget.as_dict(), "threat": threat.as_dict(), "indices": idx.tolist()},
-    )
+    cache = AttackCache.for_run(cache_dir, bundle, budget, threat, idx)
     x, y = torch.from_numpy(x_np).to(mi.device), torch.from_numpy(y_np).to(mi.device)
     res = run_plateau(ctx, x, y, attacks, attack_seed=attack_seed, cache=cache)
     identity = {"name": bundle.manifest.name, "version": bundle.manifest.version, "files": bundle.manifest.files}
