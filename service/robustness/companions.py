@@ -64,8 +64,7 @@ def attach(res: dict[str, Any], out_dir: Path) -> dict[str, Any]:
             "n_images": p.get("n_images"),
             "eps": p.get("eps"),
             "attacks": {
-                name: {k: r[k] for k in ("plateaued", "newly_broken", "accuracy_vs_eps") if k in r}
-                | {"robust_at_base": r.get("robust_at_base", int(sum(r["robust"]["base"])))}
+                name: {k: r[k] for k in ("plateaued", "newly_broken", "accuracy_vs_eps", "robust_at_base")}
                 for name, r in p["attacks"].items()
             },
         }

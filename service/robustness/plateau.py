@@ -213,9 +213,8 @@ def write_plateau(res: dict[str, Any], out_dir: Path, budget_text: str) -> list[
         curve = ", ".join(f"{e}: {100 * a:.0f}" for e, a in r["accuracy_vs_eps"].items())
         acc = {k: float(np.mean(v)) for k, v in r["robust"].items()}
         n = len(r["robust"]["base"])
-        k = int(np.sum(r["robust"]["base"]))
         lines.append(
-            f"| {name} | {100 * acc['base']:.1f} ({k} of {n}) | "
+            f"| {name} | {100 * acc['base']:.1f} ({r['robust_at_base']} of {n}) | "
             + " / ".join(f"{round(v * n)}" for v in nb.values())
             + f" | {'yes' if r['plateaued'] else '**no**'} | {curve} |"
         )

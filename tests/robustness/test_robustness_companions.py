@@ -105,6 +105,7 @@ def test_rerender_folds_in_sweep_and_plateau_files_written_after_the_report(tmp_
     plateau = {"n_images": 4, "eps": res["threat"]["eps"], "seeds": res["seeds"], "tolerance": 0.01, "attacks": {}}
     plateau["attacks"]["force-flagged"] = {
         "robust": {"base": [True, False, False, False]},
+        "robust_at_base": 1,
         "newly_broken": {"steps x2": 0.25, "eot x2": 0.0, "restarts x2": 0.0},
         "plateaued": False,
         "accuracy_vs_eps": {"0.3": 0.25, "1": 0.0},
