@@ -41,27 +41,9 @@ def env_for(store: Path, **extra: str) -> dict[str, str]:
 def test_serve_runs_uvicorn_on_the_configured_address(http_store):
     port = free_port()
     env = env_for(http_store, MIXINFER_PORT=str(port), MIXINFER_LOG_JSON="true")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = _start_and_wait_ready(env, port)  # raises with the server's output if it never gets ready
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        ready = False
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                ready = httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200
-            except httpx.TransportError:
-                ready = False
-            if ready:
-                break
-            time.sleep(0.1)
-        assert ready, "server did not become ready"
         r = httpx.post(f"{base}/predict", json={"instances": [np.zeros((8, 8)).tolist()]}, timeout=10)
         assert r.status_code == 200 and r.json()["version"] == "2"  # highest version by default
         assert "server" not in r.headers  # no server banner
