@@ -4,8 +4,11 @@ One ``.npz`` per attack (no pickle: arrays only, read with ``allow_pickle=False`
 inputs and the attack's loss curve. The file name carries the attack's name and generator seed and a hash of
 everything that changes its output (the sha256 of the bundle's files, its MI parameters, budget, threat model,
 image indices, ``CACHE_VERSION``), so a changed budget or bundle never reuses a stale entry, while a manifest field
-that cannot change an attack (a schema addition) does not invalidate it. Scoring is not cached: it is cheap and
-uses this run's seeds.
+that cannot change an attack (a schema addition) does not invalidate it. MI parameters that only some attacks read
+(:data:`SCOPED_MI`: the stand-alone MI-OL mode's, MI-Combined's OL branch) enter only those attacks' keys: a new
+bundle version that changes them (same files, another OL λ) reuses every other attack's inputs, which are the same
+arrays by construction (a test regenerates the whole plan under each changed field). Scoring is not cached: it is
+cheap and uses this run's seeds.
 """
 
 from __future__ import annotations
@@ -24,6 +27,21 @@ LOGGER = logging.getLogger(__name__)
 
 #: bump when an attack's algorithm changes so old entries stop matching
 CACHE_VERSION = 2
+#: manifest ``mi`` fields read only by the attacks whose cache name contains one of these attack names (plateau
+#: runs included: their names embed the attack's); every other attack's key leaves the field out. A test runs the
+#: whole plan under a changed field and fails if an attack outside its list then produces other inputs.
+SCOPED_MI: dict[str, tuple[str, ...]] = {
+    "ol_standalone": ("ol-standalone",),
+    "ol_combined": (
+        "eot-combined",
+        "force-flagged",
+        "smooth-switch",
+        "ol-direct",
+        "apgd-",
+        "square-",
+        "autoattack",
+    ),
+}
 
 
 class AttackCache:
@@ -34,23 +52,31 @@ class AttackCache:
         config: everything the attacks' outputs depend on besides name and seed (JSON-serialisable).
     """
 
-    def __init__(self, root: Path | None, config: dict[str, Any]) -> None:
+    def __init__(self, root: Path | None, config: dict[str, Any], scoped: dict[str, Any] | None = None) -> None:
         self.root = root
-        blob = json.dumps({"v": CACHE_VERSION, **config}, sort_keys=True, default=str).encode()
-        self.digest = hashlib.sha256(blob).hexdigest()[:16]
+        self.digest = _digest({"v": CACHE_VERSION, **config})
+        self.scoped = scoped or {}  #: SCOPED_MI field -> its value, added to the keys of the attacks that read it
 
     @classmethod
     def for_run(cls, root: Path | None, bundle: Any, budget: Any, threat: Any, indices: Any) -> AttackCache:
         """The cache of one run: keyed by the bundle's files and MI parameters, the budget, the threat model and the
         image indices (everything an attack's output depends on besides its name and seed)."""
-        config = {"files": bundle.manifest.files, "mi": bundle.manifest.mi.model_dump(mode="json")}
-        return cls(root, config | {"budget": budget.as_dict(), "threat": threat.as_dict(), "indices": indices.tolist()})
+        mi = bundle.manifest.mi.model_dump(mode="json")
+        scoped = {field: mi.pop(field) for field in SCOPED_MI}
+        config = {"files": bundle.manifest.files, "mi": mi}
+        config |= {"budget": budget.as_dict(), "threat": threat.as_dict(), "indices": indices.tolist()}
+        return cls(root, config, scoped)
+
+    def key(self, name: str) -> str:
+        """The digest in ``name``'s file name: the run's, extended by the scoped MI fields the attack reads."""
+        reads = {f: v for f, v in self.scoped.items() if any(a in name for a in SCOPED_MI[f])}
+        return _digest({"run": self.digest, **reads}) if reads else self.digest
 
     def path(self, name: str, seed: int) -> Path | None:
         if self.root is None:
             return None
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-        return self.root / f"{safe}-s{seed}-{self.digest}.npz"
+        return self.root / f"{safe}-s{seed}-{self.key(name)}.npz"
 
     def load(self, name: str, seed: int) -> tuple[NDArray[np.float32], list[float], float | None] | None:
         """The cached (x_adv, loss curve, seconds the attack took when it ran) of an attack, or None.
@@ -79,3 +105,8 @@ class AttackCache:
             arrays["seconds"] = np.asarray(seconds, dtype=np.float64)
         np.savez(tmp, **arrays)  # type: ignore[arg-type]
         tmp.replace(path)
+
+
+def _digest(config: dict[str, Any]) -> str:
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

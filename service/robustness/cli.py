@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         help="adversarial inputs cached per attack and seed, so a stopped run resumes "
-        "(default: runs/robustness-cache/<name>-<version>; --no-cache disables)",
+        "(default: runs/robustness-cache/<name>, shared by the versions of a model: entries are keyed by the bundle's "
+        "file hashes and the MI parameters each attack reads; --no-cache disables)",
     )
     p.add_argument("--no-cache", action="store_true", help="do not read or write the attack cache")
     p.add_argument(
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     budget = get_budget(args.budget, **overrides)
     bundle = load_bundle(args.bundle, require_weights=True)
     out = args.out if args.out is not None else Path("docs/robustness") / bundle.manifest.name
-    cache = args.cache_dir or Path("runs/robustness-cache") / f"{bundle.manifest.name}-{bundle.manifest.version}"
+    cache = args.cache_dir or Path("runs/robustness-cache") / bundle.manifest.name
     if (args.plateau_only or args.plateau_images is not None) and not args.plateau:
         LOGGER.error("--plateau-only and --plateau-images need --plateau ATTACK [ATTACK ...]")
         return 2

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from service.robustness.sweep import BRANCH_LABEL
+
 SWEEP_FILE = Path("sweep") / "sweep.json"
 PLATEAU_FILE = Path("plateau.json")
 
@@ -130,22 +132,31 @@ def lambda_section(res: dict[str, Any]) -> list[str]:
         f"{sweep['steps']} steps, {len(sweep['seeds'])} seeds; rule: best PGD accuracy among the λ whose clean "
         f"accuracy is within {100 * sweep['max_clean_drop']:.0f} points of the plain model's "
         f"{100 * sweep['plain']['clean']:.1f} %, ties to the larger λ; when none is, the largest λ). Served values "
-        "follow SPEC's defaults (the paper's: λ_PL 0.5; stand-alone λ_OL 0.5 for mixup models, 0.6 for IAT "
-        "models); a difference of less than one image counts as a tie. The sweep scores the stand-alone branches "
-        "only; MI-Combined's OL λ "
-        f"({mi['ol_combined']['lam']}) is not swept.",
+        "are the bundle's: SPEC's defaults (the paper's: λ_PL 0.5; stand-alone λ_OL 0.5 for mixup models, 0.6 for "
+        "IAT models; MI-Combined's OL branch 0.4, the paper's CIFAR command) unless the version was derived with "
+        "other λ (`mixinfer calibrate --new-version`); a difference of less than one image counts as a tie. "
+        + (
+            "The MI-Combined row varies only the λ of the OL branch that answers flagged inputs (threshold and PL "
+            "branch as served)."
+            if "combined" in sweep
+            else f"This sweep predates the MI-Combined rows: MI-Combined's OL λ ({mi['ol_combined']['lam']}) is not "
+            "swept."
+        ),
         "",
         "| branch | served λ | clean / PGD at served (%) | sweep pick | clean / PGD at pick (%) | verdict |",
         "|---|---|---|---|---|---|",
     ]
-    for branch, served_lam in (("pl", mi["lam_pl"]), ("ol", mi["ol_standalone"]["lam"])):
+    served_lams = {"pl": mi["lam_pl"], "ol": mi["ol_standalone"]["lam"], "combined": mi["ol_combined"]["lam"]}
+    for branch, served_lam in served_lams.items():
+        if branch not in sweep:
+            continue
         rows, pick_lam = sweep[branch]["rows"], sweep[branch]["pick"]
         served, pick = _at(rows, served_lam), _at(rows, pick_lam)
         assert pick is not None, f"sweep pick {pick_lam} not among its rows"
         cell = f"{100 * served['clean']:.1f} / {100 * served['adversarial']:.1f}" if served else "–"
         verdict = "agree" if abs(pick_lam - served_lam) < 1e-9 else _verdict(served, pick, rows, sweep)
         out.append(
-            f"| MI-{branch.upper()} | {served_lam:g} | {cell} | {pick_lam:g} | "
+            f"| {BRANCH_LABEL[branch]} | {served_lam:g} | {cell} | {pick_lam:g} | "
             f"{100 * pick['clean']:.1f} / {100 * pick['adversarial']:.1f} | {verdict} |"
         )
     return [*out, "", "Plot: `sweep/sweep.png`.", ""]

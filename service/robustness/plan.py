@@ -175,7 +175,9 @@ def _baseline_eot(key: str) -> Run:
 
 def _square(detail: str) -> Run:
     def run(c: Context, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        view = query_fn(c.scorer.engine, detail)
+        # every query still gets fresh server draws, from a stream seeded by the attack's generator: a rerun
+        # reproduces the attack (the scorer's own engine draws from OS entropy, like a server)
+        view = query_fn(c.scorer.seeded_engine(int(c.gen.integers(2**31))), detail)
         x_adv = square.square_linf(
             lambda imgs: view(imgs).probs, x.cpu().numpy(), y.cpu().numpy(), eps=c.threat.eps,
             queries=c.budget.square_queries, votes=c.budget.square_votes, gen=c.gen, progress=c.step,

@@ -55,7 +55,8 @@ class ServedScorer:
 
     def __init__(self, backend: OrtBackend, bundle: Bundle, seeds: list[int], max_batch: int = 256) -> None:
         self.backend = backend
-        self.engine = MIEngine(backend, bundle.pool_labels, bundle.manifest.mi)
+        self.pool_labels, self.params = bundle.pool_labels, bundle.manifest.mi
+        self.engine = MIEngine(backend, self.pool_labels, self.params)
         self.seeds = list(seeds)
         self.max_batch = max_batch
 
@@ -79,6 +80,11 @@ class ServedScorer:
             gaps.append(np.concatenate([r.gap for r in parts]))
             flags.append(np.concatenate([r.flagged for r in parts]))
         return SeedScores(np.stack(labels), np.stack(probs), np.stack(gaps), np.stack(flags))
+
+    def seeded_engine(self, seed: int) -> MIEngine:
+        """Another engine over the same model and parameters whose fresh draws come from ``seed`` (reproducible
+        black-box attacks: every query still gets new draws, as from a server)."""
+        return MIEngine(self.backend, self.pool_labels, self.params, seed=seed)
 
     def fresh_probs(self, images: NDArray[np.float32], mode: Mode = Mode.COMBINED) -> NDArray[np.float32]:
         """One query as a client sees it: fresh server randomness (the engine's own generator), probabilities."""

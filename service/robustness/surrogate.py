@@ -3,8 +3,9 @@
 Transfer from the defended model's own base network is not a transfer attack (the attacker would need the
 weights); the surrogate is a small LeNet-style network (5x5 convolutions with max pooling, no batch norm, unlike
 the bundle's ``mnist_cnn``/ResNets) trained from scratch with plain cross-entropy on the bundle's recorded train
-split, with its own seed. Its weights are cached as safetensors next to the attack cache, keyed by bundle, seed and
-epochs, so a resumed evaluation reuses them.
+split, with its own seed. Its weights are cached as safetensors next to the attack cache, keyed by the training data
+(dataset and splits hashes: versions of a model that share them share the surrogate), seed and epochs, so a resumed
+evaluation reuses them.
 
 Shapes: images float32 (B, C, H, W) in [0, 1] -> logits (B, K).
 """
@@ -45,6 +46,14 @@ def lenet(in_channels: int, n_classes: int) -> nn.Module:
     )
 
 
+def training_data_key(bundle: Bundle) -> str:
+    """A short hash of what the surrogate learns from: the dataset's content and the bundle's splits file."""
+    import hashlib
+
+    blob = f"{bundle.manifest.dataset.sha256}:{bundle.manifest.files.get('splits.npz', '')}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def train_surrogate(
     bundle: Bundle,
     *,
@@ -65,7 +74,7 @@ def train_surrogate(
     model = lenet(c, k)
     path = None
     if cache_dir is not None:
-        path = cache_dir / f"surrogate-{bundle.manifest.name}-{bundle.manifest.version}-s{seed}-e{epochs}.safetensors"
+        path = cache_dir / f"surrogate-{training_data_key(bundle)}-s{seed}-e{epochs}.safetensors"
         if path.exists():
             model.load_state_dict(load_file(str(path)))
             LOGGER.info("surrogate loaded from %s", path)

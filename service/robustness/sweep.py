@@ -1,7 +1,8 @@
 """``mixinfer calibrate --sweep``: the paper's lambda trade-off (clean vs oblivious-PGD accuracy) and the pick rule.
 
-For each lambda of a small grid, MI-PL (lambda_PL) and MI-OL (stand-alone lambda_OL) are scored by the served
-engine on the calibration split, clean and under oblivious PGD on the base model (the paper's Figure: clean accuracy
+For each lambda of a small grid, MI-PL (lambda_PL), MI-OL (stand-alone lambda_OL) and MI-Combined (the lambda of
+the OL branch that answers flagged inputs; threshold and PL branch as served) are scored by the served engine on
+the calibration split, clean and under oblivious PGD on the base model (the paper's Figure: clean accuracy
 against adversarial accuracy as lambda varies). Rule: among the lambdas whose clean accuracy stays within
 ``--sweep-max-clean-drop`` of the plain model's, pick the one with the best adversarial accuracy (all seeds right),
 ties to the larger lambda (closer to the plain model). The sweep writes ``sweep.json`` and ``sweep.png`` and prints
@@ -22,6 +23,10 @@ from typing import Any
 LOGGER = logging.getLogger(__name__)
 
 DEFAULT_LAMS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+#: the swept branches: (key in sweep.json, label); each varies one λ of the manifest (see run_sweep)
+#: seed of the PGD random starts (fixed and recorded: the sweep is reproducible, the attacks' own seeds are separate)
+PGD_SEED = 0
+BRANCH_LABEL = {"pl": "MI-PL", "ol": "MI-OL", "combined": "MI-Combined (OL branch λ)"}
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +60,8 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     from service.mi.engine import MIEngine
     from service.mi.params import MixSpec, Mode
+
+    branches = (("pl", Mode.PL), ("ol", Mode.OL), ("combined", Mode.COMBINED))
     from service.robustness.attacks.core import quantize
     from service.robustness.attacks.pgd import pgd_untargeted
     from service.robustness.budgets import threat_for
@@ -71,6 +78,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     x_np, y_np, _ = load_split(bundle, "calibration", args.sweep_images, getattr(args, "data_dir", None))
     x = torch.from_numpy(x_np)
     twin = DifferentiableMI.from_bundle(bundle)
+    gen = torch.Generator().manual_seed(PGD_SEED)  # the random starts: a rerun reproduces the sweep
     x_adv = torch.cat(
         [
             pgd_untargeted(
@@ -80,6 +88,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                 eps=eps,
                 step=step,
                 steps=args.sweep_steps,
+                gen=gen,
             )
             for i in range(0, x.shape[0], 64)
         ]
@@ -99,19 +108,21 @@ def run_sweep(args: argparse.Namespace) -> int:
         "eps": eps,
         "steps": args.sweep_steps,
         "step": step,
+        "pgd_seed": PGD_SEED,
         "n_images": int(y_np.size),
         "seeds": args.sweep_seeds,
         "plain": {"clean": plain_clean, "adversarial": plain_adv},
         "max_clean_drop": args.sweep_max_clean_drop,
         "bundle": {"name": bundle.manifest.name, "version": bundle.manifest.version},
     }
-    for branch, mode in (("pl", Mode.PL), ("ol", Mode.OL)):
+    for branch, mode in branches:
         rows = []
         for lam in args.sweep_lams:
             if branch == "pl":
                 params = base.model_copy(update={"lam_pl": lam})
             else:
-                params = base.model_copy(update={"ol_standalone": MixSpec(lam=lam, n=base.ol_standalone.n)})
+                field = "ol_standalone" if branch == "ol" else "ol_combined"
+                params = base.model_copy(update={field: MixSpec(lam=lam, n=getattr(base, field).n)})
             rows.append({"lam": lam, "clean": acc(params, mode, x_np), "adversarial": acc(params, mode, adv_np)})
             LOGGER.info(
                 "sweep %s lam %.2f: clean %.3f, adversarial %.3f",
@@ -131,7 +142,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         f"calibration split, {y_np.size} images, oblivious PGD eps {eps:.3g}, {args.sweep_steps} steps, "
         f"seeds {args.sweep_seeds}: plain clean {plain_clean:.3f}, adversarial {plain_adv:.3f}",
         f"pick (max adversarial accuracy with clean drop <= {args.sweep_max_clean_drop}): "
-        f"lam_pl={result['pl']['pick']}, ol_standalone.lam={result['ol']['pick']}",
+        f"lam_pl={result['pl']['pick']}, ol_standalone.lam={result['ol']['pick']}, "
+        f"ol_combined.lam={result['combined']['pick']}",
     ]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
@@ -144,13 +156,15 @@ def _plot(result: dict[str, Any], path: Path, name: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.0, 4.4))
-    for branch, marker in (("pl", "o-"), ("ol", "s-")):
+    for branch, marker in (("pl", "o-"), ("ol", "s-"), ("combined", "^-")):
+        if branch not in result:  # sweeps written before the Combined rows
+            continue
         rows = result[branch]["rows"]
         ax.plot(
             [100 * r["clean"] for r in rows],
             [100 * r["adversarial"] for r in rows],
             marker,
-            label=f"MI-{branch.upper()}",
+            label=BRANCH_LABEL[branch],
         )
         for r in rows:
             ax.annotate(f"λ={r['lam']:.2g}", (100 * r["clean"], 100 * r["adversarial"]), fontsize=7)

@@ -9,6 +9,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -306,57 +307,38 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.bundle is None:
         raise SystemExit("mixinfer calibrate: --bundle is required (unless --sweep)")
     from service.manifest import MANIFEST_FILE, SPLITS_FILE
-    from service.training.bundle import BundleRequest, default_mi_params, finish_bundle, static_fields
-    from service.training.datasets import load_dataset
+    from service.training.bundle import finish_bundle
     from service.training.splits import Splits
-    from service.training.train import TrainConfig
 
-    bundle_dir: Path = args.bundle
-    splits = Splits.load(bundle_dir / SPLITS_FILE)
-    if (bundle_dir / MANIFEST_FILE).is_file():  # re-calibrate a finished bundle: keep everything but the numbers
-        from service.store import load_bundle
-        from service.training.datasets import load_manifest_dataset
-
-        manifest = load_bundle(bundle_dir, require_weights=True).manifest
-        ds = load_manifest_dataset(manifest, args.data_dir)
-        if ds.sha256 != manifest.dataset.sha256:
-            raise SystemExit(
-                f"dataset {ds.name} has sha256 {ds.sha256}, the bundle was built from {manifest.dataset.sha256}"
-            )
-        fields = manifest.model_dump(mode="json", exclude={"mi", "calibration", "accuracy", "files", "created"})
-        fields["recipe"]["training"]["recalibrated_by"] = _command_line(args)
-        params = manifest.mi
-    else:
-        if args.run_dir is None:
-            raise SystemExit(f"{bundle_dir} has no {MANIFEST_FILE}: pass --run-dir of the `mixinfer train` run")
-        info = _read_run(args.run_dir)
-        cfg = TrainConfig.from_json(info["config"])
-        ds = load_dataset(info["dataset"], info["data_dir"])
-        req = BundleRequest(
-            dataset=ds.name,
-            name=bundle_dir.parent.name,
-            version=bundle_dir.name,
-            seed=int(info["split_seed"]),
-            max_train_images=info.get("max_train_images"),
-            command=f"{info['command']} && {_command_line(args)}",
+    changing = any(getattr(args, flag) is not None for flag in LAM_FLAGS)
+    finished = (args.bundle / MANIFEST_FILE).is_file()
+    if (changing or args.new_version is not None) and not finished:
+        raise SystemExit(f"--new-version and the --lam flags need a finished bundle; {args.bundle} has no manifest")
+    if changing and args.new_version is None:
+        raise SystemExit("changing MI parameters needs --new-version: a served version is never edited in place")
+    bundle_dir, ds, fields, params = _finished_inputs(args) if finished else _run_inputs(args)
+    try:
+        manifest = finish_bundle(
+            bundle_dir,
+            ds,
+            Splits.load(bundle_dir / SPLITS_FILE),  # the copy's, for a new version
+            fields=fields,
+            params=params,
+            eval_seed=args.eval_seed,
+            threshold=args.threshold,
+            target_fpr=args.target_fpr,
         )
-        fields = static_fields(ds, splits, cfg, req)
-        params = default_mi_params(cfg.training)
-    manifest = finish_bundle(
-        bundle_dir,
-        ds,
-        splits,
-        fields=fields,
-        params=params,
-        eval_seed=args.eval_seed,
-        threshold=args.threshold,
-        target_fpr=args.target_fpr,
-    )
+    except BaseException:
+        if args.new_version is not None:  # no half-made version is left behind
+            shutil.rmtree(bundle_dir, ignore_errors=True)
+        raise
     print(
         json.dumps(
             {
+                "bundle": str(bundle_dir),
                 "threshold": manifest.mi.threshold,
                 "rule": manifest.mi.threshold_rule,
+                "mi": manifest.mi.model_dump(mode="json"),
                 "calibration": manifest.calibration.model_dump(),
                 "accuracy": manifest.accuracy.model_dump(),
             },
@@ -364,6 +346,81 @@ def _calibrate(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+#: the calibrate flags that change an MI parameter (only for --new-version), and the manifest field of each
+LAM_FLAGS = {"lam_pl": "lam_pl", "lam_ol_combined": "ol_combined", "lam_ol_standalone": "ol_standalone"}
+
+
+def _with_lams(args: argparse.Namespace, mi: Any) -> Any:
+    """``mi`` with the λ the --lam flags give (a branch keeps its n), validated like a manifest's."""
+    from pydantic import ValidationError
+
+    from service.mi.params import MIParams
+
+    data = mi.model_dump(mode="json")
+    for flag, field in LAM_FLAGS.items():
+        lam = getattr(args, flag)
+        if lam is None:
+            continue
+        if not 0.0 < lam <= 1.0:
+            raise SystemExit(f"--{flag.replace('_', '-')}: expected 0 < lam <= 1, got {lam}")
+        data[field] = lam if field == "lam_pl" else {**data[field], "lam": lam}
+    try:
+        return MIParams.model_validate(data)
+    except ValidationError as exc:
+        raise SystemExit(f"the --lam flags give invalid MI parameters: {exc}") from exc
+
+
+def _finished_inputs(args: argparse.Namespace) -> tuple[Path, Any, dict[str, Any], Any]:
+    """Re-calibrate a finished bundle (keep everything but the numbers), or derive ``--new-version`` from it."""
+    from service.store import load_bundle
+    from service.training.datasets import load_manifest_dataset
+
+    bundle_dir: Path = args.bundle
+    manifest = load_bundle(bundle_dir, require_weights=True).manifest
+    ds = load_manifest_dataset(manifest, args.data_dir)
+    if ds.sha256 != manifest.dataset.sha256:
+        raise SystemExit(
+            f"dataset {ds.name} has sha256 {ds.sha256}, the bundle was built from {manifest.dataset.sha256}"
+        )
+    fields = manifest.model_dump(mode="json", exclude={"mi", "calibration", "accuracy", "files", "created"})
+    fields["recipe"]["training"]["recalibrated_by"] = _command_line(args)
+    params = _with_lams(args, manifest.mi)
+    if args.new_version is not None:
+        from service.training.versions import copy_version
+
+        fields["recipe"]["training"]["derived_from"] = f"{manifest.name}/{manifest.version}"
+        fields["version"] = args.new_version
+        bundle_dir = copy_version(bundle_dir, manifest, args.new_version)
+    return bundle_dir, ds, fields, params
+
+
+def _run_inputs(args: argparse.Namespace) -> tuple[Path, Any, dict[str, Any], Any]:
+    """Calibrate the exported, not yet finished bundle of a `mixinfer train` run (``--run-dir``)."""
+    from service.manifest import MANIFEST_FILE, SPLITS_FILE
+    from service.training.bundle import BundleRequest, default_mi_params, static_fields
+    from service.training.datasets import load_dataset
+    from service.training.splits import Splits
+    from service.training.train import TrainConfig
+
+    bundle_dir: Path = args.bundle
+    if args.run_dir is None:
+        raise SystemExit(f"{bundle_dir} has no {MANIFEST_FILE}: pass --run-dir of the `mixinfer train` run")
+    info = _read_run(args.run_dir)
+    cfg = TrainConfig.from_json(info["config"])
+    ds = load_dataset(info["dataset"], info["data_dir"])
+    req = BundleRequest(
+        dataset=ds.name,
+        name=bundle_dir.parent.name,
+        version=bundle_dir.name,
+        seed=int(info["split_seed"]),
+        max_train_images=info.get("max_train_images"),
+        command=f"{info['command']} && {_command_line(args)}",
+    )
+    # the splits' sizes; finish_bundle loads the file again, as for a finished bundle (a small npz of indices)
+    fields = static_fields(ds, Splits.load(bundle_dir / SPLITS_FILE), cfg, req)
+    return bundle_dir, ds, fields, default_mi_params(cfg.training)
 
 
 # --- registration -----------------------------------------------------------------------------------------------
@@ -435,6 +492,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data-dir", type=Path, default=None, help="data directory for CIFAR / image folders")
     _add_calibration_args(p)
+    g = p.add_argument_group("new version (a served version is never edited in place)")
+    g.add_argument(
+        "--new-version",
+        default=None,
+        help="write version V of the finished --bundle beside it (<store>/<name>/V, which must not exist): the "
+        "same files byte for byte, the MI parameters changed by the --lam flags, calibrated and measured again",
+    )
+    for flag, what in (
+        ("--lam-pl", "MI-PL"),
+        ("--lam-ol-combined", "MI-Combined's OL branch"),
+        ("--lam-ol-standalone", "the stand-alone MI-OL mode"),
+    ):
+        g.add_argument(flag, type=float, default=None, help=f"input weight λ of {what} (needs --new-version)")
     if importlib.util.find_spec(SWEEP_MODULE) is not None:
         importlib.import_module(SWEEP_MODULE).add_sweep_arguments(p)
     p.set_defaults(func=_calibrate)

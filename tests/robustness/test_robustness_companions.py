@@ -69,6 +69,19 @@ def test_lambda_verdict_edge_cases_a_better_row_one_image_a_robust_base_and_the_
     assert "falls back to the largest" in _verdicts(_res(0.5, 0.5, fallback))["MI-PL"]
 
 
+def test_the_combined_row_compares_the_served_ol_branch_lambda_and_old_sweeps_say_it_is_missing():
+    sweep = _sweep([(0.5, 0.99, 0.0)], [(0.5, 0.99, 0.0)])
+    text = "\n".join(companions.lambda_section(_res(0.5, 0.5, sweep)))
+    assert "predates the MI-Combined rows" in text and "MI-Combined (OL branch λ)" not in text
+    # the IAT case: the served OL branch (0.4) answers flagged inputs nearly at random, 0.8 keeps the plain accuracy
+    combined = [(0.4, 0.93, 0.50), (0.8, 0.99, 0.80)]
+    sweep["combined"] = _sweep(combined, combined)["pl"]  # same row format and pick rule
+    v = _verdicts(_res(0.5, 0.5, sweep))
+    assert "a new bundle version with it is due" in v["MI-Combined (OL branch λ)"]
+    assert "clean +6.0, PGD +30.0" in v["MI-Combined (OL branch λ)"]
+    assert "varies only the λ of the OL branch" in "\n".join(companions.lambda_section(_res(0.5, 0.5, sweep)))
+
+
 def test_companions_from_another_setting_are_not_attached(tmp_path: Path):
     res = {"bundle": {"name": "b", "version": "1"}, "threat": {"eps": 0.3}, "seeds": [1, 2, 3], "attack_seed": 0}
     res["test_indices"] = [5, 9, 2, 7]

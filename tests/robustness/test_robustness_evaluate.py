@@ -161,34 +161,38 @@ def test_evaluate_refuses_a_cuda_device_that_torch_cannot_see(mnist_bundle_dir: 
 @pytest.mark.slow
 def test_calibrate_sweep_writes_the_tradeoff_and_picks_by_the_rule(mnist_bundle_dir: Path, tmp_path: Path, capsys):
     out = tmp_path / "sweep"
-    rc = main(
-        [
-            "calibrate",
-            "--bundle",
-            str(mnist_bundle_dir),
-            "--sweep",
-            "--sweep-lams",
-            "0.5",
-            "0.8",
-            "--sweep-images",
-            "30",
-            "--sweep-steps",
-            "5",
-            "--sweep-seeds",
-            "1",
-            "2",
-            "--sweep-out",
-            str(out),
-        ]
-    )
+    argv = [
+        "calibrate",
+        "--bundle",
+        str(mnist_bundle_dir),
+        "--sweep",
+        "--sweep-lams",
+        "0.5",
+        "0.8",
+        "--sweep-images",
+        "30",
+        "--sweep-steps",
+        "5",
+        "--sweep-seeds",
+        "1",
+        "2",
+        "--sweep-out",
+        str(out),
+    ]
+    rc = main(argv)
     assert rc == 0
     res = json.loads((out / "sweep.json").read_text())
     assert [r["lam"] for r in res["pl"]["rows"]] == [0.5, 0.8]
-    assert res["pl"]["pick"] in (0.5, 0.8) and res["ol"]["pick"] in (0.5, 0.8)
+    for branch in ("pl", "ol", "combined"):
+        assert res[branch]["pick"] in (0.5, 0.8), branch
     assert res["plain"]["adversarial"] < res["plain"]["clean"]
-    assert "lam_pl=" in capsys.readouterr().out
+    assert "ol_combined.lam=" in capsys.readouterr().out
     with Image.open(out / "sweep.png") as im:
         assert im.format == "PNG"
+    # a rerun reproduces every number (the PGD random starts are seeded and recorded)
+    (out / "sweep.json").rename(out / "first.json")
+    assert main(argv) == 0
+    assert json.loads((out / "sweep.json").read_text()) == res and res["pgd_seed"] == 0
 
 
 def test_pick_rule_prefers_robustness_within_the_clean_budget():

@@ -1,0 +1,85 @@
+"""The attack cache's keys: a new bundle version that only changes an OL λ reuses every attack that does not read
+it, and the reused inputs are exactly the arrays the new version would have produced.
+
+The whole plan runs (quick budget, 4 images) on version 1 and on two derived versions, one with another stand-alone
+MI-OL λ and one with another λ for MI-Combined's OL branch, each in a cache of its own. An attack outside
+``SCOPED_MI``'s reader list that did read the changed field would produce other arrays under the shared key, and
+fail here. Before scoping (every MI parameter in every key), a derived version matched no entry at all.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.cli import main
+
+
+def _entries(cache: Path) -> dict[str, Path]:
+    return {p.name: p for p in cache.glob("*.npz")}
+
+
+def _attack(entry: str) -> str:
+    return entry.rsplit("-s", 1)[0]  # <attack>_<eps>-s<seed>-<key>.npz
+
+
+BUDGET_IMAGES = 4
+KW = {"seeds": [1, 2, 3], "show_progress": False}
+
+
+@pytest.fixture(scope="module")
+def version_1(mnist_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(version 1 of a private copy of the fixture bundle, the cache of its whole quick plan)."""
+    from service.robustness.budgets import get_budget
+    from service.robustness.evaluate import run_evaluation
+    from service.store import load_bundle
+
+    root = tmp_path_factory.mktemp("versions")
+    v1 = root / "mnist-test" / "1"
+    shutil.copytree(mnist_bundle_dir, v1)
+    budget = get_budget("quick", n_images=BUDGET_IMAGES)
+    run_evaluation(load_bundle(v1, require_weights=True), budget, cache_dir=root / "c1", **KW)
+    return v1, root / "c1"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("flag", "field", "version"),
+    [("--lam-ol-standalone", "ol_standalone", "2"), ("--lam-ol-combined", "ol_combined", "3")],
+)
+def test_a_version_with_another_ol_lambda_reuses_every_attack_that_does_not_read_it(
+    version_1: tuple[Path, Path], tmp_path: Path, flag: str, field: str, version: str
+):
+    from service.robustness.budgets import get_budget
+    from service.robustness.cache import SCOPED_MI
+    from service.robustness.evaluate import run_evaluation
+    from service.store import load_bundle
+
+    v1, c1 = version_1
+    # the fixture's threshold is fixed (0.2): keep it, so only the one λ differs between the versions
+    assert main(["calibrate", "--bundle", str(v1), "--new-version", version, flag, "0.9", "--threshold", "0.2"]) == 0
+    b1, b2 = load_bundle(v1, require_weights=True), load_bundle(v1.parent / version, require_weights=True)
+    assert getattr(b2.manifest.mi, field).lam == 0.9 != getattr(b1.manifest.mi, field).lam
+    assert b2.manifest.mi.model_dump(exclude={field}) == b1.manifest.mi.model_dump(exclude={field})
+
+    budget = get_budget("quick", n_images=BUDGET_IMAGES)
+    run_evaluation(b2, budget, cache_dir=tmp_path / "c2", **KW)  # computed afresh, in a cache of its own
+    e1, e2 = _entries(c1), _entries(tmp_path / "c2")
+    assert len(e1) == len(e2) > 20  # the whole plan
+    readers = sorted(_attack(n) for n in set(e1) - set(e2))
+    assert readers and all(any(a in r for a in SCOPED_MI[field]) for r in readers)
+    assert len(readers) == sum(any(a in _attack(n) for a in SCOPED_MI[field]) for n in e1)
+    for name in set(e1) & set(e2):  # the same key holds the same arrays: the attack never read the changed field
+        with np.load(e1[name], allow_pickle=False) as a, np.load(e2[name], allow_pickle=False) as b:
+            np.testing.assert_array_equal(a["x_adv"], b["x_adv"], err_msg=name)
+            np.testing.assert_array_equal(a["trace"], b["trace"], err_msg=name)
+
+    # and with the first version's cache, the new one resumes every attack but the readers of the field
+    shutil.copytree(c1, tmp_path / "shared")
+    only = ("eot-combined@", "pl-aware@", "ol-standalone@", "ol-direct@")
+    again = run_evaluation(b2, budget, cache_dir=tmp_path / "shared", only=only, **KW)
+    for row in again["attacks"]:
+        assert row["resumed"] is not any(a in row["name"] for a in SCOPED_MI[field]), row["name"]
