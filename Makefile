@@ -65,21 +65,25 @@ bench: install system-deps  ## benchmarks; writes bench/results.md
 bundle: install  ## rebuild model_store/mnist-mixup/1 end to end on CPU
 	$(VENV)/bin/mixinfer bundle --dataset mnist5k --name mnist-mixup --version 1 --target-fpr 0.05 --force
 
-bundle-iat: install  ## an interpolated-adversarial-training MNIST bundle next to it
+bundle-iat: install  ## an interpolated-adversarial-training MNIST bundle next to it, and its version 2 with the OL λ its sweep picked
 	$(VENV)/bin/mixinfer bundle --dataset mnist5k --name mnist-iat --version 1 --training iat --target-fpr 0.05 --force
+	rm -rf model_store/mnist-iat/2
+	$(VENV)/bin/mixinfer calibrate --bundle model_store/mnist-iat/1 --new-version 2 --lam-ol-standalone 0.8 --lam-ol-combined 0.8
 
 EVAL_SEEDS := --seeds 101 102 103  # fixed server seeds: a rerun reproduces the committed reports (attack seed 0)
 
-evaluate: install  ## robustness reports of the default bundle at eps 0.3 and 0.1 (cpu budget's attacks on 100 images: DEVICE=cuda)
+evaluate: install  ## robustness reports of the default bundle: eps 0.3 (cpu budget, 32 images) and eps 0.1 (20 images) with its λ sweep; DEVICE=cuda for a GPU
 	$(VENV)/bin/mixinfer calibrate --bundle model_store/mnist-mixup/1 --sweep --sweep-out docs/robustness/mnist-mixup-eps0.1/sweep
-	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/1 --budget cpu --n-images 100 $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-mixup
-	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/1 --budget cpu --n-images 100 --eps 0.1 $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-mixup-eps0.1
+	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/1 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-mixup
+	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/1 --budget cpu --n-images 20 --eps 0.1 $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-mixup-eps0.1
 	$(PY) -m service.robustness.tables
 
-evaluate-iat: install  ## robustness report of the interpolated-AT bundle (cpu budget, eps 0.3) and the plateau of its two strongest attacks; DEVICE=cuda for a GPU
+evaluate-iat: install  ## robustness reports of the interpolated-AT bundle's two versions (cpu budget, eps 0.3), their λ sweeps, and the plateau of version 1's two strongest attacks; DEVICE=cuda for a GPU
 	$(VENV)/bin/mixinfer calibrate --bundle model_store/mnist-iat/1 --sweep --sweep-eps 0.3 --sweep-out docs/robustness/mnist-iat/sweep
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/1 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-iat
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/1 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-iat --plateau smooth-switch force-flagged --plateau-images 8 --plateau-only
+	$(VENV)/bin/mixinfer calibrate --bundle model_store/mnist-iat/2 --sweep --sweep-eps 0.3 --sweep-out docs/robustness/mnist-iat-2/sweep
+	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/2 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-iat-2
 	$(PY) -m service.robustness.tables
 
 examples: install  ## regenerate examples/ (clean digits, adversarial ones the server flags) and the page's samples

@@ -12,13 +12,22 @@ from service.training.bundle import recompute_numbers
 from service.training.datasets import load_dataset
 
 STORE = Path(__file__).resolve().parents[2] / "model_store"
-BUNDLES = [STORE / "mnist-mixup" / "1", STORE / "mnist-iat" / "1"]
+BUNDLES = [STORE / "mnist-mixup" / "1", STORE / "mnist-iat" / "1", STORE / "mnist-iat" / "2"]
 
 
 def _present(path: Path) -> Path:
-    if path.name == "1" and path.parent.name == "mnist-iat" and not path.exists():
-        pytest.skip("mnist-iat/1 is not committed")
+    if path.parent.name == "mnist-iat" and not path.exists():
+        pytest.skip(f"mnist-iat/{path.name} is not committed")
     return path
+
+
+def test_a_derived_version_shares_its_source_files_and_changes_only_the_shipped_lambdas():
+    v1, v2 = (load_bundle(_present(STORE / "mnist-iat" / v)).manifest for v in ("1", "2"))
+    assert v2.files == v1.files and v2.recipe.training["derived_from"] == "mnist-iat/1"
+    changed = {k for k in v1.mi.model_dump() if getattr(v1.mi, k) != getattr(v2.mi, k)}
+    assert changed == {"ol_combined", "ol_standalone"}  # the λ sweep's picks (docs/robustness/mnist-iat-2/sweep)
+    assert (v2.mi.ol_combined.lam, v2.mi.ol_standalone.lam) == (0.8, 0.8)
+    assert (v2.mi.ol_combined.n, v2.mi.ol_standalone.n) == (v1.mi.ol_combined.n, v1.mi.ol_standalone.n)
 
 
 @pytest.mark.parametrize("path", BUNDLES, ids=lambda p: f"{p.parent.name}/{p.name}")
