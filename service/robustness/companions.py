@@ -113,9 +113,9 @@ def _verdict(
             f"the pick does not beat the served λ ({deltas}), but λ {', '.join(f'{v:g}' for v in better)} does: "
             "**a new bundle version is due**"
         )
-    return (
-        f"no λ of the grid measures better than the served one ({deltas}, within one image): the served version stays"
-    )
+    dc, da = pick["clean"] - served["clean"], pick["adversarial"] - served["adversarial"]
+    why = "within one image" if max(abs(dc), abs(da)) < one else "the pick trades one axis for the other"
+    return f"no λ of the grid measures better than the served one ({deltas}, {why}): the served version stays"
 
 
 def lambda_section(res: dict[str, Any]) -> list[str]:
