@@ -40,7 +40,7 @@ SPLIT_NAMES = ("train", "pool", "calibration", "test")
 GAP_QUANTILE_KEYS = ("0.05", "0.5", "0.95")
 
 _NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
-_VERSION_PATTERN = r"^[1-9][0-9]{0,8}$"
+VERSION_PATTERN = r"^[1-9][0-9]{0,8}$"
 _SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
 
@@ -169,7 +169,7 @@ class Manifest(_Frozen):
 
     schema_version: Literal[2] = SCHEMA_VERSION
     name: str = Field(pattern=_NAME_PATTERN, description="equals the bundle's parent directory name")
-    version: str = Field(pattern=_VERSION_PATTERN, description="positive integer, equals the directory name")
+    version: str = Field(pattern=VERSION_PATTERN, description="positive integer, equals the directory name")
     description: str = ""
     created: str = Field(description="ISO 8601 UTC time of export")
     architecture: str = Field(description="registry name of the network, e.g. 'mnist_cnn', 'resnet50_3layer'")

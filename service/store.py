@@ -39,6 +39,7 @@ from service.manifest import (
     RETIRED_SCHEMAS,
     SCHEMA_VERSION,
     SPLITS_FILE,
+    VERSION_PATTERN,
     WEIGHTS_FILE,
     Manifest,
 )
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
+_VERSION_RE = re.compile(VERSION_PATTERN)
 _CHUNK = 1 << 20
 
 

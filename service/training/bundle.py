@@ -160,6 +160,12 @@ def finish_bundle(
     return finalize_bundle(bundle_dir, {**fields, "mi": params.model_dump(), "calibration": calib, "accuracy": acc})
 
 
+def rule_of(mi: MIParams) -> tuple[float | None, float | None]:
+    """(fixed threshold, target FPR) of a manifest's ``threshold_rule``: ``fixed=x`` or ``target_fpr=y``."""
+    kind, _, value = mi.threshold_rule.partition("=")
+    return (None, float(value)) if kind == "target_fpr" else (mi.threshold, None)
+
+
 @contextmanager
 def staged_bundle(store: Path, name: str, version: str) -> Iterator[Path]:
     """A staging directory ``<store>/.staging-*/<name>/<version>``; when the block finishes without an error it
@@ -256,10 +262,14 @@ def recompute_numbers(bundle_dir: Path, data_dir: Path | None = None, threads: i
         output_name=m.input.output_name,
     )
     split = bundle.splits
-    fixed = None if m.mi.threshold_rule.startswith("target_fpr") else m.mi.threshold
-    target = float(m.mi.threshold_rule.split("=", 1)[1]) if fixed is None else DEFAULT_TARGET_FPR
+    fixed, target = rule_of(m.mi)
     params, calib = calibrate(
-        factory, ds.images[split["calibration"]], m.mi, seed=m.calibration.seed, threshold=fixed, target_fpr=target
+        factory,
+        ds.images[split["calibration"]],
+        m.mi,
+        seed=m.calibration.seed,
+        threshold=fixed,
+        target_fpr=DEFAULT_TARGET_FPR if target is None else target,
     )
     acc = split_accuracy(factory, ds.images[split["test"]], ds.labels[split["test"]], m.mi, seed=m.accuracy.seed)
     return {"accuracy": acc, "calibration": calib, "threshold": params.threshold}

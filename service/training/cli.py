@@ -9,7 +9,6 @@ import argparse
 import importlib.util
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ LOGGER = logging.getLogger(__name__)
 DATASET_CHOICES = ("mnist5k", "cifar10", "cifar100", "imagefolder")
 ARCH_CHOICES = ("mnist_cnn", "resnet50_3layer", "resnet18")
 SWEEP_MODULE = "service.robustness.sweep"
+DEFAULT_TARGET_FPR = 0.05  #: = service.training.calibrate.DEFAULT_TARGET_FPR (not imported: registration stays light)
 RUN_INFO = "train.json"
 RUN_WEIGHTS = "final.safetensors"
 
@@ -133,7 +133,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars (logs one line per epoch)")
 
 
-def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+def _add_calibration_args(p: argparse.ArgumentParser, *, keeps_rule: bool = False) -> None:
+    """The threshold flags; ``keeps_rule``: --target-fpr defaults to None (calibrate: a new version keeps the rule
+    of the version it comes from, anything else uses 0.05)."""
     g = p.add_argument_group("calibration")
     x = g.add_mutually_exclusive_group()
     x.add_argument(
@@ -146,9 +148,13 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     x.add_argument(
         "--target-fpr",
         type=float,
-        default=0.05,
-        help="choose the smallest threshold whose clean flag "
-        "rate on the calibration split is at most this (default: %(default)s)",
+        default=None if keeps_rule else DEFAULT_TARGET_FPR,
+        help="choose the smallest threshold whose clean flag rate on the calibration split is at most this "
+        + (
+            f"(default: {DEFAULT_TARGET_FPR}; with --new-version, the source version's rule)"
+            if keeps_rule
+            else "(default: %(default)s)"
+        ),
     )
     g.add_argument(
         "--eval-seed",
@@ -307,8 +313,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.bundle is None:
         raise SystemExit("mixinfer calibrate: --bundle is required (unless --sweep)")
     from service.manifest import MANIFEST_FILE, SPLITS_FILE
-    from service.training.bundle import finish_bundle
+    from service.training.bundle import finish_bundle, rule_of, staged_bundle
     from service.training.splits import Splits
+    from service.training.versions import check_new_version, copy_version
 
     changing = any(getattr(args, flag) is not None for flag in LAM_FLAGS)
     finished = (args.bundle / MANIFEST_FILE).is_file()
@@ -316,22 +323,33 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise SystemExit(f"--new-version and the --lam flags need a finished bundle; {args.bundle} has no manifest")
     if changing and args.new_version is None:
         raise SystemExit("changing MI parameters needs --new-version: a served version is never edited in place")
-    bundle_dir, ds, fields, params = _finished_inputs(args) if finished else _run_inputs(args)
-    try:
-        manifest = finish_bundle(
-            bundle_dir,
+    if args.new_version is not None:
+        check_new_version(args.bundle, args.new_version)  # before minutes of work
+    bundle_dir, ds, fields, params, source = _finished_inputs(args) if finished else (*_run_inputs(args), None)
+    threshold, target_fpr = args.threshold, args.target_fpr
+    if source is not None and args.new_version is not None and threshold is None and target_fpr is None:
+        threshold, target_fpr = rule_of(source.mi)  # a new version keeps its source's threshold rule
+
+    def finish(directory: Path) -> Any:
+        return finish_bundle(
+            directory,
             ds,
-            Splits.load(bundle_dir / SPLITS_FILE),  # the copy's, for a new version
+            Splits.load(directory / SPLITS_FILE),
             fields=fields,
             params=params,
             eval_seed=args.eval_seed,
-            threshold=args.threshold,
-            target_fpr=args.target_fpr,
+            threshold=threshold,
+            target_fpr=DEFAULT_TARGET_FPR if target_fpr is None else target_fpr,
         )
-    except BaseException:
-        if args.new_version is not None:  # no half-made version is left behind
-            shutil.rmtree(bundle_dir, ignore_errors=True)
-        raise
+
+    if args.new_version is None:
+        manifest = finish(bundle_dir)
+    else:  # copied and calibrated in a staging directory, moved into the store only when finished
+        assert source is not None  # --new-version needs a finished bundle (checked above)
+        with staged_bundle(bundle_dir.parent.parent, bundle_dir.parent.name, args.new_version) as staging:
+            copy_version(bundle_dir, source, staging)
+            manifest = finish(staging)
+        bundle_dir = bundle_dir.parent / args.new_version
     print(
         json.dumps(
             {
@@ -372,13 +390,15 @@ def _with_lams(args: argparse.Namespace, mi: Any) -> Any:
         raise SystemExit(f"the --lam flags give invalid MI parameters: {exc}") from exc
 
 
-def _finished_inputs(args: argparse.Namespace) -> tuple[Path, Any, dict[str, Any], Any]:
-    """Re-calibrate a finished bundle (keep everything but the numbers), or derive ``--new-version`` from it."""
+def _finished_inputs(args: argparse.Namespace) -> tuple[Path, Any, dict[str, Any], Any, Any]:
+    """Re-calibrate a finished bundle (keep everything but the numbers), or the fields of ``--new-version`` from it.
+
+    Returns (bundle dir, dataset, manifest fields, MI parameters, the bundle's manifest).
+    """
     from service.store import load_bundle
     from service.training.datasets import load_manifest_dataset
 
-    bundle_dir: Path = args.bundle
-    manifest = load_bundle(bundle_dir, require_weights=True).manifest
+    manifest = load_bundle(args.bundle, require_weights=True).manifest
     ds = load_manifest_dataset(manifest, args.data_dir)
     if ds.sha256 != manifest.dataset.sha256:
         raise SystemExit(
@@ -386,14 +406,11 @@ def _finished_inputs(args: argparse.Namespace) -> tuple[Path, Any, dict[str, Any
         )
     fields = manifest.model_dump(mode="json", exclude={"mi", "calibration", "accuracy", "files", "created"})
     fields["recipe"]["training"]["recalibrated_by"] = _command_line(args)
-    params = _with_lams(args, manifest.mi)
     if args.new_version is not None:
-        from service.training.versions import copy_version
-
         fields["recipe"]["training"]["derived_from"] = f"{manifest.name}/{manifest.version}"
+        fields["recipe"]["command"] = f"{manifest.recipe.command} && {_command_line(args)}"
         fields["version"] = args.new_version
-        bundle_dir = copy_version(bundle_dir, manifest, args.new_version)
-    return bundle_dir, ds, fields, params
+    return args.bundle, ds, fields, _with_lams(args, manifest.mi), manifest
 
 
 def _run_inputs(args: argparse.Namespace) -> tuple[Path, Any, dict[str, Any], Any]:
@@ -491,7 +508,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--run-dir", type=Path, default=None, help="the `mixinfer train` run (for a bundle without a manifest)"
     )
     p.add_argument("--data-dir", type=Path, default=None, help="data directory for CIFAR / image folders")
-    _add_calibration_args(p)
+    _add_calibration_args(p, keeps_rule=True)
     g = p.add_argument_group("new version (a served version is never edited in place)")
     g.add_argument(
         "--new-version",

@@ -1,45 +1,44 @@
-"""A new version of a finished bundle: its files copied byte for byte into ``<store>/<name>/<version>``.
+"""A new version of a finished bundle: its files copied byte for byte, for ``mixinfer calibrate --new-version``.
 
-Used by ``mixinfer calibrate --new-version`` to ship changed MI parameters (a λ the sweep measured better) without
-editing the served version in place. Only the files the manifest lists are copied, each read once, checked against
-its recorded sha256 and written; the caller writes the new manifest last (``finish_bundle``), so a stopped copy
-never looks like a finished bundle, and removes the directory if calibration fails.
+Ships changed MI parameters (a λ the sweep measured better) without editing the served version in place. The
+version is checked against the store's own pattern before any work; only the files the source's manifest lists are
+copied, each read once, checked against its recorded sha256 and written into a staging directory (the caller's
+``staged_bundle``), which moves into the store only once the new manifest is written and verified, so neither a
+failure nor a killed process leaves a half-made version in the store.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from pathlib import Path
 
-from service.manifest import Manifest
+from service.manifest import VERSION_PATTERN, Manifest
 
 LOGGER = logging.getLogger(__name__)
 
 
-def copy_version(bundle_dir: Path, manifest: Manifest, version: str) -> Path:
-    """Copy ``bundle_dir``'s listed files into the sibling directory ``version`` and return it.
+def check_new_version(bundle_dir: Path, version: str) -> None:
+    """Refuse (SystemExit) a version the store would not load, or one that exists beside ``bundle_dir``."""
+    if not re.fullmatch(VERSION_PATTERN, version, flags=re.ASCII):
+        raise SystemExit(
+            f"--new-version: expected a positive integer without leading zeros (1-999999999), got {version!r}"
+        )
+    target = bundle_dir.parent / version
+    if target.exists() or target.is_symlink():
+        raise SystemExit(f"--new-version: {target} exists; a version is never overwritten (pick another)")
+
+
+def copy_version(bundle_dir: Path, manifest: Manifest, staging: Path) -> None:
+    """Copy ``bundle_dir``'s listed files into ``staging``, each checked against its manifest sha256.
 
     Raises:
-        SystemExit: ``version`` is not a positive integer, equals the source's, or already exists, or a file no
-            longer matches its recorded sha256 (the source changed since it was loaded).
+        SystemExit: a file no longer matches its recorded sha256 (the source changed since it was loaded).
     """
-    if not version.isdigit() or int(version) < 1:
-        raise SystemExit(f"--new-version: expected a positive integer, got {version!r}")
-    target = bundle_dir.parent / version
-    if target.exists():
-        raise SystemExit(f"--new-version: {target} exists; a version is never overwritten (pick another)")
-    target.mkdir()
-    try:
-        for name, digest in sorted(manifest.files.items()):
-            data = (bundle_dir / name).read_bytes()
-            if hashlib.sha256(data).hexdigest() != digest:
-                raise SystemExit(f"{bundle_dir / name} does not match its manifest's sha256; not copied")
-            (target / name).write_bytes(data)
-    except BaseException:
-        for p in target.iterdir():
-            p.unlink()
-        target.rmdir()
-        raise
-    LOGGER.info("copied %d files of %s into %s", len(manifest.files), bundle_dir, target)
-    return target
+    for name, digest in sorted(manifest.files.items()):
+        data = (bundle_dir / name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise SystemExit(f"{bundle_dir / name} does not match its manifest's sha256; not copied")
+        (staging / name).write_bytes(data)
+    LOGGER.info("copied %d files of %s into %s", len(manifest.files), bundle_dir, staging)

@@ -59,7 +59,7 @@ def test_a_version_with_another_ol_lambda_reuses_every_attack_that_does_not_read
     from service.store import load_bundle
 
     v1, c1 = version_1
-    # the fixture's threshold is fixed (0.2): keep it, so only the one λ differs between the versions
+    # a new version keeps its source's rule (here fixed=0.2); said explicitly, as a user pinning it would
     assert main(["calibrate", "--bundle", str(v1), "--new-version", version, flag, "0.9", "--threshold", "0.2"]) == 0
     b1, b2 = load_bundle(v1, require_weights=True), load_bundle(v1.parent / version, require_weights=True)
     assert getattr(b2.manifest.mi, field).lam == 0.9 != getattr(b1.manifest.mi, field).lam

@@ -67,7 +67,11 @@ def _refusal(capsys, argv: list[str]) -> str:
         (["--lam-ol-standalone", "0.8"], "needs --new-version"),  # never in place
         (["--new-version", "1", "--lam-pl", "0.6"], "exists"),
         (["--new-version", "3", "--lam-ol-combined", "1.5"], "expected 0 < lam <= 1, got 1.5"),
-        (["--new-version", "x", "--lam-pl", "0.6"], "expected a positive integer, got 'x'"),
+        (["--new-version", "x", "--lam-pl", "0.6"], "got 'x'"),
+        (["--new-version", "01", "--lam-pl", "0.6"], "without leading zeros"),  # the store would not load it
+        (["--new-version", "\u00b2", "--lam-pl", "0.6"], "positive integer"),  # str.isdigit() says yes
+        (["--new-version", "1234567890", "--lam-pl", "0.6"], "1-999999999"),
+        (["--new-version", "../x", "--lam-pl", "0.6"], "positive integer"),
     ],
 )
 def test_refusals_leave_the_store_as_it_was(store, capsys, extra, says):
@@ -78,19 +82,59 @@ def test_refusals_leave_the_store_as_it_was(store, capsys, extra, says):
     assert sorted(p.name for p in (root / "held").iterdir()) == versions
 
 
-def test_a_copy_that_fails_its_hash_leaves_no_directory(store, tmp_path, capsys):
+def test_a_dangling_link_in_place_of_the_version_is_refused(store, tmp_path, capsys):
+    root, data = store
+    (root / "held" / "8").symlink_to(tmp_path / "nowhere")
+    try:
+        args = ["calibrate", "--bundle", str(root / "held" / "1"), "--data-dir", str(data), "--new-version", "8"]
+        assert "exists" in _refusal(capsys, args)
+    finally:
+        (root / "held" / "8").unlink()
+
+
+def _own_copy(store, tmp_path: Path) -> Path:
     import shutil
 
-    root, data = store
+    root, _ = store
     mine = tmp_path / "held"
     shutil.copytree(root / "held" / "1", mine / "1")
-    args = ["calibrate", "--bundle", str(mine / "1"), "--data-dir", str(data), "--new-version", "4"]
-    # the source changes after it was verified: simulated by a manifest whose pool hash no longer matches
+    return mine
+
+
+def test_a_failed_calibration_leaves_no_version_and_no_staging(store, tmp_path, monkeypatch):
+    from service.training import bundle
+
+    _, data = store
+    mine = _own_copy(store, tmp_path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("measurement failed")
+
+    monkeypatch.setattr(bundle, "split_accuracy", broken)
+    args = ["calibrate", "--bundle", str(mine / "1"), "--data-dir", str(data), "--new-version", "4", "--lam-pl", "0.6"]
+    with pytest.raises(RuntimeError, match="measurement failed"):
+        main(args)
+    assert sorted(p.name for p in mine.iterdir()) == ["1"]  # no "4", no half-made directory
+    assert not list(tmp_path.glob(".staging-*"))  # the staging root is gone too
+
+
+def test_a_new_version_keeps_its_sources_threshold_rule_unless_told_otherwise(store, tmp_path):
+    _, data = store
+    mine = _own_copy(store, tmp_path)
+    base = ["calibrate", "--data-dir", str(data)]
+    assert main([*base, "--bundle", str(mine / "1"), "--threshold", "0.2"]) == 0  # the paper's fixed threshold
+    assert main([*base, "--bundle", str(mine / "1"), "--new-version", "2", "--lam-ol-standalone", "0.8"]) == 0
+    assert load_bundle(mine / "2").manifest.mi.threshold_rule == "fixed=0.2"
+    assert main([*base, "--bundle", str(mine / "2"), "--new-version", "3", "--target-fpr", "0.1"]) == 0
+    assert load_bundle(mine / "3").manifest.mi.threshold_rule == "target_fpr=0.1"  # an explicit rule wins
+
+
+def test_a_copy_that_fails_its_hash_is_refused(store, tmp_path):
     from service.training import versions
 
+    mine = _own_copy(store, tmp_path)
     manifest = load_bundle(mine / "1").manifest
     bad = manifest.model_copy(update={"files": {**manifest.files, "pool.npz": "0" * 64}})
+    (tmp_path / "staging").mkdir()
     with pytest.raises(SystemExit, match="does not match its manifest's sha256"):
-        versions.copy_version(mine / "1", bad, "4")
-    assert not (mine / "4").exists()
-    assert main(args) == 0 and (mine / "4" / MANIFEST_FILE).is_file()  # the real copy then goes through
+        versions.copy_version(mine / "1", bad, tmp_path / "staging")
