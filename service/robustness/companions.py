@@ -114,7 +114,12 @@ def _verdict(
             "**a new bundle version is due**"
         )
     dc, da = pick["clean"] - served["clean"], pick["adversarial"] - served["adversarial"]
-    why = "within one image" if max(abs(dc), abs(da)) < one else "the pick trades one axis for the other"
+    if max(abs(dc), abs(da)) <= one + 1e-9:  # a difference of one image is a tie (as in beats)
+        why = "within one image"
+    elif max(dc, da) > one:
+        why = "the pick trades one axis for the other"
+    else:
+        why = "the pick gains no image on either axis"
     return f"no λ of the grid measures better than the served one ({deltas}, {why}): the served version stays"
 
 

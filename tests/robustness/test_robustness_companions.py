@@ -45,6 +45,11 @@ def test_lambda_section_names_agreement_ties_a_better_pick_and_a_better_row():
     assert "no λ of the grid measures better" in v["MI-OL"] and "clean +5.0, PGD -13.0" in v["MI-OL"]
     assert "trades one axis for the other" in v["MI-OL"] and "within one image" not in v["MI-OL"]
     assert "within one image" in v["MI-PL"]
+    # two images worse on clean, equal under PGD: no gain, and not a trade either
+    worse = _sweep([(0.5, 1.0, 0.835), (0.7, 0.99, 0.835)], [(0.5, 0.99, 0.1)])
+    worse["plain"] = {"clean": 1.0, "adversarial": 0.835}
+    worse["max_clean_drop"] = 0.03
+    assert "gains no image on either axis" in _verdicts(_res(0.5, 0.5, worse))["MI-PL"]
     assert set(_verdicts(_res(0.8, 0.6, sweep)).values()) == {"agree"}
     better = _sweep([(0.5, 0.97, 0.0), (0.8, 0.99, 0.05)], [(0.6, 0.99, 0.1)])  # the plain model: 99 % clean, 0 % PGD
     assert "a new bundle version with it is due" in _verdicts(_res(0.5, 0.6, better))["MI-PL"]
