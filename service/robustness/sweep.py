@@ -23,9 +23,9 @@ from typing import Any
 LOGGER = logging.getLogger(__name__)
 
 DEFAULT_LAMS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-#: the swept branches: (key in sweep.json, label); each varies one λ of the manifest (see run_sweep)
 #: seed of the PGD random starts (fixed and recorded: the sweep is reproducible, the attacks' own seeds are separate)
 PGD_SEED = 0
+#: the swept branches: key in sweep.json -> label; each varies one λ of the manifest (see run_sweep)
 BRANCH_LABEL = {"pl": "MI-PL", "ol": "MI-OL", "combined": "MI-Combined (OL branch λ)"}
 
 

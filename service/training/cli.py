@@ -308,6 +308,8 @@ def _pool(args: argparse.Namespace) -> int:
 
 def _calibrate(args: argparse.Namespace) -> int:
     if getattr(args, "sweep", False):
+        if args.new_version is not None or any(getattr(args, flag) is not None for flag in LAM_FLAGS):
+            raise SystemExit("--sweep measures the λ grid and never writes a bundle: drop --new-version and --lam-*")
         sweep = importlib.import_module(SWEEP_MODULE)
         return int(sweep.run_sweep(args) or 0)
     if args.bundle is None:

@@ -72,6 +72,7 @@ def _refusal(capsys, argv: list[str]) -> str:
         (["--new-version", "\u00b2", "--lam-pl", "0.6"], "positive integer"),  # str.isdigit() says yes
         (["--new-version", "1234567890", "--lam-pl", "0.6"], "1-999999999"),
         (["--new-version", "../x", "--lam-pl", "0.6"], "positive integer"),
+        (["--sweep", "--new-version", "3", "--lam-pl", "0.6"], "never writes a bundle"),
     ],
 )
 def test_refusals_leave_the_store_as_it_was(store, capsys, extra, says):
