@@ -139,7 +139,13 @@ def lambda_section(res: dict[str, Any]) -> list[str]:
         f"{100 * sweep['plain']['clean']:.1f} %, ties to the larger λ; when none is, the largest λ). Served values "
         "are the bundle's: SPEC's defaults (the paper's: λ_PL 0.5; stand-alone λ_OL 0.5 for mixup models, 0.6 for "
         "IAT models; MI-Combined's OL branch 0.4, the paper's CIFAR command) unless the version was derived with "
-        "other λ (`mixinfer calibrate --new-version`); a difference of less than one image counts as a tie. "
+        "other λ (`mixinfer calibrate --new-version`"
+        + (
+            f"; this version was: from {src}, by `{res['bundle']['training'].get('recalibrated_by', '?')}`"
+            if (src := (res["bundle"].get("training") or {}).get("derived_from"))
+            else ""
+        )
+        + "); a difference of less than one image counts as a tie. "
         + (
             "The MI-Combined row varies only the λ of the OL branch that answers flagged inputs (threshold and PL "
             "branch as served)."

@@ -87,6 +87,12 @@ def test_the_combined_row_compares_the_served_ol_branch_lambda_and_old_sweeps_sa
     assert "a new bundle version with it is due" in v["MI-Combined (OL branch λ)"]
     assert "clean +6.0, PGD +30.0" in v["MI-Combined (OL branch λ)"]
     assert "varies only the λ of the OL branch" in "\n".join(companions.lambda_section(_res(0.5, 0.5, sweep)))
+    assert "this version was" not in "\n".join(companions.lambda_section(_res(0.5, 0.5, sweep)))
+    derived = _res(0.5, 0.8, sweep)
+    derived["bundle"]["training"] = {"derived_from": "b/1", "recalibrated_by": "mixinfer calibrate --new-version 2"}
+    assert "this version was: from b/1, by `mixinfer calibrate --new-version 2`" in "\n".join(
+        companions.lambda_section(derived)
+    )
 
 
 def test_companions_from_another_setting_are_not_attached(tmp_path: Path):
