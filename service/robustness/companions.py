@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from service.robustness.sweep import BRANCH_LABEL
+from service.robustness.sweep import BRANCH_FIELD, BRANCH_LABEL, served_lam
 
 SWEEP_FILE = Path("sweep") / "sweep.json"
 PLATEAU_FILE = Path("plateau.json")
@@ -157,17 +157,17 @@ def lambda_section(res: dict[str, Any]) -> list[str]:
         "| branch | served λ | clean / PGD at served (%) | sweep pick | clean / PGD at pick (%) | verdict |",
         "|---|---|---|---|---|---|",
     ]
-    served_lams = {"pl": mi["lam_pl"], "ol": mi["ol_standalone"]["lam"], "combined": mi["ol_combined"]["lam"]}
-    for branch, served_lam in served_lams.items():
-        if branch not in sweep:
+    for branch in BRANCH_FIELD:
+        if branch not in sweep:  # sweeps written before the MI-Combined rows
             continue
+        lam = served_lam(mi, branch)
         rows, pick_lam = sweep[branch]["rows"], sweep[branch]["pick"]
-        served, pick = _at(rows, served_lam), _at(rows, pick_lam)
+        served, pick = _at(rows, lam), _at(rows, pick_lam)
         assert pick is not None, f"sweep pick {pick_lam} not among its rows"
         cell = f"{100 * served['clean']:.1f} / {100 * served['adversarial']:.1f}" if served else "–"
-        verdict = "agree" if abs(pick_lam - served_lam) < 1e-9 else _verdict(served, pick, rows, sweep)
+        verdict = "agree" if abs(pick_lam - lam) < 1e-9 else _verdict(served, pick, rows, sweep)
         out.append(
-            f"| {BRANCH_LABEL[branch]} | {served_lam:g} | {cell} | {pick_lam:g} | "
+            f"| {BRANCH_LABEL[branch]} | {lam:g} | {cell} | {pick_lam:g} | "
             f"{100 * pick['clean']:.1f} / {100 * pick['adversarial']:.1f} | {verdict} |"
         )
     return [*out, "", "Plot: `sweep/sweep.png`.", ""]

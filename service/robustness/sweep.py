@@ -25,8 +25,16 @@ LOGGER = logging.getLogger(__name__)
 DEFAULT_LAMS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 #: seed of the PGD random starts (fixed and recorded: the sweep is reproducible, the attacks' own seeds are separate)
 PGD_SEED = 0
-#: the swept branches: key in sweep.json -> label; each varies one λ of the manifest (see run_sweep)
+#: the swept branches, each the served mode of that name with one λ of the manifest varied: key -> manifest field
+BRANCH_FIELD = {"pl": "lam_pl", "ol": "ol_standalone", "combined": "ol_combined"}
+#: key -> label in plots and reports
 BRANCH_LABEL = {"pl": "MI-PL", "ol": "MI-OL", "combined": "MI-Combined (OL branch λ)"}
+
+
+def served_lam(mi: dict[str, Any], branch: str) -> float:
+    """The λ a manifest's ``mi`` section (as JSON) serves for a swept ``branch``."""
+    value = mi[BRANCH_FIELD[branch]]
+    return float(value["lam"] if isinstance(value, dict) else value)
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,8 +68,6 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     from service.mi.engine import MIEngine
     from service.mi.params import MixSpec, Mode
-
-    branches = (("pl", Mode.PL), ("ol", Mode.OL), ("combined", Mode.COMBINED))
     from service.robustness.attacks.core import quantize
     from service.robustness.attacks.pgd import pgd_untargeted
     from service.robustness.budgets import threat_for
@@ -115,14 +121,11 @@ def run_sweep(args: argparse.Namespace) -> int:
         "max_clean_drop": args.sweep_max_clean_drop,
         "bundle": {"name": bundle.manifest.name, "version": bundle.manifest.version},
     }
-    for branch, mode in branches:
-        rows = []
+    for branch, field in BRANCH_FIELD.items():
+        mode, rows = Mode(branch), []
         for lam in args.sweep_lams:
-            if branch == "pl":
-                params = base.model_copy(update={"lam_pl": lam})
-            else:
-                field = "ol_standalone" if branch == "ol" else "ol_combined"
-                params = base.model_copy(update={field: MixSpec(lam=lam, n=getattr(base, field).n)})
+            value = lam if field == "lam_pl" else MixSpec(lam=lam, n=getattr(base, field).n)
+            params = base.model_copy(update={field: value})
             rows.append({"lam": lam, "clean": acc(params, mode, x_np), "adversarial": acc(params, mode, adv_np)})
             LOGGER.info(
                 "sweep %s lam %.2f: clean %.3f, adversarial %.3f",
@@ -156,7 +159,7 @@ def _plot(result: dict[str, Any], path: Path, name: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.0, 4.4))
-    for branch, marker in (("pl", "o-"), ("ol", "s-"), ("combined", "^-")):
+    for branch, marker in zip(BRANCH_FIELD, ("o-", "s-", "^-"), strict=True):
         if branch not in result:  # sweeps written before the Combined rows
             continue
         rows = result[branch]["rows"]

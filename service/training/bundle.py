@@ -160,10 +160,11 @@ def finish_bundle(
     return finalize_bundle(bundle_dir, {**fields, "mi": params.model_dump(), "calibration": calib, "accuracy": acc})
 
 
-def rule_of(mi: MIParams) -> tuple[float | None, float | None]:
-    """(fixed threshold, target FPR) of a manifest's ``threshold_rule``: ``fixed=x`` or ``target_fpr=y``."""
+def rule_of(mi: MIParams) -> tuple[float | None, float]:
+    """(fixed threshold or None, target FPR) that recalibrate by a manifest's ``threshold_rule`` (``fixed=x`` or
+    ``target_fpr=y``); with a fixed threshold the target is unused (the default)."""
     kind, _, value = mi.threshold_rule.partition("=")
-    return (None, float(value)) if kind == "target_fpr" else (mi.threshold, None)
+    return (None, float(value)) if kind == "target_fpr" else (mi.threshold, DEFAULT_TARGET_FPR)
 
 
 @contextmanager
@@ -264,12 +265,7 @@ def recompute_numbers(bundle_dir: Path, data_dir: Path | None = None, threads: i
     split = bundle.splits
     fixed, target = rule_of(m.mi)
     params, calib = calibrate(
-        factory,
-        ds.images[split["calibration"]],
-        m.mi,
-        seed=m.calibration.seed,
-        threshold=fixed,
-        target_fpr=DEFAULT_TARGET_FPR if target is None else target,
+        factory, ds.images[split["calibration"]], m.mi, seed=m.calibration.seed, threshold=fixed, target_fpr=target
     )
     acc = split_accuracy(factory, ds.images[split["test"]], ds.labels[split["test"]], m.mi, seed=m.accuracy.seed)
     return {"accuracy": acc, "calibration": calib, "threshold": params.threshold}
