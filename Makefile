@@ -62,8 +62,10 @@ bench: install system-deps  ## benchmarks; writes bench/results.md
 	$(PY) bench/tail.py --results
 	$(PY) bench/query_watch.py --requests 1250 --results
 
-bundle: install  ## rebuild model_store/mnist-mixup/1 end to end on CPU
+bundle: install  ## rebuild model_store/mnist-mixup/1 end to end on CPU, and its version 2 (the served one) with the Combined OL λ its sweep picked
 	$(VENV)/bin/mixinfer bundle --dataset mnist5k --name mnist-mixup --version 1 --target-fpr 0.05 --force
+	rm -rf model_store/mnist-mixup/2
+	$(VENV)/bin/mixinfer calibrate --bundle model_store/mnist-mixup/1 --new-version 2 --lam-ol-combined 0.5
 
 bundle-iat: install  ## an interpolated-adversarial-training MNIST bundle next to it, and its version 2 with the OL λ its sweep picked
 	$(VENV)/bin/mixinfer bundle --dataset mnist5k --name mnist-iat --version 1 --training iat --target-fpr 0.05 --force
@@ -72,10 +74,11 @@ bundle-iat: install  ## an interpolated-adversarial-training MNIST bundle next t
 
 EVAL_SEEDS := --seeds 101 102 103  # fixed server seeds: a rerun reproduces the committed reports (attack seed 0)
 
-evaluate: install  ## robustness reports of the default bundle: eps 0.3 (cpu budget, 32 images) and eps 0.1 (20 images) with its λ sweep; DEVICE=cuda for a GPU
+evaluate: install  ## robustness reports of the default bundle's two versions: version 1 at eps 0.3 (cpu budget, 32 images) and eps 0.1 (20 images) with its λ sweep, the served version 2 at eps 0.3; DEVICE=cuda for a GPU
 	$(VENV)/bin/mixinfer calibrate --bundle model_store/mnist-mixup/1 --sweep --sweep-out docs/robustness/mnist-mixup-eps0.1/sweep
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/1 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-mixup
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/1 --budget cpu --n-images 20 --eps 0.1 $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-mixup-eps0.1
+	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/2 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-mixup-2
 	$(PY) -m service.robustness.tables
 
 evaluate-iat: install  ## robustness reports of the interpolated-AT bundle's two versions (cpu budget, eps 0.3), their λ sweeps, and the plateau of version 1's two strongest attacks; DEVICE=cuda for a GPU
@@ -86,8 +89,11 @@ evaluate-iat: install  ## robustness reports of the interpolated-AT bundle's two
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/2 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-iat-2
 	$(PY) -m service.robustness.tables
 
-examples: install  ## regenerate examples/ (clean digits, adversarial ones the server flags) and the page's samples
-	$(PY) -m service.robustness.examples --bundle model_store/mnist-mixup/1 --out examples
+# what `make serve` serves: the highest version of the default model
+SERVED_BUNDLE = model_store/mnist-mixup/$(shell ls model_store/mnist-mixup | sort -n | tail -n 1)
+
+examples: install  ## regenerate examples/ (clean digits, adversarial ones the server flags) on the served bundle, and the page's samples
+	$(PY) -m service.robustness.examples --bundle $(SERVED_BUNDLE) --out examples
 	cp examples/*.png service/api/static/samples/  # the browser page's sample digits
 
 schema: install  ## regenerate model_store/manifest.schema.json

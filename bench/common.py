@@ -33,6 +33,14 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+def served_bundle() -> Path:
+    """The bundle ``make serve`` serves: the highest version of ``model_store/mnist-mixup`` (``1`` if none is built)."""
+    from service.store import list_versions
+
+    versions = list_versions(ROOT / "model_store", "mnist-mixup")
+    return ROOT / "model_store" / "mnist-mixup" / (versions[-1] if versions else "1")
+
+
 def log(msg: str, *args: object) -> None:
     """Progress line on stderr (stdout is reserved for the table and the final JSON line)."""
     sys.stderr.write(time.strftime("%H:%M:%S ") + (msg % args if args else msg) + "\n")

@@ -12,7 +12,7 @@ Measured in one process on the same weights and threads:
 
 Usage::
 
-    .venv/bin/python bench/engine.py [--bundle model_store/mnist-mixup/1] [--threads 2] [--json]
+    .venv/bin/python bench/engine.py [--bundle DIR (default: the served bundle)] [--threads 2] [--json]
 
 Progress goes to stderr; the table (markdown) to stdout; with ``--json`` the last stdout line is one JSON object
 with ``engine_vs_reference`` and ``engine_vs_floor`` (batch 64, clean inputs) among its keys. Without the default
@@ -42,13 +42,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(REPO))
 
+from bench.common import served_bundle  # noqa: E402
 from service.backends.onnx import OrtBackend  # noqa: E402
 from service.mi.engine import MIEngine  # noqa: E402
 from service.mi.params import MIParams, Mode  # noqa: E402
 from service.mi.reference import reference_mi  # noqa: E402
 
 LOGGER = logging.getLogger("bench.engine")
-DEFAULT_BUNDLE = REPO / "model_store" / "mnist-mixup" / "1"
 
 
 def log(msg: str, *args: object) -> None:
@@ -115,7 +115,7 @@ def rate(fn: Callable[[], object], n_images: int, min_seconds: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="bundle directory (default: %(default)s)")
+    parser.add_argument("--bundle", type=Path, default=None, help="bundle directory (default: the served one)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ORT intra-op and torch threads")
     parser.add_argument("--batches", default="1,16,64,256", help="engine batch sizes (comma-separated)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per measurement (median)")
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        s = Setup(args.bundle, Path(tmp))
+        s = Setup(args.bundle or served_bundle(), Path(tmp))
         p = s.params
         log("source: %s; clean inputs: %s; params: %s", s.source, s.inputs_from, p.model_dump())
         backend = OrtBackend(

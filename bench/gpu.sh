@@ -28,6 +28,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 T0=$(date +%s)
 
+MNIST=model_store/mnist-mixup/$(ls model_store/mnist-mixup | sort -n | tail -n 1)  # the served (highest) version
+RESNET=runs/bench/store/resnet18-bench/1
 SCALE=1
 if [[ $MODE == gpu ]]; then
   PY=python3
@@ -35,7 +37,7 @@ if [[ $MODE == gpu ]]; then
   TORCH_DEVICE=cuda
   THREADS=8
   RESNET_ENGINE=(--repeats 3 --batches 1,16,64 --reference-images 8)
-  SHAPES_BUNDLES=(model_store/mnist-mixup/1 runs/bench/store/resnet18-bench/1)
+  SHAPES_BUNDLES=("$MNIST" "$RESNET")
   mkdir -p /tmp/mixinfer-gpu/ort
   cp .gpu/ort/part-* /tmp/mixinfer-gpu/ort/ 2>/dev/null
   wheel=/tmp/mixinfer-gpu/$(awk '{print $2}' .gpu/ort.sha256)
@@ -59,7 +61,7 @@ else
   THREADS=$(nproc)
   SCALE=${CPU_SCALE:-4}  # a 2-core CPU runs the ResNet-18 steps far slower than a GPU
   RESNET_ENGINE=(--repeats 1 --batches 1 --reference-images 1 --min-seconds 0.1)  # proves the step, not a figure
-  SHAPES_BUNDLES=(model_store/mnist-mixup/1)  # ResNet-18 static-shape calls take seconds each on a CPU
+  SHAPES_BUNDLES=("$MNIST")  # ResNet-18 static-shape calls take seconds each on a CPU
   echo "cpu run on $(nproc) cores" > "$OUT/card.txt"
 fi
 $PY -c 'import onnxruntime as o; print("onnxruntime", o.__version__, o.get_available_providers())' >> "$OUT/card.txt" 2>&1
@@ -92,8 +94,6 @@ PYEOF
   echo "$name: rc $rc, $(( $(date +%s) - t )) s (total $(( $(date +%s) - T0 )) s)" | tee -a "$OUT/log.txt"
 }
 
-RESNET=runs/bench/store/resnet18-bench/1
-MNIST=model_store/mnist-mixup/1
 step gpu_tests 60 $PY -m pytest -q -p no:cacheprovider -m gpu tests/gpu
 step throughput_bundle 75 $PY bench/throughput_bundle.py
 step shapes 60 $PY bench/shapes.py --providers $PROVIDERS --bundle "${SHAPES_BUNDLES[@]}" --seconds 0.5 --json

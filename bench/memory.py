@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import emit_json, log, machine_info, rss_mib
+from bench.common import emit_json, log, machine_info, rss_mib, served_bundle
 
-DEFAULT_BUNDLES = ("model_store/mnist-mixup/1", "runs/bench/store/resnet18-bench/1")
+RESNET_BUNDLE = Path("runs/bench/store/resnet18-bench/1")
 
 
 def used_mib(providers: str) -> float:
@@ -69,11 +69,18 @@ def child(kind: str, bundle_dir: Path, providers: str) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, nargs="+", default=[Path(b) for b in DEFAULT_BUNDLES])
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="bundle directories (default: the served one and the ResNet-18 bench bundle)",
+    )
     parser.add_argument("--providers", default="CPUExecutionProvider")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--child", choices=["engine", "session"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.bundle = args.bundle or [served_bundle(), RESNET_BUNDLE]
     if args.child:
         print(json.dumps(child(args.child, args.bundle[0], args.providers)))
         return 0

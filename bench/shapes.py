@@ -28,13 +28,12 @@ import numpy as np
 if __name__ == "__main__":  # `python bench/x.py` puts bench/ first on sys.path, where bench/http.py would shadow
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from bench.common import emit_json, log, machine_info
+from bench.common import emit_json, log, machine_info, served_bundle
 from bench.engine import rate
 from service.mi.engine import MIEngine
 from service.mi.params import Mode
 from service.store import load_bundle, open_backend
 
-DEFAULT_BUNDLES = ("model_store/mnist-mixup/1",)
 VARIED_BATCHES = (64, 48, 33, 64, 17, 64, 40)
 
 
@@ -75,11 +74,14 @@ def measure(path: Path, providers: str, static: str, seconds: float) -> dict[str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, nargs="+", default=[Path(b) for b in DEFAULT_BUNDLES])
+    parser.add_argument(
+        "--bundle", type=Path, nargs="+", default=None, help="bundle directories (default: the served one)"
+    )
     parser.add_argument("--providers", default="CPUExecutionProvider", help="ONNX Runtime providers, in order")
     parser.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     args = parser.parse_args(argv)
+    args.bundle = args.bundle or [served_bundle()]
 
     result: dict[str, Any] = {"machine": machine_info()}
     print("| bundle | provider | static shapes | sessions | steady call ms | alternating pair ms | engine img/s |")

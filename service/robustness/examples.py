@@ -1,9 +1,13 @@
 """Example images for the README's curl demo: clean digits, and adversarial ones the served engine flags.
 
-``python -m service.robustness.examples --bundle model_store/mnist-mixup/1 --out examples`` writes 8-bit PNGs and
+``python -m service.robustness.examples --bundle model_store/mnist-mixup/2 --out examples`` writes 8-bit PNGs and
 ``examples/README.md``. An adversarial example is kept only if the served MI-Combined engine flags it in at least
 ``--min-flags`` of ``--runs`` fresh-seed runs (OS entropy, exactly as the server draws), checked on the PNG as
 written (decoded back), so what is committed is what was verified.
+
+``--recheck`` keeps the PNGs and re-verifies them on another bundle (a new version that keeps the model and the
+threshold, e.g. one with another OL λ): it rewrites the table and fails if an adversarial file is flagged in fewer than
+``--min-flags`` runs or no longer fools the base model, or a clean one is misread or flagged in more than a quarter.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -32,16 +37,52 @@ def flag_counts(engine: object, images: NDArray[np.float32], runs: int) -> tuple
     return flags, np.stack(labels)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Write the example PNGs; returns the exit code."""
-    import torch
+def _load_png(path: Path) -> NDArray[np.float32]:
     from PIL import Image
 
+    with Image.open(path) as im:
+        return np.asarray(im, dtype=np.float32)[None, None] / np.float32(255.0)
+
+
+def _row(
+    engine: Any, names: list[str], img: NDArray[np.float32], path: Path, true_k: int, *, runs: int
+) -> tuple[str, int]:
+    """The README row of one written file (checked on its decoded pixels) and how often it was flagged."""
+    f, labels = flag_counts(engine, img, runs)
+    base = names[int(engine.backend.probs(img).argmax())]
+    majority = names[int(np.bincount(labels[:, 0]).argmax())]
+    return f"| {path.name} | {names[true_k]} | {base} | {majority} | {int(f[0])}/{runs} |", int(f[0])
+
+
+def _recheck(engine: Any, names: list[str], args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """Rows for the PNGs already in ``args.out`` on this bundle, and what no longer holds (empty: all hold)."""
+    rows, broken = [], []
+    files = sorted(args.out.glob("clean_*.png")) + sorted(args.out.glob("adversarial_*_true*.png"))
+    for path in files:
+        adversarial = path.stem.startswith("adversarial_")
+        true_k = names.index(path.stem.split("true")[1] if adversarial else path.stem.split("_", 1)[1])
+        img = _load_png(path)
+        row, flags = _row(engine, names, img, path, true_k, runs=args.runs)
+        rows.append(row)
+        fooled = int(engine.backend.probs(img).argmax()) != true_k
+        if adversarial and (flags < args.min_flags or not fooled):
+            broken.append(
+                f"{path.name}: flagged in {flags}/{args.runs} (expected >= {args.min_flags}), base model "
+                f"{'fooled' if fooled else 'right'} (expected fooled)"
+            )
+        if not adversarial and (flags > args.runs // 4 or fooled):
+            broken.append(
+                f"{path.name}: flagged in {flags}/{args.runs} (expected <= {args.runs // 4}), "
+                f"base model {'wrong' if fooled else 'right'} (expected right)"
+            )
+    if not files:
+        broken.append(f"no clean_*.png or adversarial_*_true*.png in {args.out}")
+    return rows, broken
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the example PNGs (or recheck the written ones); returns the exit code."""
     from service.mi.engine import MIEngine
-    from service.robustness.attacks.core import quantize
-    from service.robustness.attacks.pgd import pgd_untargeted
-    from service.robustness.data import load_split
-    from service.robustness.pipeline import DifferentiableMI
     from service.store import load_bundle, open_backend
 
     p = argparse.ArgumentParser(prog="python -m service.robustness.examples", description=__doc__)
@@ -51,12 +92,56 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--min-flags", type=int, default=19)
     p.add_argument("--n-adversarial", type=int, default=4)
+    p.add_argument(
+        "--recheck",
+        action="store_true",
+        help="keep the PNGs in --out and check them on --bundle (a new version with the same model and threshold): "
+        "rewrite README.md's table; exit 1 (README untouched) if an adversarial file is flagged in fewer than "
+        "--min-flags runs or no longer fools the base model, or a clean one is misread or flagged in over a quarter",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
 
     bundle = load_bundle(args.bundle, require_weights=True)
     names = bundle.manifest.class_names
     engine = MIEngine(open_backend(bundle, providers=["CPUExecutionProvider"]), bundle.pool_labels, bundle.manifest.mi)
+    command = f"python -m service.robustness.examples --bundle {args.bundle} --out {args.out}"
+    if args.recheck:
+        rows, broken = _recheck(engine, names, args)
+        command += " --recheck"
+    else:
+        rows, broken = _generate(bundle, engine, names, args)
+    lines = [
+        "# Example inputs for the curl demo",
+        "",
+        f"Bundle `{bundle.manifest.name}/{bundle.manifest.version}`; each file checked on its decoded PNG pixels "
+        f"against the served MI-Combined engine in {args.runs} fresh-seed runs (`{command}`).",
+        "",
+        "| file | true label | base model says | MI-Combined says (majority) | flagged in |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Adversarial files: L∞ PGD on the base model, ε = {args.eps}, 100 steps, 8-bit pixels.",
+        "",
+    ]
+    for problem in broken:
+        LOGGER.error("%s", problem)
+    if not broken:
+        (args.out / "README.md").write_text("\n".join(lines), encoding="utf-8")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 1 if broken else 0
+
+
+def _generate(bundle: Any, engine: Any, names: list[str], args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """Attack the test split, write the clean and adversarial PNGs; their rows, and a problem if none was kept."""
+    import torch
+    from PIL import Image
+
+    from service.robustness.attacks.core import quantize
+    from service.robustness.attacks.pgd import pgd_untargeted
+    from service.robustness.data import load_split
+    from service.robustness.pipeline import DifferentiableMI
+
     x_all, y_all, idx_all = load_split(bundle, "test")
     spread = np.linspace(0, y_all.size - 1, 150).astype(np.int64)  # the split is class-sorted: take every class
     x_np, y_np, idx = x_all[spread], y_all[spread], idx_all[spread]
@@ -67,59 +152,37 @@ def main(argv: list[str] | None = None) -> int:
 
     def save_and_reload(img: NDArray[np.float32], path: Path) -> NDArray[np.float32]:
         Image.fromarray(np.round(img[0, 0] * 255).astype(np.uint8)).save(path)
-        with Image.open(path) as im:
-            return np.asarray(im, dtype=np.float32)[None, None] / np.float32(255.0)
+        return _load_png(path)
 
-    lines = [
-        "# Example inputs for the curl demo",
-        "",
-        f"Bundle `{bundle.manifest.name}/{bundle.manifest.version}`; each file checked on its decoded PNG pixels "
-        f"against the served MI-Combined engine in {args.runs} fresh-seed runs (`python -m "
-        f"service.robustness.examples --bundle {args.bundle} --out {args.out}`).",
-        "",
-        "| file | true label | base model says | MI-Combined says (majority) | flagged in |",
-        "|---|---|---|---|---|",
-    ]
+    rows = []
     backend = engine.backend
     clean_flags, _ = flag_counts(engine, x_np, args.runs)
-    kept = 0
     for k in range(len(names)):
         cand = np.flatnonzero((y_np == k) & (clean_flags == 0) & (backend.probs(x_np).argmax(1) == y_np))
         if cand.size == 0:
             continue
         i = int(cand[0])
         path = args.out / f"clean_{names[k]}.png"
-        img = save_and_reload(x_np[i : i + 1], path)
-        f, labels = flag_counts(engine, img, args.runs)
-        lines.append(
-            f"| {path.name} | {names[k]} | {names[int(backend.probs(img).argmax())]} | "
-            f"{names[int(np.bincount(labels[:, 0]).argmax())]} | {int(f[0])}/{args.runs} |"
-        )
+        rows.append(_row(engine, names, save_and_reload(x_np[i : i + 1], path), path, k, runs=args.runs)[0])
     adv_flags, _ = flag_counts(engine, x_adv, args.runs)
     wrong = backend.probs(x_adv).argmax(1) != y_np
     used: set[int] = set()
+    kept = 0
     for i in np.flatnonzero((adv_flags >= args.runs) & wrong).tolist():
         if kept >= args.n_adversarial:
             break
         if int(y_np[i]) in used:  # one per true class
             continue
         path = args.out / f"adversarial_{kept}_true{names[int(y_np[i])]}.png"
-        img = save_and_reload(x_adv[i : i + 1], path)
-        f, labels = flag_counts(engine, img, args.runs)
-        if f[0] < args.min_flags:
+        row, flags = _row(engine, names, save_and_reload(x_adv[i : i + 1], path), path, int(y_np[i]), runs=args.runs)
+        if flags < args.min_flags:
             path.unlink()
             continue
         kept += 1
         used.add(int(y_np[i]))
-        lines.append(
-            f"| {path.name} | {names[int(y_np[i])]} | {names[int(backend.probs(img).argmax())]} | "
-            f"{names[int(np.bincount(labels[:, 0]).argmax())]} | {int(f[0])}/{args.runs} |"
-        )
+        rows.append(row)
         LOGGER.info("kept %s (dataset index %d)", path.name, int(idx[i]))
-    lines += ["", f"Adversarial files: L∞ PGD on the base model, ε = {args.eps}, 100 steps, 8-bit pixels.", ""]
-    (args.out / "README.md").write_text("\n".join(lines), encoding="utf-8")
-    sys.stdout.write("\n".join(lines) + "\n")
-    return 0 if kept else 1
+    return rows, [] if kept else ["no adversarial example was flagged often enough"]
 
 
 if __name__ == "__main__":

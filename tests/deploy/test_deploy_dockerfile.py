@@ -184,7 +184,7 @@ def test_the_build_context_takes_exactly_the_tracked_files_of_model_store():
     patterns = dockerignore_patterns()
     kept = sorted(p[1:] for p in patterns if p.startswith("!model_store"))
     assert kept == sorted(_tracked("model_store")), "run `make dockerignore`"
-    for untracked in ("model_store/mnist-mixup/2/model.onnx", "model_store/new-model/1/manifest.json"):
+    for untracked in ("model_store/mnist-mixup/99/model.onnx", "model_store/new-model/1/manifest.json"):
         assert dockerignore_excludes(untracked, patterns), untracked
     for lock in ("deploy/requirements/cpu.txt", "deploy/requirements/gpu.txt"):
         assert not dockerignore_excludes(lock, patterns), lock
@@ -206,6 +206,7 @@ def test_the_build_context_takes_exactly_the_tracked_files_of_model_store():
         ("README.md", False),
         ("service/cli.py", False),
         ("model_store/mnist-mixup/1/model.onnx", False),
+        ("model_store/mnist-mixup/2/manifest.json", False),
         ("deploy/healthcheck.py", False),
     ],
 )

@@ -1,7 +1,8 @@
-"""The committed example PNGs still behave as examples/README.md says on the committed default bundle."""
+"""The committed example PNGs still behave as examples/README.md says on the bundle `make serve` serves."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +11,11 @@ from PIL import Image
 
 from service.mi.engine import MIEngine
 from service.mi.params import Mode
-from service.store import load_bundle, open_backend
+from service.store import list_versions, load_bundle, open_backend
 
 ROOT = Path(__file__).resolve().parents[2]
-BUNDLE = ROOT / "model_store" / "mnist-mixup" / "1"
+STORE = ROOT / "model_store"
+BUNDLE = STORE / "mnist-mixup" / (list_versions(STORE, "mnist-mixup") or ["1"])[-1]  # the served (highest) version
 EXAMPLES = ROOT / "examples"
 RUNS = 20
 
@@ -34,6 +36,13 @@ def _flags(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.skipif(not BUNDLE.exists() or not EXAMPLES.exists(), reason="default bundle or examples not present")
+def test_examples_were_made_on_the_served_bundle():
+    """A new default version ships with examples regenerated on it (`make examples`)."""
+    made_on = (EXAMPLES / "README.md").read_text().splitlines()[2]
+    assert made_on.startswith(f"Bundle `mnist-mixup/{BUNDLE.name}`;"), made_on
+
+
+@pytest.mark.skipif(not BUNDLE.exists() or not EXAMPLES.exists(), reason="default bundle or examples not present")
 def test_adversarial_examples_are_flagged_and_clean_ones_are_not():
     adv = sorted(EXAMPLES.glob("adversarial_*.png"))
     clean = sorted(EXAMPLES.glob("clean_*.png"))
@@ -46,3 +55,31 @@ def test_adversarial_examples_are_flagged_and_clean_ones_are_not():
     assert (plain[:n] != truths).all()  # they do fool the undefended model
     assert (flags[n:] <= 5).all(), flags[n:]
     assert (plain[n:] == [int(p.stem.split("_")[1]) for p in clean]).all()
+
+
+@pytest.mark.skipif(not BUNDLE.exists() or not EXAMPLES.exists(), reason="default bundle or examples not present")
+def test_recheck_rewrites_the_table_for_the_files_it_found(tmp_path, capsys):
+    from service.robustness.examples import main
+
+    for png in EXAMPLES.glob("*.png"):
+        (tmp_path / png.name).write_bytes(png.read_bytes())
+    assert main(["--bundle", str(BUNDLE), "--out", str(tmp_path), "--recheck"]) == 0
+    rows = [line for line in (tmp_path / "README.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert sorted(r.split(" | ")[0][2:] for r in rows) == sorted(p.name for p in EXAMPLES.glob("*.png"))
+    for row in rows:  # file | true label | base model says | majority | flagged in
+        name, true, base, _, flagged = (c.strip() for c in row.strip("|").split("|"))
+        hits, runs = map(int, flagged.split("/"))
+        assert runs == 20
+        assert (base != true and hits >= 19) if name.startswith("adversarial_") else (base == true and hits <= 5)
+
+
+@pytest.mark.skipif(not BUNDLE.exists() or not EXAMPLES.exists(), reason="default bundle or examples not present")
+def test_recheck_fails_on_a_clean_digit_posing_as_adversarial_and_keeps_the_readme(tmp_path, caplog):
+    from service.robustness.examples import main
+
+    (tmp_path / "clean_7.png").write_bytes((EXAMPLES / "clean_7.png").read_bytes())
+    (tmp_path / "adversarial_0_true7.png").write_bytes((EXAMPLES / "clean_7.png").read_bytes())
+    (tmp_path / "README.md").write_text("before\n")
+    assert main(["--bundle", str(BUNDLE), "--out", str(tmp_path), "--recheck"]) == 1
+    assert (tmp_path / "README.md").read_text() == "before\n"
+    assert re.search(r"adversarial_0_true7.png: flagged in \d/20 \(expected >= 19\), base model right", caplog.text)

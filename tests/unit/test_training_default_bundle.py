@@ -7,12 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.store import load_bundle
+from service.store import load_bundle, resolve_bundle
 from service.training.bundle import recompute_numbers
 from service.training.datasets import load_dataset
 
 STORE = Path(__file__).resolve().parents[2] / "model_store"
-BUNDLES = [STORE / "mnist-mixup" / "1", STORE / "mnist-iat" / "1", STORE / "mnist-iat" / "2"]
+BUNDLES = [STORE / name / v for name in ("mnist-mixup", "mnist-iat") for v in ("1", "2")]
+#: each derived version: its source, the MI fields it changes and their OL λ (the λ sweeps' picks:
+#: docs/robustness/mnist-mixup-eps0.1/sweep, docs/robustness/mnist-iat/sweep)
+DERIVED = {
+    "mnist-mixup/2": ("mnist-mixup/1", {"ol_combined": 0.5}),
+    "mnist-iat/2": ("mnist-iat/1", {"ol_combined": 0.8, "ol_standalone": 0.8}),
+}
 
 
 def _present(path: Path) -> Path:
@@ -21,13 +27,15 @@ def _present(path: Path) -> Path:
     return path
 
 
-def test_a_derived_version_shares_its_source_files_and_changes_only_the_shipped_lambdas():
-    v1, v2 = (load_bundle(_present(STORE / "mnist-iat" / v)).manifest for v in ("1", "2"))
-    assert v2.files == v1.files and v2.recipe.training["derived_from"] == "mnist-iat/1"
+@pytest.mark.parametrize("derived", sorted(DERIVED))
+def test_a_derived_version_shares_its_source_files_and_changes_only_the_shipped_lambdas(derived):
+    source, lams = DERIVED[derived]
+    v1, v2 = (load_bundle(_present(STORE / b)).manifest for b in (source, derived))
+    assert v2.files == v1.files and v2.recipe.training["derived_from"] == source
     changed = {k for k in v1.mi.model_dump() if getattr(v1.mi, k) != getattr(v2.mi, k)}
-    assert changed == {"ol_combined", "ol_standalone"}  # the λ sweep's picks (docs/robustness/mnist-iat-2/sweep)
-    assert (v2.mi.ol_combined.lam, v2.mi.ol_standalone.lam) == (0.8, 0.8)
-    assert (v2.mi.ol_combined.n, v2.mi.ol_standalone.n) == (v1.mi.ol_combined.n, v1.mi.ol_standalone.n)
+    assert changed == set(lams)
+    for field, lam in lams.items():
+        assert (getattr(v2.mi, field).lam, getattr(v2.mi, field).n) == (lam, getattr(v1.mi, field).n)
 
 
 @pytest.mark.parametrize("path", BUNDLES, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -52,8 +60,9 @@ def test_committed_bundle_numbers_are_recomputed_exactly_with_the_recorded_seed(
     assert again["threshold"] == m.mi.threshold
 
 
-def test_default_bundle_reaches_the_accuracy_aim():
-    m = load_bundle(STORE / "mnist-mixup" / "1").manifest
+def test_served_default_bundle_is_the_newest_and_reaches_the_accuracy_aim():
+    assert resolve_bundle(STORE, "mnist-mixup") == STORE / "mnist-mixup" / "2"  # what `make serve` serves
+    m = load_bundle(resolve_bundle(STORE, "mnist-mixup")).manifest
     assert m.accuracy.n_images == 1000
     assert m.accuracy.plain >= 0.98, f"plain clean accuracy {m.accuracy.plain} below the 0.98 aim"
     assert m.calibration.false_flag_rate <= 0.05
