@@ -74,10 +74,11 @@ bundle-iat: install  ## an interpolated-adversarial-training MNIST bundle next t
 
 EVAL_SEEDS := --seeds 101 102 103  # fixed server seeds: a rerun reproduces the committed reports (attack seed 0)
 
-evaluate: install  ## robustness reports of the default bundle's two versions: version 1 at eps 0.3 (cpu budget, 32 images) and eps 0.1 (20 images) with its λ sweep, the served version 2 at eps 0.3; DEVICE=cuda for a GPU
+evaluate: install  ## robustness reports of the default bundle's two versions: version 1 at eps 0.3 (cpu budget, 32 images) and eps 0.1 (20 images) with its λ sweep, the served version 2 at eps 0.3 with its λ sweep; DEVICE=cuda for a GPU
 	$(VENV)/bin/mixinfer calibrate --bundle model_store/mnist-mixup/1 --sweep --sweep-out docs/robustness/mnist-mixup-eps0.1/sweep
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/1 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-mixup
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/1 --budget cpu --n-images 20 --eps 0.1 $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-mixup-eps0.1
+	$(VENV)/bin/mixinfer calibrate --bundle model_store/mnist-mixup/2 --sweep --sweep-out docs/robustness/mnist-mixup-2/sweep
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/2 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-mixup-2
 	$(PY) -m service.robustness.tables
 

@@ -5,10 +5,10 @@ inputs and the attack's loss curve. The file name carries the attack's name and 
 everything that changes its output (the sha256 of the bundle's files, its MI parameters, budget, threat model,
 image indices, ``CACHE_VERSION``), so a changed budget or bundle never reuses a stale entry, while a manifest field
 that cannot change an attack (a schema addition) does not invalidate it. MI parameters that only some attacks read
-(:data:`SCOPED_MI`: the stand-alone MI-OL mode's, MI-Combined's OL branch) enter only those attacks' keys: a new
-bundle version that changes them (same files, another OL λ) reuses every other attack's inputs, which are the same
-arrays by construction (a test regenerates the whole plan under each changed field). Scoring is not cached: it is
-cheap and uses this run's seeds.
+(:data:`SCOPED_MI`: the stand-alone MI-OL mode's, MI-Combined's OL branch) enter only the keys of the attacks that
+:data:`READS` lists as reading them: a new bundle version that changes them (same files, another OL λ) reuses every
+other attack's inputs, which are the same arrays by construction (a test regenerates the whole plan under each changed
+field). Scoring is not cached: it is cheap and uses this run's seeds.
 """
 
 from __future__ import annotations
@@ -27,21 +27,49 @@ LOGGER = logging.getLogger(__name__)
 
 #: bump when an attack's algorithm changes so old entries stop matching
 CACHE_VERSION = 2
-#: manifest ``mi`` fields read only by the attacks whose cache name contains one of these attack names (plateau
-#: runs included: their names embed the attack's); every other attack's key leaves the field out. A test runs the
-#: whole plan under a changed field and fails if an attack outside its list then produces other inputs.
-SCOPED_MI: dict[str, tuple[str, ...]] = {
-    "ol_standalone": ("ol-standalone",),
-    "ol_combined": (
-        "eot-combined",
-        "force-flagged",
-        "smooth-switch",
-        "ol-direct",
-        "apgd-",
-        "square-",
-        "autoattack",
+#: manifest ``mi`` fields that only some attacks read: the stand-alone MI-OL mode's and MI-Combined's OL branch
+SCOPED_MI: tuple[str, ...] = ("ol_standalone", "ol_combined")
+#: the SCOPED_MI fields each attack family reads (see :func:`family`); every other attack's key leaves them out. A
+#: family missing here reads all of them (fail closed: its key changes with any, so a new attack never reuses inputs
+#: made under another λ). A test regenerates the whole plan under each changed field and fails if an attack outside
+#: its readers then produces other inputs, and another checks that every attack of the plan is listed.
+READS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("pgd-pred", "pgd-gt", "pgd-targeted", "transfer", "transfer-surrogate", "pl-aware"), ()),
+    **dict.fromkeys(("eot-gaussian", "eot-rotation", "eot-crop_pad", "eot-crop_resize"), ()),
+    "ol-standalone": ("ol_standalone",),
+    **dict.fromkeys(
+        (
+            *("eot-combined", "eot-combined-from-transfer", "force-flagged", "smooth-switch", "ol-direct"),
+            *("apgd-eot", "apgd-force-flagged", "square-full", "square-label", "autoattack-rand"),
+        ),
+        ("ol_combined",),
     ),
 }
+#: prefix of the plateau runs' cache names: ``plateau-<family>-<variant>``
+PLATEAU_PREFIX = "plateau-"
+
+
+def family(name: str) -> str | None:
+    """The attack family of a cache name (``force-flagged-targeted@0.3`` and ``plateau-force-flagged-eotx2``:
+    ``force-flagged``), or None when it names no family in :data:`READS`."""
+    if name.startswith(PLATEAU_PREFIX):
+        rest = name.removeprefix(PLATEAU_PREFIX)
+        known = [f for f in READS if rest.startswith(f + "-")]
+        return max(known, key=len) if known else None
+    base = name.split("@", maxsplit=1)[0]
+    for fam in (base, base.removesuffix("-targeted")):
+        if fam in READS:
+            return fam
+    return None
+
+
+def reads(name: str) -> tuple[str, ...]:
+    """The SCOPED_MI fields the attack ``name`` reads: all of them for an unknown family (fail closed)."""
+    fam = family(name)
+    if fam is None:
+        LOGGER.warning("attack %s is not in cache.READS: its cache key includes every scoped MI field", name)
+        return SCOPED_MI
+    return READS[fam]
 
 
 class AttackCache:
@@ -69,8 +97,8 @@ class AttackCache:
 
     def key(self, name: str) -> str:
         """The digest in ``name``'s file name: the run's, extended by the scoped MI fields the attack reads."""
-        reads = {f: v for f, v in self.scoped.items() if any(a in name for a in SCOPED_MI[f])}
-        return _digest({"run": self.digest, **reads}) if reads else self.digest
+        read = {f: v for f, v in self.scoped.items() if f in reads(name)}
+        return _digest({"run": self.digest, **read}) if read else self.digest
 
     def path(self, name: str, seed: int) -> Path | None:
         if self.root is None:

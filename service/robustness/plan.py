@@ -133,17 +133,39 @@ def _pgd_row(
     return AttackSpec(name, group, eps, text, batched(fn), targets=label == "target", baselines=group == OBLIVIOUS)
 
 
+def _adaptive_kw(c: Context) -> dict[str, Any]:
+    """The budget's PGD settings of the adaptive attacks (eps, step, steps, EOT, restarts) and this batch's hooks."""
+    b, t = c.budget, c.threat
+    kw: dict[str, Any] = {"eps": t.eps, "step": step_for(t.adaptive_step, t.eps, b.adaptive_steps)}
+    kw["steps"] = b.adaptive_steps
+    return kw | {"eot": b.eot, "restarts": b.restarts, "progress": c.step, "trace": c.new_trace()}
+
+
 def _adaptive_row(fn: Callable[..., torch.Tensor], targeted: bool = False) -> Run:
     def run(c: Context, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        b, t = c.budget, c.threat
-        kw: dict[str, Any] = {"eps": t.eps, "step": step_for(t.adaptive_step, t.eps, b.adaptive_steps)}
-        kw["steps"] = b.adaptive_steps
-        kw |= {"eot": b.eot, "restarts": b.restarts, "progress": c.step, "trace": c.new_trace()}
+        kw = _adaptive_kw(c)
         if targeted:
             kw["targeted"] = True
         return fn(c.twin, x, y, gen=c.gen, **kw)
 
     return batched(run)
+
+
+def _from_transfer(transfer_step: float) -> Run:
+    """EOT-PGD through MI-Combined whose first restart starts where the transfer attack (PGD on the base model) ends.
+
+    The attacks through MI that start at random can end weaker than transfer (MI's gradients are noisy, the base
+    model's are not); this one starts from transfer's point and follows MI's own gradient from there. Its best
+    iterate is chosen on the EOT loss, so the served answer at its end can still be right where transfer's was
+    wrong: the per-image worst case keeps both rows."""
+
+    def fn(c: Context, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        b, t = c.budget, c.threat
+        tgen = torch.Generator().manual_seed(int(c.gen.integers(2**31)))
+        start = pgd.pgd_untargeted(c.twin.logits, x, y, eps=t.eps, step=transfer_step, steps=b.transfer_steps, gen=tgen)
+        return eot_combined.eot_pgd_combined(c.twin, x, y, gen=c.gen, start=start, **_adaptive_kw(c))
+
+    return batched(fn)
 
 
 def _apgd(loss: str) -> Run:
@@ -260,6 +282,11 @@ def attack_plan(budget: Budget, threat: ThreatModel, *, twin: bool = True) -> li
     ]
     for name, fn, what in adaptive:
         specs.append(AttackSpec(f"{name}@{e:.3g}", ADAPTIVE, e, f"{what}, {steps_txt}", _adaptive_row(fn)))
+    text = (
+        f"EOT-PGD through MI-Combined warm-started at the transfer point (PGD on the base model, {b.transfer_steps} "
+        f"steps of {s_tr:.3g}, ground-truth label), {steps_txt}"
+    )
+    specs.append(AttackSpec(f"eot-combined-from-transfer@{e:.3g}", ADAPTIVE, e, text, _from_transfer(s_tr)))
     apgd_txt = (
         f"APGD-EOT (own implementation, Croce & Hein 2020), {b.apgd_steps} steps, EOT {b.eot}, {b.restarts} restart(s)"
     )

@@ -35,6 +35,7 @@ ROW_TEXT = {
     "transfer": "transfer (base model's own gradients)",
     "transfer-surrogate": "transfer from an independent surrogate (LeNet, other seed)",
     "eot-combined": "EOT-PGD through MI-Combined",
+    "eot-combined-from-transfer": "EOT-PGD through MI-Combined, started at the transfer point",
     "pl-aware": "keep-unflagged (detector-aware PL)",
     "force-flagged": "force-flagged (gap above τ, OL fooled)",
     "smooth-switch": "smooth branch switch (annealed sigmoid)",

@@ -192,3 +192,19 @@ def test_plateau_refuses_attacks_the_knobs_do_not_touch_and_a_setting_other_than
     assert "not an untargeted adaptive attack" in text and "eps 0.1 (the report's: 0.3)" in text
     assert "seeds [7, 8, 9] (the report's: [101, 102, 103])" in text
     assert not (out / "plateau.json").exists()
+
+
+def test_a_warm_start_begins_the_first_restart_there_and_the_others_at_random():
+    x = torch.full((2, 1, 3, 3), 0.5)
+    start = x + torch.tensor([0.05, 0.4]).view(2, 1, 1, 1)  # the second lies outside the 0.1-ball: projected
+    firsts: list[torch.Tensor] = []
+
+    def grad_fn(xa, _):
+        firsts.append(xa.clone())
+        return xa.flatten(1).sum(1), torch.zeros_like(xa)  # a zero gradient: every step stays where it started
+
+    y = torch.zeros(2, dtype=torch.int64)
+    pgd_linf(x, y, grad_fn, eps=0.1, step=0.05, steps=1, restarts=2, gen=torch.Generator().manual_seed(0), start=start)
+    torch.testing.assert_close(firsts[0], x + torch.tensor([0.05, 0.1]).view(2, 1, 1, 1))
+    assert len(firsts) == 4 and not torch.equal(firsts[2], firsts[0])  # restart 2: a random point
+    assert ((firsts[2] - x).abs() <= 0.1 + 1e-6).all()

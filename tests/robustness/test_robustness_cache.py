@@ -2,8 +2,8 @@
 it, and the reused inputs are exactly the arrays the new version would have produced.
 
 The whole plan runs (quick budget, 4 images) on version 1 and on two derived versions, one with another stand-alone
-MI-OL λ and one with another λ for MI-Combined's OL branch, each in a cache of its own. An attack outside
-``SCOPED_MI``'s reader list that did read the changed field would produce other arrays under the shared key, and
+MI-OL λ and one with another λ for MI-Combined's OL branch, each in a cache of its own. An attack that ``READS`` does
+not list as a reader of the changed field, but that did read it, would produce other arrays under the shared key, and
 fail here. Before scoping (every MI parameter in every key), a derived version matched no entry at all.
 """
 
@@ -54,7 +54,7 @@ def test_a_version_with_another_ol_lambda_reuses_every_attack_that_does_not_read
     version_1: tuple[Path, Path], tmp_path: Path, flag: str, field: str, version: str
 ):
     from service.robustness.budgets import get_budget
-    from service.robustness.cache import SCOPED_MI
+    from service.robustness.cache import reads
     from service.robustness.evaluate import run_evaluation
     from service.store import load_bundle
 
@@ -70,8 +70,8 @@ def test_a_version_with_another_ol_lambda_reuses_every_attack_that_does_not_read
     e1, e2 = _entries(c1), _entries(tmp_path / "c2")
     assert len(e1) == len(e2) > 20  # the whole plan
     readers = sorted(_attack(n) for n in set(e1) - set(e2))
-    assert readers and all(any(a in r for a in SCOPED_MI[field]) for r in readers)
-    assert len(readers) == sum(any(a in _attack(n) for a in SCOPED_MI[field]) for n in e1)
+    assert readers and all(field in reads(r) for r in readers)
+    assert len(readers) == sum(field in reads(_attack(n)) for n in e1)
     for name in set(e1) & set(e2):  # the same key holds the same arrays: the attack never read the changed field
         with np.load(e1[name], allow_pickle=False) as a, np.load(e2[name], allow_pickle=False) as b:
             np.testing.assert_array_equal(a["x_adv"], b["x_adv"], err_msg=name)
@@ -82,4 +82,24 @@ def test_a_version_with_another_ol_lambda_reuses_every_attack_that_does_not_read
     only = ("eot-combined@", "pl-aware@", "ol-standalone@", "ol-direct@")
     again = run_evaluation(b2, budget, cache_dir=tmp_path / "shared", only=only, **KW)
     for row in again["attacks"]:
-        assert row["resumed"] is not any(a in row["name"] for a in SCOPED_MI[field]), row["name"]
+        assert row["resumed"] is not (field in reads(row["name"])), row["name"]
+
+
+def test_every_attack_of_every_plan_and_its_plateau_runs_say_what_they_read(caplog):
+    """An attack missing from READS would still be safe (its key takes every scoped field) but would never reuse an
+    entry across versions: the committed plan lists them all, and an unknown name falls back to all fields."""
+    from service.robustness.budgets import BUDGETS, THREATS, get_budget
+    from service.robustness.cache import SCOPED_MI, family, reads
+    from service.robustness.plan import ADAPTIVE, attack_plan
+
+    for budget in BUDGETS:
+        for threat in THREATS.values():
+            for spec in attack_plan(get_budget(budget), threat):
+                assert family(spec.name) is not None, spec.name
+                if spec.group == ADAPTIVE and not spec.targets:
+                    for knob in ("base", "stepsx2", "eps0.5"):
+                        assert family(f"plateau-{spec.name.split('@')[0]}-{knob}") == family(spec.name)
+    assert family("pgd-targeted@0.3") == "pgd-targeted" and family("force-flagged-targeted@0.3") == "force-flagged"
+    assert family("plateau-eot-combined-from-transfer-eotx2") == "eot-combined-from-transfer"
+    assert reads("transfer@0.3") == () and reads("square-label@0.3") == ("ol_combined",)
+    assert reads("bpda-through-mi@0.3") == SCOPED_MI and "not in cache.READS" in caplog.text

@@ -86,6 +86,7 @@ def test_evaluate_quick_runs_end_to_end_and_writes_a_well_formed_report(mnist_bu
         "transfer",
         "transfer-surrogate",
         *("eot-combined", "pl-aware", "force-flagged", "smooth-switch", "ol-direct", "ol-standalone"),
+        "eot-combined-from-transfer",
         *("apgd-eot", "apgd-force-flagged"),
         *("eot-combined-targeted", "pl-aware-targeted", "force-flagged-targeted", "smooth-switch-targeted"),
         *("eot-gaussian", "eot-rotation", "eot-crop_pad", "eot-crop_resize"),

@@ -107,6 +107,7 @@ def pgd_linf(
     select: SelectFn | None = None,
     on_step: StepHook | None = None,
     trace: list[float] | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L-inf PGD (Madry et al. 2018) with uniform random starts, keeping per image the best iterate.
 
@@ -129,14 +130,16 @@ def pgd_linf(
         select: objective choosing the kept iterate (e.g. the hard-switch loss of a relaxed attack).
         on_step: called with the step index before each objective evaluation (annealing schedules).
         trace: if given, the batch-mean objective of every iterate is appended (loss curves).
+        start: the first restart starts here (projected into the ball) instead of at a random point, e.g. where
+            another attack ended (a warm start); the other restarts start at random. It is a candidate too.
 
     Returns:
         float32 (B, C, H, W), within eps of x and in [0, 1] (not yet rounded to 8 bits).
     """
     sign = -1.0 if targeted else 1.0
     best = BestIterate(x)
-    for _ in range(restarts):
-        x_adv = random_start(x, eps, gen)
+    for r in range(restarts):
+        x_adv = project(start.clone(), x, eps) if start is not None and r == 0 else random_start(x, eps, gen)
         for i in range(steps + 1):
             if on_step is not None:
                 on_step(i)
@@ -168,6 +171,7 @@ def eot_pgd_linf(
     select: SelectFn | None = None,
     on_step: StepHook | None = None,
     trace: list[float] | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`pgd_linf` ascending the :func:`eot_gradient` of ``loss_fn`` (``eot`` draws per step).
 
@@ -189,6 +193,7 @@ def eot_pgd_linf(
         select=select,
         on_step=on_step,
         trace=trace,
+        start=start,
     )
 
 
