@@ -12,7 +12,7 @@ MIXINFER_MODEL_DIR ?= model_store
 export MIXINFER_HOST MIXINFER_PORT MIXINFER_MODEL_DIR
 PYTEST_ARGS ?=
 
-.PHONY: help install serve test lint format bench bundle bundle-iat evaluate evaluate-iat examples system-deps schema lock dockerignore clean
+.PHONY: help install serve test lint format bench bundle bundle-iat evaluate evaluate-iat examples examples-recheck system-deps schema lock dockerignore clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -90,12 +90,15 @@ evaluate-iat: install  ## robustness reports of the interpolated-AT bundle's two
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/2 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-iat-2
 	$(PY) -m service.robustness.tables
 
-# what `make serve` serves: the highest version of the default model
-SERVED_BUNDLE = model_store/mnist-mixup/$(shell ls model_store/mnist-mixup | sort -n | tail -n 1)
+# what `make serve` serves: the highest version of the default model (the server's own rule)
+SERVED_BUNDLE = $(shell $(PY) -c 'from service.store import resolve_bundle; print(resolve_bundle("model_store", "mnist-mixup"))')
 
-examples: install  ## regenerate examples/ (clean digits, adversarial ones the server flags) on the served bundle, and the page's samples
+examples: install  ## regenerate examples/ (new clean digits and adversarial ones the server flags) on the served bundle, and the page's samples
 	$(PY) -m service.robustness.examples --bundle $(SERVED_BUNDLE) --out examples
 	cp examples/*.png service/api/static/samples/  # the browser page's sample digits
+
+examples-recheck: install  ## keep examples/ and check them on the served bundle (after a new version with the same model and threshold); rewrites examples/README.md's table
+	$(PY) -m service.robustness.examples --bundle $(SERVED_BUNDLE) --out examples --recheck
 
 schema: install  ## regenerate model_store/manifest.schema.json
 	$(PY) -c 'from pathlib import Path; from service.manifest import write_json_schema; write_json_schema(Path("model_store/manifest.schema.json"))'

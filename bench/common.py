@@ -34,11 +34,14 @@ PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 def served_bundle() -> Path:
-    """The bundle ``make serve`` serves: the highest version of ``model_store/mnist-mixup`` (``1`` if none is built)."""
+    """The bundle a plain ``make serve`` serves: the highest version of ``model_store/mnist-mixup`` that has a manifest
+    (``1`` if none is built; ``MIXINFER_MODEL_VERSION`` pins are not read). Relative to the working directory when
+    inside it, so that results name ``model_store/...`` rather than this machine's path."""
     from service.store import list_versions
 
     versions = list_versions(ROOT / "model_store", "mnist-mixup")
-    return ROOT / "model_store" / "mnist-mixup" / (versions[-1] if versions else "1")
+    path = ROOT / "model_store" / "mnist-mixup" / (versions[-1] if versions else "1")
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
 
 
 def log(msg: str, *args: object) -> None:

@@ -28,7 +28,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 T0=$(date +%s)
 
-MNIST=model_store/mnist-mixup/$(ls model_store/mnist-mixup | sort -n | tail -n 1)  # the served (highest) version
+MNIST=$(ls -d model_store/mnist-mixup/*/manifest.json | xargs -n1 dirname | sort -t/ -k3 -n | tail -n 1)  # served: highest with a manifest
 RESNET=runs/bench/store/resnet18-bench/1
 SCALE=1
 if [[ $MODE == gpu ]]; then

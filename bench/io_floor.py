@@ -4,7 +4,7 @@
 input size, and returns a fixed JSON answer shaped like the real one. Whatever mixinfer does beyond this costs
 throughput; ``bench/http.py`` reports mixinfer's throughput as a fraction of this server's.
 
-Usage: ``python bench/io_floor.py --bundle model_store/mnist-mixup/1 --port 8100``
+Usage: ``python bench/io_floor.py --bundle model_store/mnist-mixup/2 --port 8100``
 """
 
 from __future__ import annotations

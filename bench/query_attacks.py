@@ -401,7 +401,13 @@ def attack_row(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, default=ROOT / "model_store/mnist-mixup/1")
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        default=ROOT / "model_store/mnist-mixup/1",
+        help="bundle to serve (default: version 1, the bundle of the committed report docs/robustness/query-watch; "
+        "the served version 2 differs only in the OL λ of flagged answers)",
+    )
     parser.add_argument("--images", type=int, default=50, help="attacked images per attack")
     parser.add_argument("--queries", type=int, default=5000, help="query budget per attacked image")
     parser.add_argument("--benign", type=int, default=None, help="benign images (default: the whole test split)")

@@ -5,7 +5,7 @@ to ONNX and finished with ``service.store.finalize_bundle``, so the real server 
 (``MIXINFER_MODEL_DIR=runs/bench/store MIXINFER_MODEL_NAME=resnet18-bench``). Its threshold is the
 ``1 - flag_rate`` quantile of the detection gaps of the bench inputs over several draws, measured through the real
 engine, so both servers take the OL branch for about 5 % of the requests. The same recipe with ``mnist_cnn``
-builds a stand-in for the default bundle when ``model_store/mnist-mixup/1`` is missing.
+builds a stand-in for the default bundle when ``model_store/mnist-mixup`` holds no version.
 
 Everything lands in the git-ignored ``runs/bench/`` and is rebuilt only when the recipe changes.
 

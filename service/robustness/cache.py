@@ -29,38 +29,35 @@ LOGGER = logging.getLogger(__name__)
 CACHE_VERSION = 2
 #: manifest ``mi`` fields that only some attacks read: the stand-alone MI-OL mode's and MI-Combined's OL branch
 SCOPED_MI: tuple[str, ...] = ("ol_standalone", "ol_combined")
-#: the SCOPED_MI fields each attack family reads (see :func:`family`); every other attack's key leaves them out. A
-#: family missing here reads all of them (fail closed: its key changes with any, so a new attack never reuses inputs
-#: made under another λ). A test regenerates the whole plan under each changed field and fails if an attack outside
-#: its readers then produces other inputs, and another checks that every attack of the plan is listed.
+#: the SCOPED_MI fields each attack reads, by its name without ``@eps`` (see :func:`family`); every other attack's key
+#: leaves them out. An attack missing here reads all of them (fail closed: its key changes with any, so a new attack
+#: never reuses inputs made under another λ). Tests regenerate the whole plan under each changed field (an attack
+#: outside its readers must produce the same inputs), check that every attack of every plan is listed, and pin the
+#: keys of the entries cached before this table existed.
 READS: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(("pgd-pred", "pgd-gt", "pgd-targeted", "transfer", "transfer-surrogate", "pl-aware"), ()),
+    **dict.fromkeys(("pgd-pred", "pgd-gt", "pgd-targeted", "transfer", "transfer-surrogate"), ()),
+    **dict.fromkeys(("pl-aware", "pl-aware-targeted"), ()),
     **dict.fromkeys(("eot-gaussian", "eot-rotation", "eot-crop_pad", "eot-crop_resize"), ()),
     "ol-standalone": ("ol_standalone",),
     **dict.fromkeys(
         (
-            *("eot-combined", "eot-combined-from-transfer", "force-flagged", "smooth-switch", "ol-direct"),
+            *("eot-combined", "eot-combined-targeted", "eot-combined-from-transfer", "ol-direct"),
+            *("force-flagged", "force-flagged-targeted", "smooth-switch", "smooth-switch-targeted"),
             *("apgd-eot", "apgd-force-flagged", "square-full", "square-label", "autoattack-rand"),
         ),
         ("ol_combined",),
     ),
 }
-#: prefix of the plateau runs' cache names: ``plateau-<family>-<variant>``
-PLATEAU_PREFIX = "plateau-"
+#: the plateau runs' cache names: ``plateau-<attack>-<knob>`` (plateau.run_plateau's knobs and eps ladder)
+PLATEAU_NAME = re.compile(r"plateau-(?P<attack>.+)-(?:base|stepsx2|eotx2|restartsx2|eps[0-9.e+-]+)")
 
 
 def family(name: str) -> str | None:
-    """The attack family of a cache name (``force-flagged-targeted@0.3`` and ``plateau-force-flagged-eotx2``:
-    ``force-flagged``), or None when it names no family in :data:`READS`."""
-    if name.startswith(PLATEAU_PREFIX):
-        rest = name.removeprefix(PLATEAU_PREFIX)
-        known = [f for f in READS if rest.startswith(f + "-")]
-        return max(known, key=len) if known else None
-    base = name.split("@", maxsplit=1)[0]
-    for fam in (base, base.removesuffix("-targeted")):
-        if fam in READS:
-            return fam
-    return None
+    """The :data:`READS` entry of a cache name (``force-flagged-targeted@0.3``: ``force-flagged-targeted``; the
+    plateau run ``plateau-force-flagged-eotx2``: ``force-flagged``), or None when none matches exactly."""
+    plateau = PLATEAU_NAME.fullmatch(name)
+    attack = plateau["attack"] if plateau else name.split("@", maxsplit=1)[0]
+    return attack if attack in READS else None
 
 
 def reads(name: str) -> tuple[str, ...]:

@@ -24,14 +24,18 @@ from numpy.typing import NDArray
 LOGGER = logging.getLogger(__name__)
 
 
-def flag_counts(engine: object, images: NDArray[np.float32], runs: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """(times flagged, times the label equals the first run's majority) over ``runs`` fresh-entropy engine calls."""
+def flag_counts(
+    engine: object, images: NDArray[np.float32], runs: int, rng: np.random.Generator | None = None
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """(times flagged, each run's labels (runs, B)) over ``runs`` engine calls drawing from ``rng`` (None: fresh OS
+    entropy for every call, as the server draws)."""
     from service.mi.params import Mode
 
     flags = np.zeros(images.shape[0], dtype=np.int64)
     labels = []
     for _ in range(runs):
-        res = engine(images, Mode.COMBINED, rng=np.random.default_rng())  # type: ignore[operator]
+        draws = rng if rng is not None else np.random.default_rng()
+        res = engine(images, Mode.COMBINED, rng=draws)  # type: ignore[operator]
         flags += res.flagged
         labels.append(res.label)
     return flags, np.stack(labels)
@@ -45,10 +49,11 @@ def _load_png(path: Path) -> NDArray[np.float32]:
 
 
 def _row(
-    engine: Any, names: list[str], img: NDArray[np.float32], path: Path, true_k: int, *, runs: int
+    engine: Any, names: list[str], img: NDArray[np.float32], path: Path, true_k: int, *, args: argparse.Namespace
 ) -> tuple[str, int]:
     """The README row of one written file (checked on its decoded pixels) and how often it was flagged."""
-    f, labels = flag_counts(engine, img, runs)
+    runs = args.runs
+    f, labels = flag_counts(engine, img, runs, args.rng)
     base = names[int(engine.backend.probs(img).argmax())]
     majority = names[int(np.bincount(labels[:, 0]).argmax())]
     return f"| {path.name} | {names[true_k]} | {base} | {majority} | {int(f[0])}/{runs} |", int(f[0])
@@ -57,12 +62,16 @@ def _row(
 def _recheck(engine: Any, names: list[str], args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """Rows for the PNGs already in ``args.out`` on this bundle, and what no longer holds (empty: all hold)."""
     rows, broken = [], []
-    files = sorted(args.out.glob("clean_*.png")) + sorted(args.out.glob("adversarial_*_true*.png"))
-    for path in files:
+    clean, adversarial_files = sorted(args.out.glob("clean_*.png")), sorted(args.out.glob("adversarial_*_true*.png"))
+    for path in clean + adversarial_files:
         adversarial = path.stem.startswith("adversarial_")
-        true_k = names.index(path.stem.split("true")[1] if adversarial else path.stem.split("_", 1)[1])
+        label = path.stem.split("true")[1] if adversarial else path.stem.split("_", 1)[1]
+        if label not in names:
+            broken.append(f"{path.name}: true label {label!r} from the file name, expected one of {list(names)}")
+            continue
+        true_k = names.index(label)
         img = _load_png(path)
-        row, flags = _row(engine, names, img, path, true_k, runs=args.runs)
+        row, flags = _row(engine, names, img, path, true_k, args=args)
         rows.append(row)
         fooled = int(engine.backend.probs(img).argmax()) != true_k
         if adversarial and (flags < args.min_flags or not fooled):
@@ -75,8 +84,11 @@ def _recheck(engine: Any, names: list[str], args: argparse.Namespace) -> tuple[l
                 f"{path.name}: flagged in {flags}/{args.runs} (expected <= {args.runs // 4}), "
                 f"base model {'wrong' if fooled else 'right'} (expected right)"
             )
-    if not files:
-        broken.append(f"no clean_*.png or adversarial_*_true*.png in {args.out}")
+    if not clean or not adversarial_files:
+        broken.append(
+            f"{args.out}: expected clean_*.png and adversarial_*_true*.png files, got {len(clean)} and "
+            f"{len(adversarial_files)}"
+        )
     return rows, broken
 
 
@@ -93,35 +105,56 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-flags", type=int, default=19)
     p.add_argument("--n-adversarial", type=int, default=4)
     p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the engine's draws (default: fresh OS entropy per run, as served)",
+    )
+    p.add_argument(
         "--recheck",
         action="store_true",
         help="keep the PNGs in --out and check them on --bundle (a new version with the same model and threshold): "
-        "rewrite README.md's table; exit 1 (README untouched) if an adversarial file is flagged in fewer than "
-        "--min-flags runs or no longer fools the base model, or a clean one is misread or flagged in over a quarter",
+        "rewrite README.md's table (its last line, how the files were made, is kept); exit 1 (README untouched) if "
+        "an adversarial file is flagged in fewer than --min-flags runs or no longer fools the base model, or a "
+        "clean one is misread or flagged in over a quarter of the runs (a statistical check: fix --seed to repeat it)",
     )
     args = p.parse_args(argv)
+    args.rng = np.random.default_rng(args.seed) if args.seed is not None else None
     logging.basicConfig(level=logging.INFO)
 
     bundle = load_bundle(args.bundle, require_weights=True)
     names = bundle.manifest.class_names
     engine = MIEngine(open_backend(bundle, providers=["CPUExecutionProvider"]), bundle.pool_labels, bundle.manifest.mi)
     command = f"python -m service.robustness.examples --bundle {args.bundle} --out {args.out}"
+    command += " --recheck" * args.recheck + (f" --seed {args.seed}" if args.seed is not None else "")
+    made = f"Adversarial files: L∞ PGD on the base model, ε = {args.eps}, 100 steps, 8-bit pixels."
     if args.recheck:
         rows, broken = _recheck(engine, names, args)
-        command += " --recheck"
+        readme = args.out / "README.md"
+        kept = (
+            [ln for ln in readme.read_text().splitlines() if ln.startswith("Adversarial files:")]
+            if readme.is_file()
+            else []
+        )
+        made = kept[-1] if kept else made
+        if not kept:
+            broken.append(
+                f"{readme}: expected its 'Adversarial files:' line (how the files were made) to keep, got none"
+            )
     else:
         rows, broken = _generate(bundle, engine, names, args)
+    draws = "fresh-seed runs" if args.seed is None else f"runs (engine seed {args.seed})"
     lines = [
         "# Example inputs for the curl demo",
         "",
         f"Bundle `{bundle.manifest.name}/{bundle.manifest.version}`; each file checked on its decoded PNG pixels "
-        f"against the served MI-Combined engine in {args.runs} fresh-seed runs (`{command}`).",
+        f"against the served MI-Combined engine in {args.runs} {draws} (`{command}`).",
         "",
         "| file | true label | base model says | MI-Combined says (majority) | flagged in |",
         "|---|---|---|---|---|",
         *rows,
         "",
-        f"Adversarial files: L∞ PGD on the base model, ε = {args.eps}, 100 steps, 8-bit pixels.",
+        made,
         "",
     ]
     for problem in broken:
@@ -149,6 +182,8 @@ def _generate(bundle: Any, engine: Any, names: list[str], args: argparse.Namespa
     x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
     x_adv = quantize(pgd_untargeted(twin.logits, x, y, eps=args.eps, step=0.01, steps=100), x, args.eps).numpy()
     args.out.mkdir(parents=True, exist_ok=True)
+    for stale in args.out.glob("adversarial_*.png"):  # a new run keeps another set: none of the old may linger
+        stale.unlink()
 
     def save_and_reload(img: NDArray[np.float32], path: Path) -> NDArray[np.float32]:
         Image.fromarray(np.round(img[0, 0] * 255).astype(np.uint8)).save(path)
@@ -156,15 +191,15 @@ def _generate(bundle: Any, engine: Any, names: list[str], args: argparse.Namespa
 
     rows = []
     backend = engine.backend
-    clean_flags, _ = flag_counts(engine, x_np, args.runs)
+    clean_flags, _ = flag_counts(engine, x_np, args.runs, args.rng)
     for k in range(len(names)):
         cand = np.flatnonzero((y_np == k) & (clean_flags == 0) & (backend.probs(x_np).argmax(1) == y_np))
         if cand.size == 0:
             continue
         i = int(cand[0])
         path = args.out / f"clean_{names[k]}.png"
-        rows.append(_row(engine, names, save_and_reload(x_np[i : i + 1], path), path, k, runs=args.runs)[0])
-    adv_flags, _ = flag_counts(engine, x_adv, args.runs)
+        rows.append(_row(engine, names, save_and_reload(x_np[i : i + 1], path), path, k, args=args)[0])
+    adv_flags, _ = flag_counts(engine, x_adv, args.runs, args.rng)
     wrong = backend.probs(x_adv).argmax(1) != y_np
     used: set[int] = set()
     kept = 0
@@ -174,7 +209,7 @@ def _generate(bundle: Any, engine: Any, names: list[str], args: argparse.Namespa
         if int(y_np[i]) in used:  # one per true class
             continue
         path = args.out / f"adversarial_{kept}_true{names[int(y_np[i])]}.png"
-        row, flags = _row(engine, names, save_and_reload(x_adv[i : i + 1], path), path, int(y_np[i]), runs=args.runs)
+        row, flags = _row(engine, names, save_and_reload(x_adv[i : i + 1], path), path, int(y_np[i]), args=args)
         if flags < args.min_flags:
             path.unlink()
             continue

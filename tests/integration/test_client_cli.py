@@ -101,7 +101,9 @@ def test_png_from_examples_through_the_cli_of_the_real_model(capsys):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[2]
-    if not (repo / "model_store" / "mnist-mixup" / "1" / "manifest.json").is_file():
+    from service.store import list_versions
+
+    if not list_versions(repo / "model_store", "mnist-mixup"):
         pytest.skip("default bundle not present")
     with run_server(settings_for(repo / "model_store", name="mnist-mixup", seed=0)) as srv:
         files = [str(repo / "examples" / n) for n in ("clean_7.png", "adversarial_1_true4.png")]

@@ -14,6 +14,8 @@ import pytest
 from mixserver import run_server, settings_for
 from testtools import IN_CI, require_tool
 
+from service.store import list_versions
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,8 +64,8 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 @pytest.fixture(scope="module")
 def mnist_server() -> Iterator[object]:
-    if not (STORE / "mnist-mixup" / "1" / "manifest.json").is_file():
-        pytest.skip("default bundle model_store/mnist-mixup/1 not present")
+    if not list_versions(STORE, "mnist-mixup"):
+        pytest.skip("default bundle model_store/mnist-mixup not present")
     with run_server(settings_for(STORE, name="mnist-mixup", seed=0, intra_op_threads=2, response_detail="full")) as srv:
         yield srv
 

@@ -208,3 +208,30 @@ def test_a_warm_start_begins_the_first_restart_there_and_the_others_at_random():
     torch.testing.assert_close(firsts[0], x + torch.tensor([0.05, 0.1]).view(2, 1, 1, 1))
     assert len(firsts) == 4 and not torch.equal(firsts[2], firsts[0])  # restart 2: a random point
     assert ((firsts[2] - x).abs() <= 0.1 + 1e-6).all()
+
+
+def test_the_from_transfer_row_hands_its_base_model_pgd_point_to_the_attack_through_mi(twin, scorer, data, monkeypatch):
+    from service.robustness.budgets import THREATS, ThreatScale, get_budget
+    from service.robustness.plan import Context, attack_plan
+
+    x, y = data
+    budget, threat = get_budget("quick"), THREATS[ThreatScale.MNIST]
+    spec = next(s for s in attack_plan(budget, threat) if s.name.startswith("eot-combined-from-transfer@"))
+    transfer_point = (x + 0.25).clamp(0, 1)
+    seen: dict[str, object] = {}
+
+    def base_pgd(logits, xb, yb, **kw):  # the transfer attack's recipe, on the base model's own logits
+        seen["pgd"] = {"logits": logits, "steps": kw["steps"], "eps": kw["eps"]}
+        return transfer_point[: xb.shape[0]]
+
+    def through_mi(loss_fn, xb, yb, **kw):
+        seen["start"], seen["steps"] = kw["start"], kw["steps"]
+        return xb
+
+    monkeypatch.setattr(pgd, "pgd_untargeted", base_pgd)
+    monkeypatch.setattr(eot_combined, "eot_pgd_linf", through_mi)
+    ctx = Context(mi=twin, scorer=scorer, budget=budget, threat=threat, gen=np.random.default_rng(0))
+    spec.run(ctx, x, y)
+    assert seen["pgd"] == {"logits": twin.logits, "steps": budget.transfer_steps, "eps": threat.eps}
+    assert seen["start"] is not None and torch.equal(seen["start"], transfer_point)
+    assert seen["steps"] == budget.adaptive_steps

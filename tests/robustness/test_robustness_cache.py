@@ -9,6 +9,8 @@ fail here. Before scoping (every MI parameter in every key), a derived version m
 
 from __future__ import annotations
 
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -23,7 +25,8 @@ def _entries(cache: Path) -> dict[str, Path]:
 
 
 def _attack(entry: str) -> str:
-    return entry.rsplit("-s", 1)[0]  # <attack>_<eps>-s<seed>-<key>.npz
+    """The attack name of a cache file: ``<attack>_<eps>-s<seed>-<key>.npz`` (the file name's "_" stands for "@")."""
+    return re.sub(r"_(?=[0-9.e-]+$)", "@", entry.rsplit("-s", 1)[0])
 
 
 BUDGET_IMAGES = 4
@@ -51,7 +54,7 @@ def version_1(mnist_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     [("--lam-ol-standalone", "ol_standalone", "2"), ("--lam-ol-combined", "ol_combined", "3")],
 )
 def test_a_version_with_another_ol_lambda_reuses_every_attack_that_does_not_read_it(
-    version_1: tuple[Path, Path], tmp_path: Path, flag: str, field: str, version: str
+    version_1: tuple[Path, Path], tmp_path: Path, flag: str, field: str, version: str, caplog: pytest.LogCaptureFixture
 ):
     from service.robustness.budgets import get_budget
     from service.robustness.cache import reads
@@ -59,6 +62,7 @@ def test_a_version_with_another_ol_lambda_reuses_every_attack_that_does_not_read
     from service.store import load_bundle
 
     v1, c1 = version_1
+    caplog.set_level(logging.WARNING, logger="service.robustness.cache")
     # a new version keeps its source's rule (here fixed=0.2); said explicitly, as a user pinning it would
     assert main(["calibrate", "--bundle", str(v1), "--new-version", version, flag, "0.9", "--threshold", "0.2"]) == 0
     b1, b2 = load_bundle(v1, require_weights=True), load_bundle(v1.parent / version, require_weights=True)
@@ -83,23 +87,60 @@ def test_a_version_with_another_ol_lambda_reuses_every_attack_that_does_not_read
     again = run_evaluation(b2, budget, cache_dir=tmp_path / "shared", only=only, **KW)
     for row in again["attacks"]:
         assert row["resumed"] is not (field in reads(row["name"])), row["name"]
+    assert "not in cache.READS" not in caplog.text  # every attack of the plan was looked up by its real name
+
+
+def _names_of_every_plan() -> set[str]:
+    """Every attack name of every budget, threat model and twin setting, and the plateau runs of the plateau-able."""
+    from service.robustness.budgets import BUDGETS, THREATS, get_budget
+    from service.robustness.plan import ADAPTIVE, attack_plan
+
+    names = set()
+    for budget in BUDGETS:
+        for threat in THREATS.values():
+            for twin in (True, False):
+                for spec in attack_plan(get_budget(budget), threat, twin=twin):
+                    names.add(spec.name)
+                    if spec.group == ADAPTIVE and not spec.targets:
+                        attack = spec.name.split("@")[0]
+                        knobs = ("base", "stepsx2", "eotx2", "restartsx2", "eps0.1", "eps0.5", "eps1")
+                        names |= {f"plateau-{attack}-{k}" for k in knobs}
+    return names
 
 
 def test_every_attack_of_every_plan_and_its_plateau_runs_say_what_they_read(caplog):
-    """An attack missing from READS would still be safe (its key takes every scoped field) but would never reuse an
-    entry across versions: the committed plan lists them all, and an unknown name falls back to all fields."""
-    from service.robustness.budgets import BUDGETS, THREATS, get_budget
+    """An unlisted attack would still be safe (its key takes every scoped field) but would never reuse an entry across
+    versions: the plans list them all; a name that matches no entry exactly falls back to every field."""
     from service.robustness.cache import SCOPED_MI, family, reads
-    from service.robustness.plan import ADAPTIVE, attack_plan
 
-    for budget in BUDGETS:
-        for threat in THREATS.values():
-            for spec in attack_plan(get_budget(budget), threat):
-                assert family(spec.name) is not None, spec.name
-                if spec.group == ADAPTIVE and not spec.targets:
-                    for knob in ("base", "stepsx2", "eps0.5"):
-                        assert family(f"plateau-{spec.name.split('@')[0]}-{knob}") == family(spec.name)
-    assert family("pgd-targeted@0.3") == "pgd-targeted" and family("force-flagged-targeted@0.3") == "force-flagged"
+    for name in _names_of_every_plan():
+        assert family(name) is not None, name
+    assert family("force-flagged-targeted@0.3") == "force-flagged-targeted"
     assert family("plateau-eot-combined-from-transfer-eotx2") == "eot-combined-from-transfer"
     assert reads("transfer@0.3") == () and reads("square-label@0.3") == ("ol_combined",)
-    assert reads("bpda-through-mi@0.3") == SCOPED_MI and "not in cache.READS" in caplog.text
+    for unknown in ("bpda-through-mi@0.3", "transfer-targeted@0.3", "plateau-pl-aware-v2-base", "pl-aware_0.3"):
+        assert family(unknown) is None and reads(unknown) == SCOPED_MI, unknown
+    assert "not in cache.READS" in caplog.text
+
+
+#: the scheme the entries cached before READS were keyed by (a field went into the keys of the attacks whose name
+#: contained one of these): READS must give every existing name the same fields, or hours of cached attacks are lost
+SUBSTRING_SCHEME = {
+    "ol_standalone": ("ol-standalone",),
+    "ol_combined": ("eot-combined", "force-flagged", "smooth-switch", "ol-direct", "apgd-", "square-", "autoattack"),
+}
+
+
+#: AttackCache(None, {"x": 1}, {"ol_standalone": {"lam": 0.5}, "ol_combined": {"lam": 0.4}}).key(...) of transfer@0.3
+#: and force-flagged@0.3, computed by the substring scheme's code (commit ed5fa21)
+PINNED_KEYS = ("06d63284ad9a17d6", "b7d4b8f4c7c63b1d")
+
+
+def test_the_table_keys_every_attack_as_the_substring_scheme_did():
+    from service.robustness.cache import SCOPED_MI, AttackCache, reads
+
+    for name in _names_of_every_plan():
+        assert set(reads(name)) == {f for f in SCOPED_MI if any(a in name for a in SUBSTRING_SCHEME[f])}, name
+    # and the digests themselves: these two were written by the substring scheme's code
+    cache = AttackCache(None, {"x": 1}, {"ol_standalone": {"lam": 0.5}, "ol_combined": {"lam": 0.4}})
+    assert (cache.key("transfer@0.3"), cache.key("force-flagged@0.3")) == PINNED_KEYS

@@ -37,7 +37,7 @@ def _flags(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.skipif(not BUNDLE.exists() or not EXAMPLES.exists(), reason="default bundle or examples not present")
 def test_examples_were_made_on_the_served_bundle():
-    """A new default version ships with examples regenerated on it (`make examples`)."""
+    """A new default version ships with examples made or rechecked on it (`make examples`, `make examples-recheck`)."""
     made_on = (EXAMPLES / "README.md").read_text().splitlines()[2]
     assert made_on.startswith(f"Bundle `mnist-mixup/{BUNDLE.name}`;"), made_on
 
@@ -57,14 +57,27 @@ def test_adversarial_examples_are_flagged_and_clean_ones_are_not():
     assert (plain[n:] == [int(p.stem.split("_")[1]) for p in clean]).all()
 
 
-@pytest.mark.skipif(not BUNDLE.exists() or not EXAMPLES.exists(), reason="default bundle or examples not present")
-def test_recheck_rewrites_the_table_for_the_files_it_found(tmp_path, capsys):
+def _copy_examples(dst: Path, names: list[str] | None = None) -> None:
+    for png in EXAMPLES.glob("*.png"):
+        if names is None or png.name in names:
+            (dst / png.name).write_bytes(png.read_bytes())
+    (dst / "README.md").write_text((EXAMPLES / "README.md").read_text())
+
+
+def _recheck(out: Path) -> int:
     from service.robustness.examples import main
 
-    for png in EXAMPLES.glob("*.png"):
-        (tmp_path / png.name).write_bytes(png.read_bytes())
-    assert main(["--bundle", str(BUNDLE), "--out", str(tmp_path), "--recheck"]) == 0
-    rows = [line for line in (tmp_path / "README.md").read_text().splitlines() if line.startswith("| ")][1:]
+    return main(["--bundle", str(BUNDLE), "--out", str(out), "--recheck", "--seed", "1000"])  # fixed draws: repeatable
+
+
+@pytest.mark.skipif(not BUNDLE.exists() or not EXAMPLES.exists(), reason="default bundle or examples not present")
+def test_recheck_rewrites_the_table_for_the_files_it_found_and_keeps_how_they_were_made(tmp_path):
+    _copy_examples(tmp_path)
+    assert _recheck(tmp_path) == 0
+    readme = (tmp_path / "README.md").read_text().splitlines()
+    assert readme[-1] == (EXAMPLES / "README.md").read_text().splitlines()[-1]  # "Adversarial files: ..."
+    assert "--recheck --seed 1000" in readme[2] and "20 runs (engine seed 1000)" in readme[2]
+    rows = [line for line in readme if line.startswith("| ")][1:]
     assert sorted(r.split(" | ")[0][2:] for r in rows) == sorted(p.name for p in EXAMPLES.glob("*.png"))
     for row in rows:  # file | true label | base model says | majority | flagged in
         name, true, base, _, flagged = (c.strip() for c in row.strip("|").split("|"))
@@ -75,11 +88,18 @@ def test_recheck_rewrites_the_table_for_the_files_it_found(tmp_path, capsys):
 
 @pytest.mark.skipif(not BUNDLE.exists() or not EXAMPLES.exists(), reason="default bundle or examples not present")
 def test_recheck_fails_on_a_clean_digit_posing_as_adversarial_and_keeps_the_readme(tmp_path, caplog):
-    from service.robustness.examples import main
-
-    (tmp_path / "clean_7.png").write_bytes((EXAMPLES / "clean_7.png").read_bytes())
+    _copy_examples(tmp_path, ["clean_7.png"])
     (tmp_path / "adversarial_0_true7.png").write_bytes((EXAMPLES / "clean_7.png").read_bytes())
-    (tmp_path / "README.md").write_text("before\n")
-    assert main(["--bundle", str(BUNDLE), "--out", str(tmp_path), "--recheck"]) == 1
-    assert (tmp_path / "README.md").read_text() == "before\n"
+    before = (tmp_path / "README.md").read_text()
+    assert _recheck(tmp_path) == 1
+    assert (tmp_path / "README.md").read_text() == before
     assert re.search(r"adversarial_0_true7.png: flagged in \d/20 \(expected >= 19\), base model right", caplog.text)
+
+
+@pytest.mark.skipif(not BUNDLE.exists() or not EXAMPLES.exists(), reason="default bundle or examples not present")
+def test_recheck_refuses_a_folder_without_adversarial_files_and_names_it_cannot_read(tmp_path, caplog):
+    _copy_examples(tmp_path, ["clean_7.png"])
+    (tmp_path / "clean_seven.png").write_bytes((EXAMPLES / "clean_7.png").read_bytes())
+    assert _recheck(tmp_path) == 1
+    assert "clean_seven.png: true label 'seven' from the file name, expected one of ['0', '1'," in caplog.text
+    assert "expected clean_*.png and adversarial_*_true*.png files, got 2 and 0" in caplog.text
