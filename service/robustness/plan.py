@@ -152,12 +152,13 @@ def _adaptive_row(fn: Callable[..., torch.Tensor], targeted: bool = False) -> Ru
 
 
 def _from_transfer(transfer_step: float) -> Run:
-    """EOT-PGD through MI-Combined whose first restart starts where the transfer attack (PGD on the base model) ends.
+    """EOT-PGD through MI-Combined whose first restart starts where a transfer attack ends: PGD on the base model with
+    the ``transfer`` row's recipe (its own random start, so not the very point that row scored).
 
     The attacks through MI that start at random can end weaker than transfer (MI's gradients are noisy, the base
-    model's are not); this one starts from transfer's point and follows MI's own gradient from there. Its best
-    iterate is chosen on the EOT loss, so the served answer at its end can still be right where transfer's was
-    wrong: the per-image worst case keeps both rows."""
+    model's are not); this one follows MI's own gradient from a point that already fools the base model. Its best
+    iterate is chosen on the EOT loss, so the served answer at its end can still be right where its start was
+    wrong: the per-image worst case keeps the transfer row too."""
 
     def fn(c: Context, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         b, t = c.budget, c.threat
@@ -283,8 +284,8 @@ def attack_plan(budget: Budget, threat: ThreatModel, *, twin: bool = True) -> li
     for name, fn, what in adaptive:
         specs.append(AttackSpec(f"{name}@{e:.3g}", ADAPTIVE, e, f"{what}, {steps_txt}", _adaptive_row(fn)))
     text = (
-        f"EOT-PGD through MI-Combined warm-started at the transfer point (PGD on the base model, {b.transfer_steps} "
-        f"steps of {s_tr:.3g}, ground-truth label), {steps_txt}"
+        f"EOT-PGD through MI-Combined warm-started where a transfer attack ends (PGD on the base model, "
+        f"{b.transfer_steps} steps of {s_tr:.3g}, ground-truth label, its own random start), {steps_txt}"
     )
     specs.append(AttackSpec(f"eot-combined-from-transfer@{e:.3g}", ADAPTIVE, e, text, _from_transfer(s_tr)))
     apgd_txt = (
