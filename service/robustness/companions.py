@@ -170,7 +170,43 @@ def lambda_section(res: dict[str, Any]) -> list[str]:
             f"| {BRANCH_LABEL[branch]} | {lam:g} | {cell} | {pick_lam:g} | "
             f"{100 * pick['clean']:.1f} / {100 * pick['adversarial']:.1f} | {verdict} |"
         )
+    derived = derived_versions(res["bundle"])
+    if derived:
+        out += [
+            "",
+            "Derived from this version since (found beside it in the store when this report was written): "
+            + "; ".join(derived)
+            + ".",
+        ]
     return [*out, "", "Plot: `sweep/sweep.png`.", ""]
+
+
+def derived_versions(bundle: dict[str, Any]) -> list[str]:
+    """The later versions in the store whose manifest says they were derived from this one, each with the swept λ
+    it changed (``mnist-iat/2: MI-OL λ 0.8, MI-Combined (OL branch λ) λ 0.8``); none when the store is not at hand."""
+    from service.errors import MixinferError
+    from service.store import list_versions, load_bundle
+
+    path = Path(bundle.get("path") or "")
+    if not bundle.get("path") or not (path / "manifest.json").is_file():
+        return []
+    source = f"{bundle['name']}/{bundle['version']}"
+    found = []
+    for version in list_versions(path.parent.parent, bundle["name"]):
+        try:
+            manifest = load_bundle(path.parent / version).manifest
+        except MixinferError:
+            continue
+        if (manifest.recipe.training or {}).get("derived_from") != source:
+            continue
+        mi = manifest.mi.model_dump(mode="json")
+        changes = [
+            f"{BRANCH_LABEL[b]} = {served_lam(mi, b):g}"
+            for b in BRANCH_FIELD
+            if abs(served_lam(mi, b) - served_lam(bundle["mi"], b)) > 1e-9
+        ]
+        found.append(f"`{manifest.name}/{manifest.version}` ({', '.join(changes) or 'no swept λ changed'})")
+    return found
 
 
 def plateau_line(res: dict[str, Any]) -> str:

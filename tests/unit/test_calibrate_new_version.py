@@ -139,3 +139,17 @@ def test_a_copy_that_fails_its_hash_is_refused(store, tmp_path):
     (tmp_path / "staging").mkdir()
     with pytest.raises(SystemExit, match="does not match its manifest's sha256"):
         versions.copy_version(mine / "1", bad, tmp_path / "staging")
+
+
+def test_the_source_versions_report_names_the_versions_derived_from_it(store):
+    from service.robustness.companions import derived_versions
+
+    root, data = store
+    v1 = root / "held" / "1"
+    args = ["calibrate", "--bundle", str(v1), "--data-dir", str(data), "--new-version", "7", "--lam-ol-combined", "0.9"]
+    assert main(args) == 0
+    info = {"path": str(v1), "name": "held", "version": "1", "mi": load_bundle(v1).manifest.mi.model_dump(mode="json")}
+    found = derived_versions(info)
+    assert "`held/7` (MI-Combined (OL branch λ) = 0.9)" in found
+    assert all("held/1`" not in f for f in found)  # not itself
+    assert derived_versions({**info, "path": str(root / "gone" / "1")}) == []  # store not at hand: nothing said
