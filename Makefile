@@ -74,20 +74,20 @@ bundle-iat: install  ## an interpolated-adversarial-training MNIST bundle next t
 
 EVAL_SEEDS := --seeds 101 102 103  # fixed server seeds: a rerun reproduces the committed reports (attack seed 0)
 
-evaluate: install  ## robustness reports of the default bundle's two versions: version 1 at eps 0.3 (cpu budget, 32 images) and eps 0.1 (20 images) with its λ sweep, the served version 2 at eps 0.3 with its λ sweep; DEVICE=cuda for a GPU
+evaluate: install  ## robustness reports of the default bundle's two versions: version 1 at eps 0.3 (cpu budget, 32 images) and eps 0.1 (20 images) with its λ sweep, the served version 2 at eps 0.3; DEVICE=cuda for a GPU
 	$(VENV)/bin/mixinfer calibrate --bundle model_store/mnist-mixup/1 --sweep --sweep-out docs/robustness/mnist-mixup-eps0.1/sweep
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/1 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-mixup
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/1 --budget cpu --n-images 20 --eps 0.1 $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-mixup-eps0.1
-	$(VENV)/bin/mixinfer calibrate --bundle model_store/mnist-mixup/2 --sweep --sweep-out docs/robustness/mnist-mixup-2/sweep
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/2 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-mixup-2
 	$(PY) -m service.robustness.tables
 
-evaluate-iat: install  ## robustness reports of the interpolated-AT bundle's two versions (cpu budget, eps 0.3), their λ sweeps, and the plateau of version 1's two strongest attacks; DEVICE=cuda for a GPU
+evaluate-iat: install  ## robustness reports of the interpolated-AT bundle's two versions (cpu budget, eps 0.3), their λ sweeps, and the plateaus of version 1's two strongest attacks and of version 2's APGD-EOT; DEVICE=cuda for a GPU
 	$(VENV)/bin/mixinfer calibrate --bundle model_store/mnist-iat/1 --sweep --sweep-eps 0.3 --sweep-out docs/robustness/mnist-iat/sweep
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/1 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-iat
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/1 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-iat --plateau smooth-switch force-flagged --plateau-images 8 --plateau-only
 	$(VENV)/bin/mixinfer calibrate --bundle model_store/mnist-iat/2 --sweep --sweep-eps 0.3 --sweep-out docs/robustness/mnist-iat-2/sweep
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/2 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-iat-2
+	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/2 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-iat-2 --plateau apgd-eot --plateau-images 8 --plateau-only
 	$(PY) -m service.robustness.tables
 
 # what `make serve` serves: the highest version of the default model (the server's own rule)

@@ -25,6 +25,7 @@ SUMMARY_END = "<!-- robustness-summary:end -->"
 REPORTS: tuple[tuple[str, str], ...] = (
     ("mnist-mixup/1", "docs/robustness/mnist-mixup"),
     ("mnist-mixup/1", "docs/robustness/mnist-mixup-eps0.1"),
+    ("mnist-mixup/2", "docs/robustness/mnist-mixup-2"),
     ("mnist-iat/1", "docs/robustness/mnist-iat"),
     ("mnist-iat/2", "docs/robustness/mnist-iat-2"),
 )
