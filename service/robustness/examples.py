@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ def _load_png(path: Path) -> NDArray[np.float32]:
 
 
 def _row(
-    engine: Any, names: list[str], img: NDArray[np.float32], path: Path, true_k: int, *, args: argparse.Namespace
+    engine: Any, names: Sequence[str], img: NDArray[np.float32], path: Path, true_k: int, *, args: argparse.Namespace
 ) -> tuple[str, int]:
     """The README row of one written file (checked on its decoded pixels) and how often it was flagged."""
     runs = args.runs
@@ -59,7 +60,7 @@ def _row(
     return f"| {path.name} | {names[true_k]} | {base} | {majority} | {int(f[0])}/{runs} |", int(f[0])
 
 
-def _recheck(engine: Any, names: list[str], args: argparse.Namespace) -> tuple[list[str], list[str]]:
+def _recheck(engine: Any, names: Sequence[str], args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """Rows for the PNGs already in ``args.out`` on this bundle, and what no longer holds (empty: all hold)."""
     rows, broken = [], []
     clean, adversarial_files = sorted(args.out.glob("clean_*.png")), sorted(args.out.glob("adversarial_*_true*.png"))
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if broken else 0
 
 
-def _generate(bundle: Any, engine: Any, names: list[str], args: argparse.Namespace) -> tuple[list[str], list[str]]:
+def _generate(bundle: Any, engine: Any, names: Sequence[str], args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """Attack the test split, write the clean and adversarial PNGs; their rows, and a problem if none was kept."""
     import torch
     from PIL import Image
