@@ -81,13 +81,13 @@ evaluate: install  ## robustness reports of the default bundle's two versions: v
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-mixup/2 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-mixup-2
 	$(PY) -m service.robustness.tables
 
-evaluate-iat: install  ## robustness reports of the interpolated-AT bundle's two versions (cpu budget, eps 0.3), their λ sweeps, and the plateaus of version 1's two strongest attacks and of version 2's APGD-EOT; DEVICE=cuda for a GPU
+evaluate-iat: install  ## robustness reports of the interpolated-AT bundle's two versions (cpu budget, eps 0.3), their λ sweeps, and the plateaus of version 1's two strongest attacks and of version 2's attacks through MI; DEVICE=cuda for a GPU
 	$(VENV)/bin/mixinfer calibrate --bundle model_store/mnist-iat/1 --sweep --sweep-eps 0.3 --sweep-out docs/robustness/mnist-iat/sweep
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/1 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-iat
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/1 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-iat --plateau smooth-switch force-flagged --plateau-images 8 --plateau-only
 	$(VENV)/bin/mixinfer calibrate --bundle model_store/mnist-iat/2 --sweep --sweep-eps 0.3 --sweep-out docs/robustness/mnist-iat-2/sweep
 	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/2 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-iat-2
-	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/2 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-iat-2 --plateau apgd-eot --plateau-images 8 --plateau-only
+	$(VENV)/bin/mixinfer evaluate --bundle model_store/mnist-iat/2 --budget cpu $(EVAL_SEEDS) --device $(DEVICE) --out docs/robustness/mnist-iat-2 --plateau apgd-eot eot-combined eot-combined-from-transfer --plateau-images 8 --plateau-only
 	$(PY) -m service.robustness.tables
 
 # what `make serve` serves: the highest version of the default model (the server's own rule)
