@@ -48,8 +48,13 @@ READS: dict[str, tuple[str, ...]] = {
         ("ol_combined",),
     ),
 }
-#: the plateau runs' cache names: ``plateau-<attack>-<knob>`` (plateau.run_plateau's knobs and eps ladder)
+#: the plateau runs' cache names, as :func:`plateau_name` writes them for plateau.run_plateau's knobs and eps ladder
 PLATEAU_NAME = re.compile(r"plateau-(?P<attack>.+)-(?:base|stepsx2|eotx2|restartsx2|eps[0-9.e+-]+)")
+
+
+def plateau_name(attack: str, knob: str) -> str:
+    """The cache name of one plateau run: ``plateau-<attack>-<knob without spaces>`` (``steps x2``, ``eps0.5``)."""
+    return f"plateau-{attack}-{knob.replace(' ', '')}"
 
 
 def family(name: str) -> str | None:

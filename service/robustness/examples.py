@@ -51,13 +51,15 @@ def _load_png(path: Path) -> NDArray[np.float32]:
 
 def _row(
     engine: Any, names: Sequence[str], img: NDArray[np.float32], path: Path, true_k: int, *, args: argparse.Namespace
-) -> tuple[str, int]:
-    """The README row of one written file (checked on its decoded pixels) and how often it was flagged."""
+) -> tuple[str, int, bool]:
+    """The README row of one written file (checked on its decoded pixels), how often it was flagged, and whether
+    the base model misreads it."""
     runs = args.runs
     f, labels = flag_counts(engine, img, runs, args.rng)
-    base = names[int(engine.backend.probs(img).argmax())]
+    base_k = int(engine.backend.probs(img).argmax())
     majority = names[int(np.bincount(labels[:, 0]).argmax())]
-    return f"| {path.name} | {names[true_k]} | {base} | {majority} | {int(f[0])}/{runs} |", int(f[0])
+    row = f"| {path.name} | {names[true_k]} | {names[base_k]} | {majority} | {int(f[0])}/{runs} |"
+    return row, int(f[0]), base_k != true_k
 
 
 def _recheck(engine: Any, names: Sequence[str], args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -70,11 +72,8 @@ def _recheck(engine: Any, names: Sequence[str], args: argparse.Namespace) -> tup
         if label not in names:
             broken.append(f"{path.name}: true label {label!r} from the file name, expected one of {list(names)}")
             continue
-        true_k = names.index(label)
-        img = _load_png(path)
-        row, flags = _row(engine, names, img, path, true_k, args=args)
+        row, flags, fooled = _row(engine, names, _load_png(path), path, names.index(label), args=args)
         rows.append(row)
-        fooled = int(engine.backend.probs(img).argmax()) != true_k
         if adversarial and (flags < args.min_flags or not fooled):
             broken.append(
                 f"{path.name}: flagged in {flags}/{args.runs} (expected >= {args.min_flags}), base model "
@@ -210,7 +209,7 @@ def _generate(bundle: Any, engine: Any, names: Sequence[str], args: argparse.Nam
         if int(y_np[i]) in used:  # one per true class
             continue
         path = args.out / f"adversarial_{kept}_true{names[int(y_np[i])]}.png"
-        row, flags = _row(engine, names, save_and_reload(x_adv[i : i + 1], path), path, int(y_np[i]), args=args)
+        row, flags, _ = _row(engine, names, save_and_reload(x_adv[i : i + 1], path), path, int(y_np[i]), args=args)
         if flags < args.min_flags:
             path.unlink()
             continue

@@ -24,7 +24,7 @@ import torch
 from service.mi.params import Mode
 from service.robustness.attacks.core import quantize
 from service.robustness.budgets import Budget
-from service.robustness.cache import AttackCache
+from service.robustness.cache import AttackCache, plateau_name
 from service.robustness.evaluate import attack_generator
 from service.robustness.plan import Context, attack_plan
 
@@ -103,7 +103,7 @@ def run_plateau(
         robust: dict[str, list[bool]] = {}
         for knob, budget in knobs.items():
             ctx.budget, ctx.threat = budget, base_threat
-            key = f"plateau-{name}-{knob.replace(' ', '')}"
+            key = plateau_name(name, knob)
             robust[knob] = _robust(ctx, name, key, x, y, attack_seed=attack_seed, cache=cache).tolist()
         base = np.asarray(robust["base"])
         newly = {k: float((base & ~np.asarray(v)).mean()) for k, v in robust.items() if k != "base"}
@@ -112,7 +112,9 @@ def run_plateau(
             if not np.isclose(eps, base_threat.eps):
                 ctx.budget, ctx.threat = base_budget, replace(base_threat, eps=eps)
                 curve[eps] = float(
-                    _robust(ctx, name, f"plateau-{name}-eps{eps:g}", x, y, attack_seed=attack_seed, cache=cache).mean()
+                    _robust(
+                        ctx, name, plateau_name(name, f"eps{eps:g}"), x, y, attack_seed=attack_seed, cache=cache
+                    ).mean()
                 )
         out["attacks"][name] = {
             "robust": robust,

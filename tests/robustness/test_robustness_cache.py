@@ -93,8 +93,11 @@ def test_a_version_with_another_ol_lambda_reuses_every_attack_that_does_not_read
 def _names_of_every_plan() -> set[str]:
     """Every attack name of every budget, threat model and twin setting, and the plateau runs of the plateau-able."""
     from service.robustness.budgets import BUDGETS, THREATS, get_budget
+    from service.robustness.cache import plateau_name
     from service.robustness.plan import ADAPTIVE, attack_plan
+    from service.robustness.plateau import EPS_LADDER
 
+    knobs = ("base", "steps x2", "eot x2", "restarts x2", *(f"eps{e:g}" for e in EPS_LADDER))  # run_plateau's
     names = set()
     for budget in BUDGETS:
         for threat in THREATS.values():
@@ -102,9 +105,7 @@ def _names_of_every_plan() -> set[str]:
                 for spec in attack_plan(get_budget(budget), threat, twin=twin):
                     names.add(spec.name)
                     if spec.group == ADAPTIVE and not spec.targets:
-                        attack = spec.name.split("@")[0]
-                        knobs = ("base", "stepsx2", "eotx2", "restartsx2", "eps0.1", "eps0.5", "eps1")
-                        names |= {f"plateau-{attack}-{k}" for k in knobs}
+                        names |= {plateau_name(spec.name.split("@")[0], k) for k in knobs}
     return names
 
 
